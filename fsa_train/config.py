@@ -1,0 +1,165 @@
+"""Model and NSA configuration dataclasses, validated on construction.
+
+Every violation raises ``ConfigError`` with one line that names the field, so a bad YAML value is
+reported before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class NSAConfig:
+    """Native Sparse Attention parameters (see docs: nsa.md).
+
+    Attributes:
+        cmp_kernel: compression window length ``l``.
+        cmp_stride: compression stride ``s``; divides ``cmp_kernel`` and ``sel_block``.
+        sel_block: selection block size ``B``.
+        sel_topk: blocks selected per query, forced blocks included.
+        init_blocks: leading blocks always selected.
+        local_blocks: most recent blocks always selected (the query's own block included).
+        window: sliding-window length ``W`` (query t sees keys t-W+1 .. t).
+    """
+
+    cmp_kernel: int = 32
+    cmp_stride: int = 16
+    sel_block: int = 64
+    sel_topk: int = 16
+    init_blocks: int = 1
+    local_blocks: int = 2
+    window: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("cmp_kernel", "cmp_stride", "sel_block", "sel_topk", "window"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value > 0,
+                f"nsa.{name} must be a positive integer, got {value!r}",
+            )
+        _require(
+            isinstance(self.init_blocks, int) and self.init_blocks >= 0,
+            f"nsa.init_blocks must be an integer >= 0, got {self.init_blocks!r}",
+        )
+        _require(
+            isinstance(self.local_blocks, int) and self.local_blocks >= 1,
+            f"nsa.local_blocks must be an integer >= 1 (a query must see its own block), "
+            f"got {self.local_blocks!r}",
+        )
+        _require(
+            self.cmp_kernel % self.cmp_stride == 0,
+            f"nsa.cmp_stride={self.cmp_stride} must divide nsa.cmp_kernel={self.cmp_kernel}",
+        )
+        _require(
+            self.sel_block % self.cmp_stride == 0,
+            f"nsa.cmp_stride={self.cmp_stride} must divide nsa.sel_block={self.sel_block}",
+        )
+        _require(
+            self.sel_topk >= self.init_blocks + self.local_blocks,
+            f"nsa.sel_topk={self.sel_topk} must be >= init_blocks + local_blocks "
+            f"= {self.init_blocks + self.local_blocks}",
+        )
+
+
+@dataclass
+class GPTConfig:
+    """GPT architecture: RMSNorm, RoPE, SwiGLU, grouped-query attention, dense or NSA attention.
+
+    Attributes:
+        vocab_size: tokenizer vocabulary size (checked against the tokenizer at start-up).
+        n_layer: number of transformer blocks.
+        n_head: query heads ``H``.
+        n_kv_head: key/value heads ``h``; ``H / h`` (the group size) must be an integer.
+        d_model: residual width; ``head_dim = d_model / n_head`` unless ``head_dim`` is given.
+        head_dim: per-head width ``d`` (defaults to ``d_model // n_head``).
+        ffn_hidden: SwiGLU hidden width (defaults to about 8/3 · d_model, rounded up to 64).
+        attention: ``"dense"`` (causal within each document) or ``"nsa"``.
+        nsa: NSA parameters, used when ``attention == "nsa"``.
+        rope_base: RoPE frequency base.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: share the input embedding with the output head.
+        init_std: standard deviation of the weight initialisation.
+        loss_chunk: tokens per chunk of the chunked cross-entropy (bounds logits memory).
+        kernel_backend: ``"auto"`` (Triton on CUDA, reference otherwise), ``"reference"`` or
+            ``"triton"``.
+    """
+
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 4
+    d_model: int = 768
+    head_dim: int | None = None
+    ffn_hidden: int | None = None
+    attention: Literal["dense", "nsa"] = "nsa"
+    nsa: NSAConfig = field(default_factory=NSAConfig)
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    loss_chunk: int = 4096
+    kernel_backend: Literal["auto", "reference", "triton"] = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nsa, dict):
+            self.nsa = NSAConfig(**self.nsa)
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "loss_chunk"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and value > 0,
+                f"model.{name} must be a positive integer, got {value!r}",
+            )
+        _require(
+            self.n_head % self.n_kv_head == 0,
+            f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head} "
+            f"(the group size n_head / n_kv_head must be an integer)",
+        )
+        _require(
+            1 <= self.n_head // self.n_kv_head <= 16,
+            f"model.n_head / model.n_kv_head = {self.n_head // self.n_kv_head} must be in 1..16",
+        )
+        if self.head_dim is None:
+            _require(
+                self.d_model % self.n_head == 0,
+                f"model.d_model={self.d_model} must be a multiple of model.n_head={self.n_head} "
+                f"(or set model.head_dim)",
+            )
+            self.head_dim = self.d_model // self.n_head
+        _require(
+            isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0,
+            f"model.head_dim must be a positive even integer (RoPE rotates pairs), "
+            f"got {self.head_dim!r}",
+        )
+        if self.ffn_hidden is None:
+            self.ffn_hidden = -(-int(8 * self.d_model / 3) // 64) * 64
+        _require(
+            isinstance(self.ffn_hidden, int) and self.ffn_hidden > 0,
+            f"model.ffn_hidden must be a positive integer, got {self.ffn_hidden!r}",
+        )
+        _require(
+            self.attention in ("dense", "nsa"),
+            f"model.attention must be 'dense' or 'nsa', got {self.attention!r}",
+        )
+        _require(
+            self.kernel_backend in ("auto", "reference", "triton"),
+            f"model.kernel_backend must be 'auto', 'reference' or 'triton', "
+            f"got {self.kernel_backend!r}",
+        )
+        _require(self.rope_base > 0, f"model.rope_base must be > 0, got {self.rope_base!r}")
+        _require(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps!r}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (G)."""
+        return self.n_head // self.n_kv_head

@@ -1,0 +1,140 @@
+"""NSA attention ops on the packed layout, each with a ``backend`` argument.
+
+``backend="reference"`` runs the pure-PyTorch ground truth in :mod:`fsa_train.kernels.reference`;
+``backend="triton"`` runs the Triton kernels (an error if the op has none or the tensors are not
+on a CUDA device); ``backend="auto"`` picks Triton for CUDA tensors when the op has a Triton
+implementation and the reference otherwise.
+
+Triton implementations live in one module per op (``selected_attention.py``, ...), each exposing a
+function with the op's name and signature; this file finds them, so adding a kernel needs no
+change here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import cache
+from typing import Literal
+
+import torch
+
+from fsa_train.kernels import reference
+
+Backend = Literal["auto", "reference", "triton"]
+
+OPS = (
+    "compress",
+    "compressed_attention",
+    "select_blocks",
+    "selected_attention",
+    "window_attention",
+)
+_TRITON_MODULE = {
+    "compress": "fsa_train.kernels.compress",
+    "compressed_attention": "fsa_train.kernels.compressed_attention",
+    "select_blocks": "fsa_train.kernels.topk",
+    "selected_attention": "fsa_train.kernels.selected_attention",
+    "window_attention": "fsa_train.kernels.window_attention",
+}
+
+
+@cache
+def triton_impl(op: str) -> Callable | None:
+    """The Triton implementation of ``op``, or None when the project has none (or no Triton)."""
+    try:
+        module = importlib.import_module(_TRITON_MODULE[op])
+    except ModuleNotFoundError as error:
+        if error.name in (_TRITON_MODULE[op], "triton"):
+            return None
+        raise
+    return getattr(module, op, None)
+
+
+def resolve(op: str, backend: str, tensor: torch.Tensor) -> Callable:
+    """The function that runs ``op`` for ``backend`` on tensors living where ``tensor`` lives."""
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    if backend == "reference":
+        return getattr(reference, op)
+    impl = triton_impl(op)
+    if backend == "triton":
+        if impl is None:
+            raise NotImplementedError(f"{op} has no Triton kernel yet; use backend='reference'")
+        if not tensor.is_cuda and not _interpreting():
+            raise ValueError(f"{op} with backend='triton' needs CUDA tensors, got {tensor.device}")
+        return impl
+    if impl is not None and tensor.is_cuda:
+        return impl
+    return getattr(reference, op)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compress(x, weight, pe, cu_seqlens, kernel, stride, backend: Backend = "auto"):
+    """Compress each document's windows of ``kernel`` tokens (step ``stride``) into one token."""
+    fn = resolve("compress", backend, x)
+    return fn(x, weight, pe, cu_seqlens, kernel, stride)
+
+
+def compressed_attention(
+    q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride, scale=None, backend: Backend = "auto"
+):
+    """Attention over compressed tokens whose whole window is in the query's past."""
+    fn = resolve("compressed_attention", backend, q)
+    return fn(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride, scale)
+
+
+def select_blocks(
+    q,
+    k_c,
+    lse,
+    cu_seqlens,
+    cu_seqlens_c,
+    kernel,
+    stride,
+    block,
+    topk,
+    init_blocks,
+    local_blocks,
+    scale=None,
+    backend: Backend = "auto",
+):
+    """Top-k selection blocks per (KV head, token): ``[h, total, topk]`` int32, -1 padded."""
+    fn = resolve("select_blocks", backend, q)
+    return fn(
+        q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block, topk,
+        init_blocks, local_blocks, scale,
+    )
+
+
+def selected_attention(q, k, v, idx, cu_seqlens, block, scale=None, backend: Backend = "auto"):
+    """Attention over the union of each query's selected blocks (causal in its own block)."""
+    fn = resolve("selected_attention", backend, q)
+    return fn(q, k, v, idx, cu_seqlens, block, scale)
+
+
+def window_attention(q, k, v, cu_seqlens, window=None, scale=None, backend: Backend = "auto"):
+    """Causal attention within each document over the last ``window`` keys (None: all)."""
+    fn = resolve("window_attention", backend, q)
+    return fn(q, k, v, cu_seqlens, window, scale)
+
+
+from fsa_train.kernels.nsa import CompressionParams, nsa_attention  # noqa: E402
+
+__all__ = [
+    "Backend",
+    "CompressionParams",
+    "compress",
+    "compressed_attention",
+    "nsa_attention",
+    "resolve",
+    "select_blocks",
+    "selected_attention",
+    "triton_impl",
+    "window_attention",
+]

@@ -1,0 +1,95 @@
+"""The whole NSA attention core: compression, compressed, selected and window branches, gates.
+
+Takes q and k *before* RoPE (compression must see un-rotated keys, docs/nsa.md step 2) and applies
+the rotary embedding itself: tokens at their document positions, compressed keys at ``i·stride``.
+Each branch runs on the backend chosen per op by :func:`fsa_train.kernels.resolve`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from fsa_train.kernels.varlen import document_positions
+
+if TYPE_CHECKING:
+    from fsa_train.config import NSAConfig
+
+Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``rope(x [n, heads, d], positions [n] int64) -> x rotated``."""
+
+
+@dataclass
+class CompressionParams:
+    """Learned compression parameters of one NSA layer.
+
+    Attributes:
+        w_k: key compression weight ``[h, l·d, d]``.
+        w_v: value compression weight ``[h, l·d, d]``.
+        pe: intra-window position embedding added to keys before compression ``[h, l, d]``.
+    """
+
+    w_k: torch.Tensor
+    w_v: torch.Tensor
+    pe: torch.Tensor
+
+
+def nsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor,
+    params: CompressionParams,
+    cu_seqlens: torch.Tensor,
+    cfg: NSAConfig,
+    rope: Rope,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """NSA core output ``[total, H, d]``.
+
+    Args:
+        q: queries before RoPE ``[total, H, d]``.
+        k, v: keys (before RoPE) and values ``[total, h, d]``.
+        gates: branch gates after the sigmoid ``[total, H, 3]``, order (cmp, sel, win).
+        params: compression weights and position embedding.
+        cu_seqlens: document boundaries ``[n_docs + 1]`` int32.
+        cfg: NSA parameters.
+        rope: rotary embedding, applied here at per-document positions.
+        scale: softmax scale (default ``1/sqrt(d)``).
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+    """
+    from fsa_train import kernels as ops
+
+    total = q.shape[0]
+    positions = document_positions(cu_seqlens, total)
+    k_c, cu_seqlens_c = ops.compress(
+        k, params.w_k, params.pe, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride, backend=backend
+    )
+    v_c, _ = ops.compress(
+        v, params.w_v, None, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride, backend=backend
+    )
+    positions_c = document_positions(cu_seqlens_c, k_c.shape[0]) * cfg.cmp_stride
+    q = rope(q, positions)
+    k = rope(k, positions)
+    k_c = rope(k_c, positions_c)
+
+    o_cmp, lse = ops.compressed_attention(
+        q, k_c, v_c, cu_seqlens, cu_seqlens_c, cfg.cmp_kernel, cfg.cmp_stride, scale,
+        backend=backend,
+    )
+    with torch.no_grad():
+        idx = ops.select_blocks(
+            q.detach(), k_c.detach(), lse.detach(), cu_seqlens, cu_seqlens_c,
+            cfg.cmp_kernel, cfg.cmp_stride, cfg.sel_block, cfg.sel_topk,
+            cfg.init_blocks, cfg.local_blocks, scale, backend=backend,
+        )
+    o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale, backend=backend)
+    o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, backend=backend)
+    gates = gates.to(o_cmp.dtype)
+    return (
+        gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_sel + gates[..., 2:3] * o_win
+    )

@@ -1,0 +1,37 @@
+"""Helpers for the packed (varlen) layout: per-token document ids and local positions.
+
+All are vectorised and free of host synchronisation, so they can run inside CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Index of the document each of the ``total`` packed tokens belongs to (int64, ``[total]``)."""
+    tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+
+
+def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of each packed token inside its own document (int64, restarts at 0)."""
+    ids = document_ids(cu_seqlens, total)
+    tokens = torch.arange(total, device=cu_seqlens.device, dtype=torch.int64)
+    return tokens - cu_seqlens.to(torch.int64)[ids]
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, where: str = "cu_seqlens") -> None:
+    """Raise ``ValueError`` with one line if ``cu_seqlens`` is not a valid boundary vector.
+
+    Performs a host synchronisation: call it in tests and at data-loading time, not in kernels.
+    """
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{where} must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{where} must be int32 or int64, got {cu_seqlens.dtype}")
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != total:
+        raise ValueError(f"{where} must start at 0 and end at total={total}, got {first}..{last}")
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"{where} must be non-decreasing")
