@@ -57,14 +57,14 @@ def resolve(op: str, backend: str, tensor: torch.Tensor) -> Callable:
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
     if backend == "reference":
         return getattr(reference, op)
-    impl = triton_impl(op)
     if backend == "triton":
+        impl = triton_impl(op)
         if impl is None:
             raise NotImplementedError(f"{op} has no Triton kernel yet; use backend='reference'")
         if not tensor.is_cuda and not _interpreting():
             raise ValueError(f"{op} with backend='triton' needs CUDA tensors, got {tensor.device}")
         return impl
-    if impl is not None and tensor.is_cuda:
+    if tensor.is_cuda and (impl := triton_impl(op)) is not None:
         return impl
     return getattr(reference, op)
 

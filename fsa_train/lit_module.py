@@ -1,0 +1,115 @@
+"""LightningModule: the GPT, its loss, AdamW with warmup + cosine decay, and training metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+
+from fsa_train.config import GPTConfig
+from fsa_train.model import GPT
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LitGPT(L.LightningModule):
+    """Trains :class:`~fsa_train.model.GPT` on packed batches from the data module.
+
+    Args:
+        config: the model architecture (``model.config`` in YAML).
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW decoupled weight decay (matrices only; norms and embeddings skip it).
+        betas: AdamW betas.
+        warmup_steps: linear warmup length in optimizer steps.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        sample_prompt: prompt for the text sample printed at the end of training.
+        sample_tokens: tokens generated for that sample.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        sample_prompt: str = "In the beginning",
+        sample_tokens: int = 48,
+    ) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.save_hyperparameters()
+        self.config = config
+        self.model = GPT(config)
+        self._step_started: float | None = None
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, cu_seqlens)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model(batch["input_ids"], batch["cu_seqlens"])
+        return self.model.loss(hidden, batch["targets"])
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step}; "
+                f"lower model.learning_rate or check the data"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        if self._step_started is None:
+            return
+        elapsed = time.perf_counter() - self._step_started
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True,
+                 batch_size=int((batch["targets"] != -100).sum()))
+        return loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (decay if param.dim() >= 2 and "embed" not in name else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.learning_rate,
+            betas=tuple(self.hparams.betas),
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(
+                step, self.hparams.warmup_steps, total_steps, self.hparams.min_lr_ratio
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,72 @@
+"""Attention layers: dense (causal per document) and Native Sparse Attention (docs/nsa.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fsa_train.config import GPTConfig
+from fsa_train.kernels import CompressionParams, nsa_attention, window_attention
+from fsa_train.model.rope import Rotary
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention over a packed batch, dense or NSA by ``cfg.attention``.
+
+    Dense attention is ``window_attention(window=None)``: causal within each document. NSA adds
+    the compression weights ``[h, l·d, d]`` for keys and values, the intra-window position
+    embedding ``pe [h, l, d]`` and a per-head sigmoid gate for each of the three branches.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, H, h = cfg.head_dim, cfg.n_head, cfg.n_kv_head
+        self.q_proj = nn.Linear(cfg.d_model, H * d, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, h * d, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, h * d, bias=False)
+        self.o_proj = nn.Linear(H * d, cfg.d_model, bias=False)
+        self.rope = Rotary(d, cfg.rope_base)
+        self.sparse = cfg.attention == "nsa"
+        if self.sparse:
+            l = cfg.nsa.cmp_kernel
+            self.w_ck = nn.Parameter(torch.empty(h, l * d, d))
+            self.w_cv = nn.Parameter(torch.empty(h, l * d, d))
+            self.pe = nn.Parameter(torch.empty(h, l, d))
+            self.gate = nn.Linear(cfg.d_model, 3 * H, bias=False)
+
+    @torch.no_grad()
+    def reset_compression(self) -> None:
+        """Start compression as mean pooling over the window plus small noise."""
+        if not self.sparse:
+            return
+        l, d = self.cfg.nsa.cmp_kernel, self.cfg.head_dim
+        pooling = torch.eye(d).repeat(l, 1) / l
+        for weight in (self.w_ck, self.w_cv):
+            weight.copy_(pooling.expand_as(weight))
+            weight.add_(torch.randn_like(weight) * self.cfg.init_std / math.sqrt(l))
+        nn.init.normal_(self.pe, std=self.cfg.init_std)
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``x [total, D]`` → ``[total, D]``; documents never attend to each other."""
+        total = x.shape[0]
+        d, H, h = self.cfg.head_dim, self.cfg.n_head, self.cfg.n_kv_head
+        q = self.q_proj(x).view(total, H, d)
+        k = self.k_proj(x).view(total, h, d)
+        v = self.v_proj(x).view(total, h, d)
+        backend = self.cfg.kernel_backend
+        if self.sparse:
+            gates = torch.sigmoid(self.gate(x)).view(total, H, 3)
+            params = CompressionParams(self.w_ck, self.w_cv, self.pe)
+            o = nsa_attention(
+                q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend
+            )
+        else:
+            q = self.rope(q, positions)
+            k = self.rope(k, positions)
+            o = window_attention(q, k, v, cu_seqlens, None, backend=backend)
+        return self.o_proj(o.reshape(total, H * d))

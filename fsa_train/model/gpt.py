@@ -1,0 +1,148 @@
+"""A GPT over packed documents: RMSNorm, RoPE, SwiGLU, grouped-query dense or NSA attention.
+
+Inputs are flat token ids ``[total]`` with document boundaries ``cu_seqlens``; positions restart at
+every document and no attention crosses a boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fsa_train.config import GPTConfig
+from fsa_train.kernels.varlen import document_positions
+from fsa_train.model.attention import Attention
+
+IGNORE_INDEX = -100
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) · w3 x)``."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cu_seqlens, positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model on the packed layout."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/√(2·n_layer)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.o_proj.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
+            nn.init.normal_(block.mlp.w2.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
+            block.attn.reset_compression()
+
+    def num_parameters(self, exclude_embeddings: bool = True) -> int:
+        """Parameter count (tied weights counted once)."""
+        count = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            count -= self.embed.weight.numel()
+        return count
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[total, D]`` (after the last norm) for tokens ``[total]``."""
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be packed 1-D [total], got {tuple(input_ids.shape)}")
+        positions = document_positions(cu_seqlens, input_ids.shape[0])
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, cu_seqlens, positions)
+        return self.norm(x)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over targets != -100, computed in chunks of ``loss_chunk`` tokens.
+
+        Each chunk's logits are recomputed in backward instead of stored, so memory holds one
+        chunk of ``[loss_chunk, vocab]`` logits rather than all of them.
+        """
+        total_loss = hidden.new_zeros((), dtype=torch.float32)
+        for h_chunk, t_chunk in zip(
+            hidden.split(self.cfg.loss_chunk), targets.split(self.cfg.loss_chunk), strict=True
+        ):
+            if torch.is_grad_enabled() and h_chunk.requires_grad:
+                total_loss = total_loss + checkpoint(
+                    self._chunk_loss_sum, h_chunk, t_chunk, use_reentrant=False
+                )
+            else:
+                total_loss = total_loss + self._chunk_loss_sum(h_chunk, t_chunk)
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return total_loss / count
+
+    def _chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float()
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        stop_token: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[int]:
+        """Sample a continuation of ``prompt`` (recomputes the whole sequence each step)."""
+        device = self.embed.weight.device
+        tokens = list(prompt)
+        for _ in range(max_new_tokens):
+            ids = torch.tensor(tokens, device=device)
+            cu_seqlens = torch.tensor([0, len(tokens)], device=device, dtype=torch.int32)
+            logits = self.head(self(ids, cu_seqlens)[-1]).float()
+            if temperature <= 0:
+                next_token = int(logits.argmax())
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    cutoff = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                    logits = logits.masked_fill(logits < cutoff, float("-inf"))
+                probs = torch.softmax(logits, dim=-1).cpu()
+                next_token = int(torch.multinomial(probs, 1, generator=generator))
+            tokens.append(next_token)
+            if stop_token is not None and next_token == stop_token:
+                break
+        return tokens[len(prompt):]
