@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
@@ -9,7 +11,8 @@ from lightning.pytorch.loggers import WandbLogger
 
 class TrainingSummary(L.Callback):
     """At the end of ``fit``, prints where the checkpoint and wandb run are, the last validation
-    loss and a short text sample from the trained model (global rank 0 only)."""
+    loss and a short text sample from the trained model, then closes the wandb run (global rank 0
+    only)."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -19,12 +22,12 @@ class TrainingSummary(L.Callback):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None:
             path = checkpoint.last_model_path or checkpoint.best_model_path
-            lines.append(f"checkpoint: {path or '(none saved)'}")
+            lines.append(f"checkpoint: {os.path.abspath(path) if path else '(none saved)'}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 run = logger.experiment
                 mode = "offline" if getattr(run.settings, "_offline", False) else "online"
-                lines.append(f"wandb run ({mode}): {run.dir}")
+                lines.append(f"wandb run ({mode}): {os.path.abspath(run.dir)}")
         val_loss = trainer.callback_metrics.get("val/loss")
         if val_loss is not None:
             lines.append(f"validation loss: {float(val_loss):.4f}")
@@ -32,6 +35,9 @@ class TrainingSummary(L.Callback):
         if sample is not None:
             lines.append(f"sample: {sample!r}")
         print("\n".join(lines), flush=True)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()  # flush and close, so a later run starts its own
 
     @staticmethod
     def _sample(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
