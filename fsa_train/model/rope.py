@@ -13,21 +13,26 @@ from torch import nn
 class Rotary(nn.Module):
     """Rotates pairs ``(x[i], x[i + d/2])`` by ``position · base^(-2i/d)``."""
 
-    inv_freq: torch.Tensor
-
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
-        self.register_buffer("inv_freq", (base ** -exponents).float(), persistent=False)
+        # Plain attributes, not buffers: casting the model (bf16-true) must not round them.
+        self.head_dim = head_dim
+        self.base = base
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [n, heads, d]`` at ``positions [n]``; computed in fp32, returned in x's dtype."""
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq.to(x.device)[None, :]
-        cos = angles.cos()[:, None, :]
-        sin = angles.sin()[:, None, :]
+        """Rotate ``x [n, heads, d]`` at ``positions [n]``, returned in x's dtype.
+
+        Angles are formed in fp64 (positions up to 128K keep full precision) and the rotation
+        is applied in fp32 (fp64 for fp64 inputs).
+        """
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        exponents = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float64)
+        inv_freq = self.base ** (-exponents / self.head_dim)
+        angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+        cos = angles.cos().to(compute)[:, None, :]
+        sin = angles.sin().to(compute)[:, None, :]
         x1, x2 = x.to(compute).chunk(2, dim=-1)
         rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return rotated.to(x.dtype)
