@@ -1,8 +1,9 @@
-"""Callbacks: the end-of-training summary (checkpoint, wandb run, validation loss, a sample)."""
+"""Callbacks: throughput and MFU monitoring, and the end-of-training summary."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import lightning as L
 import torch
@@ -56,3 +57,80 @@ class TrainingSummary(L.Callback):
         )
         pl_module.train(was_training)
         return tokenizer.decode(prompt[1:] + new_tokens)
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs tokens/s (global and per device), MFU, data-wait time, peak memory and grad norm.
+
+    MFU uses the analytical FLOPs of :mod:`fsa_train.flops` for the documents of each batch:
+    ``perf/mfu`` counts what the model computes (NSA's branches), ``perf/mfu_dense_equiv`` what
+    dense attention would have cost in the same time. ``peak_tflops`` overrides the device's
+    peak (bf16 dense); MFU is not logged where the peak is unknown (CPUs).
+
+    Args:
+        peak_tflops: per-device peak in TFLOP/s, or None to look the device up.
+        synchronize: wait for the GPU at the end of each step so the step time is exact.
+    """
+
+    def __init__(self, peak_tflops: float | None = None, synchronize: bool = True) -> None:
+        self.peak_tflops = peak_tflops
+        self.synchronize = synchronize
+        self._batch_started: float | None = None
+        self._previous_end: float | None = None
+        self._peak: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from fsa_train.flops import device_peak_flops
+
+        if self.peak_tflops is not None:
+            self._peak = self.peak_tflops * 1e12
+        elif pl_module.device.type == "cuda":
+            name = torch.cuda.get_device_name(pl_module.device)
+            self._peak = device_peak_flops(name, str(trainer.precision))
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._previous_end is not None:
+            pl_module.log("time/data_wait_s", now - self._previous_end, on_step=True)
+        self._batch_started = now
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if "deepspeed" in type(trainer.strategy).__name__.lower():
+            return  # DeepSpeed owns the gradients; read its norm after the step instead
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            pl_module.log("train/grad_norm", norm, on_step=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from fsa_train.flops import batch_flops
+
+        if self._batch_started is None:
+            return
+        if self.synchronize and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        end = time.perf_counter()
+        self._previous_end = end
+        elapsed = max(end - self._batch_started, 1e-9)
+        tokens = batch["input_ids"].numel()
+        world = trainer.world_size
+        log = {
+            "throughput/tokens_per_s": tokens * world / elapsed,
+            "throughput/tokens_per_s_per_device": tokens / elapsed,
+        }
+        config = getattr(pl_module, "config", None)
+        if config is not None and self._peak:
+            lengths = torch.diff(batch["cu_seqlens"].to("cpu", torch.int64)).numpy()
+            flops = batch_flops(config, lengths)
+            log["perf/mfu"] = flops.actual / elapsed / self._peak
+            log["perf/mfu_dense_equiv"] = flops.dense_equivalent / elapsed / self._peak
+        if pl_module.device.type == "cuda":
+            log["memory/peak_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is not None and engine.get_global_grad_norm() is not None:
+            log["train/grad_norm"] = float(engine.get_global_grad_norm())
+        pl_module.log_dict(log, on_step=True)
+        pl_module.log("tok/s", log["throughput/tokens_per_s"], prog_bar=True, on_step=True,
+                      logger=False)

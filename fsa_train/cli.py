@@ -1,4 +1,8 @@
-"""The ``fsa-train`` command: ``fit`` / ``validate`` through LightningCLI from YAML configs."""
+"""The ``fsa-train`` command.
+
+``fit`` / ``validate`` run through LightningCLI from YAML configs; ``prepare-data`` and
+``train-tokenizer`` turn a corpus into token shards and a sentencepiece model.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from fsa_train.checkpointing import find_resume_checkpoint
 from fsa_train.config import ConfigError
 from fsa_train.data.datamodule import TextDataModule
 from fsa_train.data.prepare import DatasetFormatError
@@ -14,16 +19,53 @@ from fsa_train.lit_module import LitGPT
 
 
 class FSATrainCLI(LightningCLI):
-    """LightningCLI with the tokenizer's vocabulary size wired into the model config."""
+    """LightningCLI with the tokenizer's vocabulary size wired into the model config and
+    ``--resume auto`` (continue from the newest complete checkpoint, or start fresh)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.config.vocab_size")
+        parser.add_argument(
+            "--resume",
+            type=str | None,
+            default=None,
+            help="'auto': resume from the newest complete checkpoint of the run's checkpoint "
+            "directory (start fresh if there is none); or a checkpoint path.",
+        )
+
+    def before_fit(self) -> None:
+        resume = self.config_init["fit"].get("resume")
+        if resume is None:
+            return
+        if resume != "auto":
+            self.config_init["fit"]["ckpt_path"] = resume
+            return
+        directory = checkpoint_directory(self.trainer)
+        found = find_resume_checkpoint(directory) if directory else None
+        if found is None:
+            print(f"fsa-train: --resume auto: no checkpoint in {directory}; starting fresh")
+        else:
+            print(f"fsa-train: --resume auto: resuming from {found}")
+            self.config_init["fit"]["ckpt_path"] = str(found)
+
+
+def checkpoint_directory(trainer) -> str | None:
+    """Directory of the run's checkpoints (the checkpoint callback's ``dirpath``)."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    return callback.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
 
 
 def build_cli(argv: list[str]) -> FSATrainCLI:
     """Parse ``argv`` (a subcommand and its options) and run it; returns the finished CLI."""
     return FSATrainCLI(LitGPT, TextDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 
+
+DATA_COMMANDS = {
+    "prepare-data": "prepare_data_main",
+    "train-tokenizer": "train_tokenizer_main",
+}
+"""Subcommands outside LightningCLI: corpus → tokenizer, corpus → token shards."""
 
 USER_ERRORS = (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError)
 """Errors caused by the user's config or files: reported as one line, without a traceback."""
@@ -35,8 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     A bad config value or a missing or corrupt data file ends the run with one line on stderr
     (exit status 2); set ``FSA_TRAIN_TRACEBACK=1`` to see the full traceback instead.
     """
+    argv = list(argv if argv is not None else sys.argv[1:])
     try:
-        build_cli(argv if argv is not None else sys.argv[1:])
+        if argv and argv[0] in DATA_COMMANDS:
+            from fsa_train.data import commands
+
+            getattr(commands, DATA_COMMANDS[argv[0]])(argv[1:])
+        else:
+            build_cli(argv)
     except USER_ERRORS as error:
         if os.environ.get("FSA_TRAIN_TRACEBACK") == "1":
             raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import lightning as L
 import torch
@@ -13,7 +12,7 @@ from fsa_train.model import GPT
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at the end."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -55,7 +54,6 @@ class LitGPT(L.LightningModule):
         self.save_hyperparameters()
         self.config = config
         self.model = GPT(config)
-        self._step_started: float | None = None
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, cu_seqlens)
@@ -63,9 +61,6 @@ class LitGPT(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(batch["input_ids"], batch["cu_seqlens"])
         return self.model.loss(hidden, batch["targets"])
-
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -77,13 +72,6 @@ class LitGPT(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        if self._step_started is None:
-            return
-        elapsed = time.perf_counter() - self._step_started
-        tokens = batch["input_ids"].numel() * self.trainer.world_size
-        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

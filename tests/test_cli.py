@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from fsa_train.cli import build_cli, main
 from fsa_train.data.corpus import demo_corpus_path
@@ -27,6 +28,7 @@ def small_corpus(tmp_path_factory) -> Path:
 
 def tiny_run_args(corpus: Path, root: Path, attention: str, steps: int) -> list[str]:
     """The demo config, overlaid by a second YAML file and command-line overrides."""
+    root.mkdir(parents=True, exist_ok=True)
     overlay = root / "overlay.yaml"
     overlay.write_text(
         f"""
@@ -39,8 +41,9 @@ trainer:
     class_path: fsa_train.loggers.AutoWandbLogger
     init_args: {{save_dir: {root}, name: test}}
   callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+    - class_path: fsa_train.checkpointing.SafeModelCheckpoint
       init_args: {{dirpath: {root / "checkpoints"}, save_last: true, save_top_k: 0}}
+    - class_path: fsa_train.callbacks.ThroughputMonitor
     - class_path: fsa_train.callbacks.TrainingSummary
 data:
   corpus: {corpus}
@@ -74,7 +77,8 @@ def test_short_training_run_learns_and_reports(small_corpus, tmp_path, attention
     assert cli.trainer.global_step == 40
     # A uniform guess costs ln(V); forty steps must learn at least the unigram statistics.
     assert float(metrics["val/loss"]) < math.log(VOCAB) - 1.0
-    assert float(metrics["train/tokens_per_s"]) > 0
+    assert float(metrics["throughput/tokens_per_s"]) > 0
+    assert float(metrics["train/grad_norm"]) > 0
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     printed = capsys.readouterr().out
@@ -109,3 +113,64 @@ def test_bad_config_values_are_rejected_in_one_line(override, message, capsys, m
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_resume_auto_continues_from_the_newest_complete_checkpoint(small_corpus, tmp_path,
+                                                                   monkeypatch):
+    """20 steps in one go equal 10 steps, a save, and `--resume auto` for 10 more."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    straight = build_cli(tiny_run_args(small_corpus, tmp_path / "straight", "nsa", steps=20))
+    first = build_cli(tiny_run_args(small_corpus, tmp_path / "split", "nsa", steps=10))
+    assert first.trainer.global_step == 10
+    resumed = build_cli(
+        tiny_run_args(small_corpus, tmp_path / "split", "nsa", steps=20) + ["--resume", "auto"]
+    )
+    assert resumed.trainer.global_step == 20
+    expected = straight.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
+    """A save killed midway leaves a `.partial` entry that resuming ignores."""
+    import lightning as L
+
+    from fsa_train.checkpointing import SafeModelCheckpoint, find_resume_checkpoint
+
+    class Interrupted(Exception):
+        pass
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)))
+    checkpoint = SafeModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0,
+                                     every_n_train_steps=2)
+    trainer = L.Trainer(max_steps=4, callbacks=[checkpoint], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny(), data)
+    good = find_resume_checkpoint(tmp_path)
+    assert good is not None and good.name == "last.ckpt"
+    good_bytes = good.read_bytes()
+
+    def killed_save(filepath, weights_only=False):
+        Path(filepath).write_bytes(b"half a checkpoint")
+        raise Interrupted
+
+    trainer.save_checkpoint = killed_save
+    with pytest.raises(Interrupted):
+        checkpoint._save_checkpoint(trainer, str(tmp_path / "last.ckpt"))
+    assert (tmp_path / "last.ckpt.partial").exists()
+    assert find_resume_checkpoint(tmp_path) == good
+    assert good.read_bytes() == good_bytes
+    restored = torch.load(good, weights_only=False)
+    assert restored["global_step"] == 4

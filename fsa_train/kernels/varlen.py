@@ -27,7 +27,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, where: str = "cu_seql
     Performs a host synchronisation: call it in tests and at data-loading time, not in kernels.
     """
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{where} must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
+        shape = tuple(cu_seqlens.shape)
+        raise ValueError(f"{where} must be 1-D with at least 2 entries, got {shape}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{where} must be int32 or int64, got {cu_seqlens.dtype}")
     first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
