@@ -60,7 +60,8 @@ class TrainingSummary(L.Callback):
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs tokens/s (global and per device), MFU, data-wait time, peak memory and grad norm.
+    """Logs tokens/s (global and per device), MFU, data-wait time and peak memory (and the
+    gradient norm under DeepSpeed, which owns the gradients; otherwise LitGPT logs it).
 
     MFU uses the analytical FLOPs of :mod:`fsa_train.flops` for the documents of each batch:
     ``perf/mfu`` counts what the model computes (NSA's branches), ``perf/mfu_dense_equiv`` what
@@ -95,14 +96,6 @@ class ThroughputMonitor(L.Callback):
         if self._previous_end is not None:
             pl_module.log("time/data_wait_s", now - self._previous_end, on_step=True)
         self._batch_started = now
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if "deepspeed" in type(trainer.strategy).__name__.lower():
-            return  # DeepSpeed owns the gradients; read its norm after the step instead
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-            pl_module.log("train/grad_norm", norm, on_step=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         from fsa_train.flops import batch_flops

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from fsa_train.checkpointing import find_resume_checkpoint
@@ -85,6 +86,17 @@ def main(argv: list[str] | None = None) -> None:
             getattr(commands, DATA_COMMANDS[argv[0]])(argv[1:])
         else:
             build_cli(argv)
+    except torch.OutOfMemoryError as error:
+        if os.environ.get("FSA_TRAIN_TRACEBACK") == "1":
+            raise
+        first_line = str(error).splitlines()[0] if str(error) else "out of memory"
+        print(
+            f"fsa-train: error: out of GPU memory ({first_line}). Lower data.batch_size or "
+            f"data.seq_len, set model.config.activation_checkpointing: true, or shard with a "
+            f"ZeRO preset (configs/strategy/zero2.yaml, zero3.yaml)",
+            file=sys.stderr,
+        )
+        raise SystemExit(3) from None
     except USER_ERRORS as error:
         if os.environ.get("FSA_TRAIN_TRACEBACK") == "1":
             raise

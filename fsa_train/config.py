@@ -93,6 +93,8 @@ class GPTConfig:
         loss_chunk: tokens per chunk of the chunked cross-entropy (bounds logits memory).
         kernel_backend: ``"auto"`` (Triton on CUDA, reference otherwise), ``"reference"`` or
             ``"triton"``.
+        activation_checkpointing: recompute each block in backward instead of storing its
+            activations (less memory, about a third more compute).
     """
 
     vocab_size: int = 32000
@@ -110,6 +112,7 @@ class GPTConfig:
     init_std: float = 0.02
     loss_chunk: int = 4096
     kernel_backend: Literal["auto", "reference", "triton"] = "auto"
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.nsa, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import lightning as L
 import torch
@@ -31,6 +32,9 @@ class LitGPT(L.LightningModule):
         min_lr_ratio: final learning rate as a fraction of the peak.
         sample_prompt: prompt for the text sample printed at the end of training.
         sample_tokens: tokens generated for that sample.
+        compile: compile each transformer block with ``torch.compile``.
+        on_nonfinite: what a non-finite loss or gradient does: ``"stop"`` the run with a clear
+            message (checkpoints already written stay intact) or ``"skip"`` that step.
     """
 
     def __init__(
@@ -43,17 +47,27 @@ class LitGPT(L.LightningModule):
         min_lr_ratio: float = 0.1,
         sample_prompt: str = "In the beginning",
         sample_tokens: int = 48,
+        compile: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"model.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.save_hyperparameters()
         self.config = config
         self.model = GPT(config)
+        self.skipped_steps = 0
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            for block in self.model.blocks:
+                block.compile()
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, cu_seqlens)
@@ -62,16 +76,41 @@ class LitGPT(L.LightningModule):
         hidden = self.model(batch["input_ids"], batch["cu_seqlens"])
         return self.model.loss(hidden, batch["targets"])
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self._loss(batch)
         if not torch.isfinite(loss):
+            if self.hparams.on_nonfinite == "skip":
+                self.skipped_steps += 1
+                self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+                return None  # Lightning skips backward and the optimizer step
             raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}; "
-                f"lower model.learning_rate or check the data"
+                f"non-finite training loss {loss.item()} at step {self.global_step}; the last "
+                f"checkpoint is intact. Lower model.learning_rate, check the data, or set "
+                f"model.on_nonfinite: skip"
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the gradient norm (before clipping); stop or skip on a non-finite gradient."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return  # DeepSpeed keeps its own gradients; ThroughputMonitor logs its norm
+        norm = torch.nn.utils.get_total_norm(grads)
+        self.log("train/grad_norm", norm, on_step=True)
+        if torch.isfinite(norm):
+            return
+        if self.hparams.on_nonfinite == "skip":
+            for param in self.parameters():
+                param.grad = None  # the optimizer leaves parameters without gradients alone
+            self.skipped_steps += 1
+            return
+        raise FloatingPointError(
+            f"non-finite gradient at step {self.global_step}; the last checkpoint is intact. "
+            f"Lower model.learning_rate or trainer.gradient_clip_val, or set "
+            f"model.on_nonfinite: skip"
+        )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

@@ -89,8 +89,12 @@ class GPT(nn.Module):
             raise ValueError(f"input_ids must be packed 1-D [total], got {tuple(input_ids.shape)}")
         positions = document_positions(cu_seqlens, input_ids.shape[0])
         x = self.embed(input_ids)
+        recompute = self.cfg.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cu_seqlens, positions)
+            if recompute:
+                x = checkpoint(block, x, cu_seqlens, positions, use_reentrant=False)
+            else:
+                x = block(x, cu_seqlens, positions)
         return self.norm(x)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

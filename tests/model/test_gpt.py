@@ -126,3 +126,17 @@ def test_packed_input_must_be_flat():
     model = GPT(small_config("dense"))
     with pytest.raises(ValueError, match="packed 1-D"):
         model(torch.zeros(2, 8, dtype=torch.long), torch.tensor([0, 16], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("attention", ["dense", "nsa"])
+def test_activation_checkpointing_gives_the_same_gradients(attention):
+    torch.manual_seed(0)
+    plain = GPT(small_config(attention)).double()
+    recomputed = GPT(small_config(attention, activation_checkpointing=True)).double()
+    recomputed.load_state_dict(plain.state_dict())
+    ids, cu = packed_batch([30, 21], 64)
+    targets = torch.randint(0, 64, (51,))
+    for model in (plain, recomputed):
+        model.loss(model(ids, cu), targets).backward()
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
