@@ -7,6 +7,7 @@ the previous checkpoints untouched and at worst a ``.partial`` entry that resumi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -46,8 +47,35 @@ class SafeModelCheckpoint(ModelCheckpoint):
                 os.replace(final, replaced)
             os.replace(partial, final)
             _remove(replaced)
+            write_run_info(final.parent, trainer)
         trainer.strategy.barrier("safe_checkpoint_end")
         self._last_checkpoint_saved = str(final)
+
+
+RUN_INFO = "run.json"
+"""Beside the checkpoints: what a restarted run needs before it loads one (the wandb run id)."""
+
+
+def write_run_info(directory: Path, trainer: L.Trainer) -> None:
+    """Record the wandb run id next to the checkpoints (atomically)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    info = {"global_step": trainer.global_step}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger.version is not None:
+            info["wandb_run_id"] = logger.version
+    temporary = directory / (RUN_INFO + PARTIAL_SUFFIX)
+    temporary.write_text(json.dumps(info), encoding="utf-8")
+    os.replace(temporary, directory / RUN_INFO)
+
+
+def read_run_info(directory: str | Path) -> dict:
+    """What :func:`write_run_info` recorded, or an empty dict."""
+    path = Path(directory) / RUN_INFO
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def complete_checkpoints(directory: str | Path) -> list[Path]:

@@ -1,22 +1,25 @@
 """The ``fsa-train`` command.
 
 ``fit`` / ``validate`` run through LightningCLI from YAML configs; ``prepare-data`` and
-``train-tokenizer`` turn a corpus into token shards and a sentencepiece model.
+``train-tokenizer`` turn a corpus into token shards and a sentencepiece model; ``export`` writes
+a checkpoint as one consolidated file and ``generate`` samples text from it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from fsa_train.checkpointing import find_resume_checkpoint
+from fsa_train.checkpointing import find_resume_checkpoint, read_run_info
 from fsa_train.config import ConfigError
 from fsa_train.data.datamodule import TextDataModule
 from fsa_train.data.prepare import DatasetFormatError
 from fsa_train.lit_module import LitGPT
+from fsa_train.loggers import AutoWandbLogger
 
 
 class FSATrainCLI(LightningCLI):
@@ -37,16 +40,19 @@ class FSATrainCLI(LightningCLI):
         resume = self.config_init["fit"].get("resume")
         if resume is None:
             return
-        if resume != "auto":
-            self.config_init["fit"]["ckpt_path"] = resume
-            return
-        directory = checkpoint_directory(self.trainer)
-        found = find_resume_checkpoint(directory) if directory else None
-        if found is None:
-            print(f"fsa-train: --resume auto: no checkpoint in {directory}; starting fresh")
-        else:
-            print(f"fsa-train: --resume auto: resuming from {found}")
-            self.config_init["fit"]["ckpt_path"] = str(found)
+        if resume == "auto":
+            directory = checkpoint_directory(self.trainer)
+            found = find_resume_checkpoint(directory) if directory else None
+            if found is None:
+                print(f"fsa-train: --resume auto: no checkpoint in {directory}; starting fresh")
+                return
+            resume = str(found)
+        print(f"fsa-train: resuming from {resume}")
+        self.config_init["fit"]["ckpt_path"] = resume
+        run_id = read_run_info(os.path.dirname(os.path.abspath(resume))).get("wandb_run_id")
+        for logger in self.trainer.loggers:
+            if run_id and isinstance(logger, AutoWandbLogger) and logger.version is None:
+                logger.continue_run(run_id)
 
 
 def checkpoint_directory(trainer) -> str | None:
@@ -62,11 +68,14 @@ def build_cli(argv: list[str]) -> FSATrainCLI:
     return FSATrainCLI(LitGPT, TextDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 
 
-DATA_COMMANDS = {
-    "prepare-data": "prepare_data_main",
-    "train-tokenizer": "train_tokenizer_main",
+TOOL_COMMANDS = {
+    "prepare-data": ("fsa_train.data.commands", "prepare_data_main"),
+    "train-tokenizer": ("fsa_train.data.commands", "train_tokenizer_main"),
+    "export": ("fsa_train.export", "export_main"),
+    "generate": ("fsa_train.export", "generate_main"),
 }
-"""Subcommands outside LightningCLI: corpus → tokenizer, corpus → token shards."""
+"""Subcommands outside LightningCLI: corpus → tokenizer or token shards; checkpoint → one file;
+exported model → text."""
 
 USER_ERRORS = (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError)
 """Errors caused by the user's config or files: reported as one line, without a traceback."""
@@ -80,10 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     """
     argv = list(argv if argv is not None else sys.argv[1:])
     try:
-        if argv and argv[0] in DATA_COMMANDS:
-            from fsa_train.data import commands
-
-            getattr(commands, DATA_COMMANDS[argv[0]])(argv[1:])
+        if argv and argv[0] in TOOL_COMMANDS:
+            module, function = TOOL_COMMANDS[argv[0]]
+            getattr(importlib.import_module(module), function)(argv[1:])
         else:
             build_cli(argv)
     except torch.OutOfMemoryError as error:

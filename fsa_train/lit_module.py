@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 
 from fsa_train.config import GPTConfig
@@ -18,6 +20,32 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def capture_rng_state() -> dict:
+    """The random generators' states of this process (Python, NumPy, torch CPU and CUDA).
+
+    Only tensors and plain Python values, so checkpoints load with ``weights_only=True``.
+    """
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Undo :func:`capture_rng_state`."""
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class LitGPT(L.LightningModule):
@@ -63,6 +91,7 @@ class LitGPT(L.LightningModule):
         self.config = config
         self.model = GPT(config)
         self.skipped_steps = 0
+        self.tokens_seen = 0
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -88,9 +117,30 @@ class LitGPT(L.LightningModule):
                 f"checkpoint is intact. Lower model.learning_rate, check the data, or set "
                 f"model.on_nonfinite: skip"
             )
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, on_step=True)
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add what exact resumption needs beyond Lightning's state: counters and RNG states."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        checkpoint["fsa_train"] = {
+            "tokenizer_path": str(tokenizer.path) if tokenizer is not None else None,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "rng": capture_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("fsa_train")
+        if state is None:
+            return
+        self.tokens_seen = state["tokens_seen"]
+        self.skipped_steps = state["skipped_steps"]
+        restore_rng_state(state["rng"])
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Log the gradient norm (before clipping); stop or skip on a non-finite gradient."""

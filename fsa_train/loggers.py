@@ -61,3 +61,14 @@ class AutoWandbLogger(WandbLogger):
             group=group,
             tags=tags,
         )
+
+    def continue_run(self, run_id: str) -> None:
+        """Log into the existing run ``run_id`` (after a restart) instead of starting a new one.
+
+        Must be called before the first metric is logged, when the run is not yet created.
+        """
+        if self._experiment is not None:
+            raise RuntimeError("the wandb run has already started; continue_run comes too late")
+        self._wandb_init["id"] = run_id
+        self._wandb_init["resume"] = "allow"
+        self._id = run_id

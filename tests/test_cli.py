@@ -127,6 +127,8 @@ def test_resume_auto_continues_from_the_newest_complete_checkpoint(small_corpus,
         tiny_run_args(small_corpus, tmp_path / "split", "nsa", steps=20) + ["--resume", "auto"]
     )
     assert resumed.trainer.global_step == 20
+    assert resumed.model.tokens_seen == straight.model.tokens_seen == 20 * 4 * 128
+    assert resumed.trainer.logger.version == first.trainer.logger.version  # same wandb run
     expected = straight.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
@@ -174,3 +176,22 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
     assert good.read_bytes() == good_bytes
     restored = torch.load(good, weights_only=False)
     assert restored["global_step"] == 4
+
+
+def test_export_then_generate_from_the_consolidated_file(small_corpus, tmp_path, monkeypatch,
+                                                         capsys):
+    from fsa_train.export import load_exported
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cli = build_cli(tiny_run_args(small_corpus, tmp_path, "nsa", steps=4))
+    exported = tmp_path / "model.pt"
+    main(["export", str(tmp_path / "checkpoints" / "last.ckpt"), str(exported)])
+    model, tokenizer = load_exported(exported)
+    trained = cli.model.model.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[name].float(), rtol=0, atol=0, msg=name)
+    assert tokenizer is not None and tokenizer.vocab_size == VOCAB
+    capsys.readouterr()
+    main(["generate", str(exported), "--prompt", "And God said", "--tokens", "5"])
+    assert capsys.readouterr().out.startswith("And God said")
