@@ -1,6 +1,9 @@
 """Test-wide set-up: Triton's interpreter on machines without a GPU, and the `gpu` marker."""
 
+import gzip
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """Twelve KJV books cut to 12 KB each: enough for a tokenizer and a few hundred windows."""
+    from fsa_train.data.corpus import demo_corpus_path
+
+    path = tmp_path_factory.mktemp("corpus") / "kjv_small.jsonl"
+    with gzip.open(demo_corpus_path(), "rt", encoding="utf-8") as source:
+        records = [json.loads(line) for line in source][:12]
+    with path.open("w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps({"id": record["id"], "text": record["text"][:12000]}) + "\n")
+    return path

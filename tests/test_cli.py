@@ -1,7 +1,5 @@
 """End to end through the real CLI on CPU: config parsing, a short training run, its outputs."""
 
-import gzip
-import json
 import math
 from pathlib import Path
 
@@ -9,21 +7,8 @@ import pytest
 import torch
 
 from fsa_train.cli import build_cli, main
-from fsa_train.data.corpus import demo_corpus_path
 
 VOCAB = 320
-
-
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory) -> Path:
-    """Twelve KJV books cut to 12 KB each: enough for a tokenizer and a few hundred windows."""
-    path = tmp_path_factory.mktemp("corpus") / "kjv_small.jsonl"
-    with gzip.open(demo_corpus_path(), "rt", encoding="utf-8") as source:
-        records = [json.loads(line) for line in source][:12]
-    with path.open("w", encoding="utf-8") as out:
-        for record in records:
-            out.write(json.dumps({"id": record["id"], "text": record["text"][:12000]}) + "\n")
-    return path
 
 
 def tiny_run_args(corpus: Path, root: Path, attention: str, steps: int) -> list[str]:
