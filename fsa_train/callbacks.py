@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -127,3 +128,27 @@ class ThroughputMonitor(L.Callback):
         pl_module.log_dict(log, on_step=True)
         pl_module.log("tok/s", log["throughput/tokens_per_s"], prog_bar=True, on_step=True,
                       logger=False)
+
+
+class MetricsFile(L.Callback):
+    """Appends every training step's logged metrics to a JSON-lines file (global rank 0).
+
+    A plain local record beside wandb: easy to diff between runs, to plot, or to read in tests.
+
+    Args:
+        path: the ``.jsonl`` file; created with its directory, appended to on resume.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        record = {"step": trainer.global_step}
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith(("train/", "throughput/", "perf/", "memory/", "lr")):
+                record[name] = float(value)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")

@@ -1,5 +1,6 @@
 """End to end through the real CLI on CPU: config parsing, a short training run, its outputs."""
 
+import json
 import math
 from pathlib import Path
 
@@ -29,6 +30,8 @@ trainer:
     - class_path: fsa_train.checkpointing.SafeModelCheckpoint
       init_args: {{dirpath: {root / "checkpoints"}, save_last: true, save_top_k: 0}}
     - class_path: fsa_train.callbacks.ThroughputMonitor
+    - class_path: fsa_train.callbacks.MetricsFile
+      init_args: {{path: {root / "metrics.jsonl"}}}
     - class_path: fsa_train.callbacks.TrainingSummary
 data:
   corpus: {corpus}
@@ -64,6 +67,10 @@ def test_short_training_run_learns_and_reports(small_corpus, tmp_path, attention
     assert float(metrics["val/loss"]) < math.log(VOCAB) - 1.0
     assert float(metrics["throughput/tokens_per_s"]) > 0
     assert float(metrics["train/grad_norm"]) > 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
+    assert records[-1]["train/tokens_seen"] == 40 * 4 * 128
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     printed = capsys.readouterr().out
@@ -163,7 +170,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
     assert restored["global_step"] == 4
 
 
-def test_export_then_generate_from_the_consolidated_file(small_corpus, tmp_path, monkeypatch,
+def test_export_generate_and_validate_a_checkpoint(small_corpus, tmp_path, monkeypatch,
                                                          capsys):
     from fsa_train.export import load_exported
 
@@ -180,3 +187,6 @@ def test_export_then_generate_from_the_consolidated_file(small_corpus, tmp_path,
     capsys.readouterr()
     main(["generate", str(exported), "--prompt", "And God said", "--tokens", "5"])
     assert capsys.readouterr().out.startswith("And God said")
+    checked = build_cli(["validate", *tiny_run_args(small_corpus, tmp_path, "nsa", steps=4)[1:],
+                         "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt")])
+    assert math.isfinite(float(checked.trainer.callback_metrics["val/loss"]))

@@ -5,8 +5,8 @@
 on a CUDA device); ``backend="auto"`` picks Triton for CUDA tensors when the op has a Triton
 implementation and the reference otherwise.
 
-Triton implementations live in one module per op (``selected_attention.py``, ...), each exposing a
-function with the op's name and signature; this file finds them, so adding a kernel needs no
+Triton implementations live in :mod:`fsa_train.kernels.triton`, one module per op, each exposing
+a function with the op's name and signature; this file finds them, so adding a kernel needs no
 change here.
 """
 
@@ -31,11 +31,11 @@ OPS = (
     "window_attention",
 )
 _TRITON_MODULE = {
-    "compress": "fsa_train.kernels.compress",
-    "compressed_attention": "fsa_train.kernels.compressed_attention",
-    "select_blocks": "fsa_train.kernels.topk",
+    "compress": "fsa_train.kernels.triton.compress",
+    "compressed_attention": "fsa_train.kernels.triton.compressed_attention",
+    "select_blocks": "fsa_train.kernels.triton.topk",
     "selected_attention": "fsa_train.kernels.selected_attention",
-    "window_attention": "fsa_train.kernels.window_attention",
+    "window_attention": "fsa_train.kernels.triton.window_attention",
 }
 
 

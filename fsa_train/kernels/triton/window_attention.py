@@ -1,0 +1,704 @@
+"""Sliding-window / dense causal attention on packed documents: a FlashAttention-2 style kernel.
+
+``window_attention(q, k, v, cu_seqlens, window=None, scale=None)`` computes, for every query
+token ``t`` of every document and every query head ``j``, softmax attention over the keys
+``max(0, t - W + 1) .. t`` of the same document (all of ``0 .. t`` when ``window`` is None), with
+KV head ``j // G`` (``G = H / h``). It is the project's dense attention for packed batches and the
+window branch of NSA (docs/nsa.md step 7).
+
+Design (see benchmarks/NOTES_window.md for the measurements behind it):
+
+* **Varlen without host synchronisation.** A tile grid of static size: a document starting at
+  ``cu[b]`` owns the tile *slots* ``cu[b] // BLOCK + b .. cu[b+1] // BLOCK + b`` (at least
+  ``ceil(len_b / BLOCK)`` of them), so ``total // BLOCK + n_docs`` slots cover every document and
+  each program finds its document by a binary search over ``cu_seqlens`` inside the kernel. Idle
+  slots exit at once. No ``.item()``, no Python loop over documents: CUDA-graph capturable.
+* **Forward.** One program per (query tile, query head); the key tiles it visits are split into
+  masked tiles (window's lower edge, the causal diagonal) and unmasked interior tiles, and tiles
+  wholly outside the causal/window range are never visited (cost ``O(total * W)`` with a window).
+  Online softmax in base 2 with fp32 statistics and a true running max; the natural-log LSE
+  ``[H, total]`` (fp32) is saved for backward.
+* **Backward.** ``delta = rowsum(o * do)`` in a small preprocess kernel, then one kernel whose
+  program owns one tile of one KV head and does two things: (1) accumulates ``dk, dv`` of its key
+  tile in registers over the query tiles *and over all G query heads of the group* (no atomics);
+  (2) computes ``dq`` of the query tile with the same index, for each head of the group. For a
+  causal document the two parts' costs sum to a constant per program (load balance). Results are
+  deterministic (no atomics anywhere).
+* Slots are processed last-tile-first so the longest causal tiles start early; query heads of one
+  slot are adjacent in the grid so the K/V tiles they share stay in L2.
+
+Autotuning (GPU only) is keyed on (head dim, G, window is None) plus the dtype; under
+``TRITON_INTERPRET=1`` one small fixed configuration is used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["window_attention", "window_attention_with_lse"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# device helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _locate_tile(CU, slot, n_docs, n_iter, BLOCK: tl.constexpr):
+    """(start of the document, its length, first row of the tile) for a tile slot.
+
+    Document ``b`` owns slots ``s_b .. s_{b+1} - 1`` with ``s_b = cu[b] // BLOCK + b`` (strictly
+    increasing); a binary search finds the largest ``b`` with ``s_b <= slot``.
+    """
+    lo = slot * 0
+    hi = lo + n_docs
+    for _ in range(n_iter):
+        mid = (lo + hi) // 2
+        s_mid = tl.load(CU + mid) // BLOCK + mid
+        ok = s_mid <= slot
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    bos = tl.load(CU + lo)
+    seqlen = tl.load(CU + lo + 1) - bos
+    start = (slot - (bos // BLOCK + lo)) * BLOCK
+    return bos, seqlen, start
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, lo, hi, rows, seqlen, window, qk_scale,
+    offs_n, offs_d,
+    MASK: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    k_off = offs_n[:, None] * sk_t + offs_d[None, :]
+    v_off = offs_n[:, None] * sv_t + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        k_ptrs = K_base + tl.cast(start_n, tl.int64) * sk_t + k_off
+        v_ptrs = V_base + tl.cast(start_n, tl.int64) * sv_t + v_off
+        if MASK:
+            cols = start_n + offs_n
+            k = tl.load(k_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if MASK:
+            vis = cols[None, :] <= rows[:, None]
+            if HAS_WINDOW:
+                vis = vis & (cols[None, :] > rows[:, None] - window)
+            qk = tl.where(vis, qk * qk_scale, float("-inf"))
+        else:
+            qk = qk * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASK:
+            v = tl.load(v_ptrs, mask=(cols < seqlen)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["n_docs", "n_iter", "G", "window"])
+def _fwd_kernel(
+    Q, K, V, O, LSE, CU,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+    total, n_docs, n_iter, H, G, window, qk_scale,
+    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_slots = total // BLOCK_M + n_docs
+    head = pid % H
+    slot = n_slots - 1 - pid // H
+    bos, seqlen, start_m = _locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
+    if start_m >= seqlen:
+        return
+    kvh = head // G
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen
+    bos64 = bos.to(tl.int64)
+
+    q_ptrs = Q + (bos64 + start_m) * sq_t + head * sq_h + offs_m[:, None] * sq_t + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    K_base = K + bos64 * sk_t + kvh * sk_h
+    V_base = V + bos64 * sv_t + kvh * sv_h
+
+    # Finite initial max: a row whose first tiles are all masked keeps alpha = 1, p = 0 (no NaN).
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    m_last = tl.minimum(start_m + BLOCK_M, seqlen) - 1
+    hi = m_last + 1
+    # interior tiles: every key <= start_m (causal for the first row) ...
+    u_hi = ((start_m + 1) // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
+        # ... and every key >= m_last - W + 1 (inside the window of the last row)
+        u_lo = ((tl.maximum(m_last - window + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        u_lo = tl.minimum(tl.maximum(u_lo, lo), u_hi)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, lo, u_lo, rows, seqlen, window,
+            qk_scale, offs_n, offs_d, True, HAS_WINDOW, DOT_PREC, BLOCK_N,
+        )
+    else:
+        u_lo = 0
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, u_lo, u_hi, rows, seqlen, window,
+        qk_scale, offs_n, offs_d, False, HAS_WINDOW, DOT_PREC, BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, u_hi, hi, rows, seqlen, window,
+        qk_scale, offs_n, offs_d, True, HAS_WINDOW, DOT_PREC, BLOCK_N,
+    )
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    o_ptrs = O + (bos64 + start_m) * so_t + head * so_h + offs_m[:, None] * so_t + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + head.to(tl.int64) * total + bos + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA, so_t, so_h, sdo_t, sdo_h, total,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows < total
+    r64 = rows.to(tl.int64)
+    o = tl.load(
+        O + r64[:, None] * so_t + head * so_h + offs_d[None, :], mask=ok[:, None], other=0.0
+    )
+    do = tl.load(
+        DO + r64[:, None] * sdo_t + head * sdo_h + offs_d[None, :], mask=ok[:, None], other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head.to(tl.int64) * total + rows, delta, mask=ok)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DQA_base, sq_t, sdo_t, sdqa_t, lo, hi,
+    cols, seqlen, window, scale, qk_scale, offs_m, offs_d,
+    MASK: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M1: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+):
+    q_off = offs_m[:, None] * sq_t + offs_d[None, :]
+    do_off = offs_m[:, None] * sdo_t + offs_d[None, :]
+    for start_m in range(lo, hi, BLOCK_M1):
+        rows = start_m + offs_m
+        row_ok = rows < seqlen
+        q = tl.load(
+            Q_base + tl.cast(start_m, tl.int64) * sq_t + q_off, mask=row_ok[:, None], other=0.0
+        )
+        lse2 = tl.load(LSE_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASK:
+            vis = cols[:, None] <= rows[None, :]
+            if HAS_WINDOW:
+                vis = vis & (cols[:, None] > rows[None, :] - window)
+            pT = tl.where(vis, pT, 0.0)
+        do = tl.load(
+            DO_base + tl.cast(start_m, tl.int64) * sdo_t + do_off, mask=row_ok[:, None], other=0.0
+        )
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        delta = tl.load(DELTA_base + rows, mask=row_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            # this key tile's share of dq, added in fp32 (order-dependent rounding)
+            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * scale
+            tl.atomic_add(
+                DQA_base + tl.cast(start_m, tl.int64) * sdqa_t + offs_m[:, None] * sdqa_t
+                + offs_d[None, :],
+                dq, mask=row_ok[:, None], sem="relaxed",
+            )
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta, K_base, V_base, sk_t, sv_t, lo, hi, rows, seqlen, window, qk_scale,
+    offs_n, offs_d,
+    MASK: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N2: tl.constexpr,
+):
+    k_off = offs_n[:, None] * sk_t + offs_d[None, :]
+    v_off = offs_n[:, None] * sv_t + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N2):
+        k_ptrs = K_base + tl.cast(start_n, tl.int64) * sk_t + k_off
+        v_ptrs = V_base + tl.cast(start_n, tl.int64) * sv_t + v_off
+        if MASK:
+            cols = start_n + offs_n
+            col_ok = (cols < seqlen)[:, None]
+            k = tl.load(k_ptrs, mask=col_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASK:
+            vis = cols[None, :] <= rows[:, None]
+            if HAS_WINDOW:
+                vis = vis & (cols[None, :] > rows[:, None] - window)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dkdv_tile(
+    Q, K, V, DO, DK, DV, LSE, DELTA, DQA, bos, seqlen, start, kvh,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h, sdqa_t, sdqa_h,
+    total, G, window, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+):
+    """dk, dv of the key tile [start, start + BLOCK) of KV head kvh, summed over its G heads."""
+    bos64 = bos.to(tl.int64)
+    start64 = start.to(tl.int64)
+    offs_b = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m1 = tl.arange(0, BLOCK_M1)
+    idx = start + offs_b
+    idx_ok = idx < seqlen
+    end = tl.minimum(start + BLOCK, seqlen)  # one past the tile's last real key
+    kv_rows = offs_b[:, None]
+    k = tl.load(
+        K + (bos64 + start64) * sk_t + kvh * sk_h + kv_rows * sk_t + offs_d[None, :],
+        mask=idx_ok[:, None], other=0.0,
+    )
+    v = tl.load(
+        V + (bos64 + start64) * sv_t + kvh * sv_h + kv_rows * sv_t + offs_d[None, :],
+        mask=idx_ok[:, None], other=0.0,
+    )
+    dk = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+    if HAS_WINDOW:
+        q_end = tl.minimum(seqlen, end - 1 + window)
+        # query tiles wholly inside every key's window: rows <= start + W - 1
+        u_end = ((start + window) // BLOCK_M1) * BLOCK_M1
+    else:
+        q_end = seqlen
+        u_end = seqlen
+    diag_end = tl.minimum(start + BLOCK, q_end)
+    u_end = tl.minimum(tl.maximum(u_end, diag_end), q_end)
+    for g in range(G):
+        head = kvh * G + g
+        Q_base = Q + bos64 * sq_t + head * sq_h
+        DO_base = DO + bos64 * sdo_t + head * sdo_h
+        LSE_base = LSE + head.to(tl.int64) * total + bos
+        DELTA_base = DELTA + head.to(tl.int64) * total + bos
+        DQA_base = DQA + bos64 * sdqa_t + head * sdqa_h
+        # the diagonal: queries in the key tile's own rows (causal mask)
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DQA_base, sq_t, sdo_t, sdqa_t,
+            start, diag_end, idx, seqlen, window, scale, qk_scale, offs_m1, offs_d,
+            True, HAS_WINDOW, DOT_PREC, BLOCK_M1, ATOMIC_DQ,
+        )
+        # queries that see every key of the tile
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DQA_base, sq_t, sdo_t, sdqa_t,
+            diag_end, u_end, idx, seqlen, window, scale, qk_scale, offs_m1, offs_d,
+            False, HAS_WINDOW, DOT_PREC, BLOCK_M1, ATOMIC_DQ,
+        )
+        if HAS_WINDOW:
+            # the window's far edge
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DQA_base, sq_t, sdo_t,
+                sdqa_t, u_end, q_end, idx, seqlen, window, scale, qk_scale, offs_m1, offs_d,
+                True, HAS_WINDOW, DOT_PREC, BLOCK_M1, ATOMIC_DQ,
+            )
+    dk = dk * scale
+    tl.store(
+        DK + (bos64 + start64) * sdk_t + kvh * sdk_h + kv_rows * sdk_t + offs_d[None, :],
+        dk.to(DK.dtype.element_ty), mask=idx_ok[:, None],
+    )
+    tl.store(
+        DV + (bos64 + start64) * sdv_t + kvh * sdv_h + kv_rows * sdv_t + offs_d[None, :],
+        dv.to(DV.dtype.element_ty), mask=idx_ok[:, None],
+    )
+
+
+@triton.jit
+def _bwd_dq_tile(
+    Q, K, V, DO, DQ, LSE, DELTA, bos, seqlen, start, head0, n_heads,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
+    total, G, window, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_N2: tl.constexpr,
+):
+    """dq of the query tile [start, start + BLOCK) for query heads head0 .. head0 + n_heads - 1."""
+    bos64 = bos.to(tl.int64)
+    start64 = start.to(tl.int64)
+    offs_b = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n2 = tl.arange(0, BLOCK_N2)
+    idx = start + offs_b
+    idx_ok = idx < seqlen
+    end = tl.minimum(start + BLOCK, seqlen)
+    m_last = end - 1
+    kvh = head0 // G
+    K_base = K + bos64 * sk_t + kvh * sk_h
+    V_base = V + bos64 * sv_t + kvh * sv_h
+    u_hi = ((start + 1) // BLOCK_N2) * BLOCK_N2
+    if HAS_WINDOW:
+        lo = (tl.maximum(start - window + 1, 0) // BLOCK_N2) * BLOCK_N2
+        u_lo = ((tl.maximum(m_last - window + 1, 0) + BLOCK_N2 - 1) // BLOCK_N2) * BLOCK_N2
+        u_lo = tl.minimum(tl.maximum(u_lo, lo), u_hi)
+    else:
+        lo = 0
+        u_lo = 0
+    q_rows = offs_b[:, None]
+    for g in range(n_heads):
+        head = head0 + g
+        q = tl.load(
+            Q + (bos64 + start64) * sq_t + head * sq_h + q_rows * sq_t + offs_d[None, :],
+            mask=idx_ok[:, None], other=0.0,
+        )
+        do = tl.load(
+            DO + (bos64 + start64) * sdo_t + head * sdo_h + q_rows * sdo_t + offs_d[None, :],
+            mask=idx_ok[:, None], other=0.0,
+        )
+        lse2 = tl.load(LSE + head.to(tl.int64) * total + bos + idx, mask=idx_ok, other=0.0)
+        lse2 = lse2 * 1.4426950408889634
+        delta = tl.load(DELTA + head.to(tl.int64) * total + bos + idx, mask=idx_ok, other=0.0)
+        dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+        if HAS_WINDOW:
+            dq = _bwd_dq_inner(
+                dq, q, do, lse2, delta, K_base, V_base, sk_t, sv_t, lo, u_lo, idx, seqlen,
+                window, qk_scale, offs_n2, offs_d, True, HAS_WINDOW, DOT_PREC, BLOCK_N2,
+            )
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, K_base, V_base, sk_t, sv_t, u_lo, u_hi, idx, seqlen,
+            window, qk_scale, offs_n2, offs_d, False, HAS_WINDOW, DOT_PREC, BLOCK_N2,
+        )
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, K_base, V_base, sk_t, sv_t, u_hi, end, idx, seqlen,
+            window, qk_scale, offs_n2, offs_d, True, HAS_WINDOW, DOT_PREC, BLOCK_N2,
+        )
+        dq = dq * scale
+        tl.store(
+            DQ + (bos64 + start64) * sdq_t + head * sdq_h + q_rows * sdq_t + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty), mask=idx_ok[:, None],
+        )
+
+
+@triton.jit(do_not_specialize=["n_docs", "n_iter", "window", "G"])
+def _bwd_kernel(
+    Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h,
+    sdq_t, sdq_h, sdk_t, sdk_h, sdv_t, sdv_h,
+    total, n_docs, n_iter, h_kv, G, window, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr,
+    DKDV: tl.constexpr, DQ_PART: tl.constexpr, ATOMIC_DQ: tl.constexpr = False,
+):
+    """Backward over tiles of BLOCK tokens.
+
+    DKDV and DQ_PART: one program per (tile, KV head) does both parts (fused, the default).
+    DKDV only: dk, dv per (tile, KV head), first tiles first. DQ_PART only: dq per (tile, query
+    head), last tiles first. ATOMIC_DQ (with DKDV only): the dk/dv pass also adds dS K into DQ,
+    a zeroed fp32 buffer, with atomics (no second pass, not bitwise deterministic).
+    """
+    pid = tl.program_id(0)
+    n_slots = total // BLOCK + n_docs
+    if DKDV:
+        n_prog_heads = h_kv
+    else:
+        n_prog_heads = h_kv * G
+    ph = pid % n_prog_heads
+    if DKDV and not DQ_PART:
+        slot = pid // n_prog_heads
+    else:
+        slot = n_slots - 1 - pid // n_prog_heads
+    bos, seqlen, start = _locate_tile(CU, slot, n_docs, n_iter, BLOCK)
+    if start >= seqlen:
+        return
+    if DKDV:
+        _bwd_dkdv_tile(
+            Q, K, V, DO, DK, DV, LSE, DELTA, DQ, bos, seqlen, start, ph,
+            sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
+            sdq_t, sdq_h, total, G, window, scale, qk_scale,
+            HEAD_DIM, HAS_WINDOW, DOT_PREC, BLOCK, BLOCK_M1, ATOMIC_DQ,
+        )
+    if DQ_PART:
+        if DKDV:
+            head0 = ph * G
+            n_heads = G
+        else:
+            head0 = ph
+            n_heads = 1
+        _bwd_dq_tile(
+            Q, K, V, DO, DQ, LSE, DELTA, bos, seqlen, start, head0, n_heads,
+            sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
+            total, G, window, scale, qk_scale,
+            HEAD_DIM, HAS_WINDOW, DOT_PREC, BLOCK, BLOCK_N2,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# configurations
+# ------------------------------------------------------------------------------------------------
+
+_KEY = ["HEAD_DIM", "G", "HAS_WINDOW"]
+
+# Hopper-oriented: 128-row tiles, 8 warps, 2-3 stages. Register use (ptxas, sm_90, d = 128):
+# forward 176-255 registers without spills; the backward keeps dk and dv (2 x 64 registers per
+# thread) plus k, v in shared memory and spills a little at BLOCK_M1 = 64 (see NOTES_window.md).
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+]
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK": 128, "BLOCK_M1": 64, "BLOCK_N2": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK": 128, "BLOCK_M1": 32, "BLOCK_N2": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK": 128, "BLOCK_M1": 32, "BLOCK_N2": 32}, num_warps=8, num_stages=3),
+]
+_DKDV_CONFIGS = [
+    triton.Config({"BLOCK": 128, "BLOCK_M1": 64, "BLOCK_N2": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK": 128, "BLOCK_M1": 32, "BLOCK_N2": 16}, num_warps=8, num_stages=2),
+]
+_ATOMIC_CONFIGS = [
+    triton.Config({"BLOCK": 128, "BLOCK_M1": 64, "BLOCK_N2": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK": 128, "BLOCK_M1": 32, "BLOCK_N2": 16}, num_warps=8, num_stages=2),
+]
+_DQ_CONFIGS = [
+    triton.Config({"BLOCK": 128, "BLOCK_M1": 16, "BLOCK_N2": 64}, num_warps=8, num_stages=2),
+]
+# fp32 inputs (exact "ieee" dots; not a performance path): small tiles that fit shared memory.
+_FWD_FP32 = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+_BWD_FP32 = {"BLOCK": 64, "BLOCK_M1": 32, "BLOCK_N2": 32, "num_warps": 4, "num_stages": 1}
+# under TRITON_INTERPRET=1 (CPU tests): small tiles so that tiny documents span several tiles.
+_FWD_INTERP = {"BLOCK_M": 32, "BLOCK_N": 16}
+_BWD_INTERP = {"BLOCK": 32, "BLOCK_M1": 16, "BLOCK_N2": 16}
+
+AUTOTUNE = os.environ.get("FSA_WINDOW_AUTOTUNE", "1") != "0"
+"""Autotune on the GPU (set FSA_WINDOW_AUTOTUNE=0 to run the first configuration of each list)."""
+
+
+def _tuned(configs, kernel):
+    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=_KEY)(kernel)
+
+
+_fwd_tuned = _tuned(_FWD_CONFIGS, _fwd_kernel)
+_bwd_tuned = _tuned(_BWD_CONFIGS, _bwd_kernel)
+_dkdv_tuned = _tuned(_DKDV_CONFIGS, _bwd_kernel)
+_dq_tuned = _tuned(_DQ_CONFIGS, _bwd_kernel)
+_atomic_tuned = _tuned(_ATOMIC_CONFIGS, _bwd_kernel)
+
+BWD_MODE = os.environ.get("FSA_WINDOW_BWD", "fused")
+"""Backward schedule: "fused" (one kernel: dk, dv and dq per tile), "split" (two kernels: dk/dv,
+then dq) or "atomic" (one dk/dv pass that also adds dq with fp32 atomics; not deterministic)."""
+
+
+def _launch(kernel, tuned, fixed_fp32, fixed_interp, grid, args, dtype, **extra):
+    if _interpreting():
+        kernel[grid](*args, **fixed_interp, **extra)
+    elif dtype == torch.float32:
+        kernel[grid](*args, **fixed_fp32, **extra)
+    else:
+        tuned[grid](*args, **extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# host side
+# ------------------------------------------------------------------------------------------------
+
+
+def _rowmajor(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dimension is contiguous (any token/head strides are fine)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q, k, v, cu_seqlens, window):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"q, k, v must be [tokens, heads, dim], got {q.shape}, {k.shape}, {v.shape}"
+        )
+    total, H, d = q.shape
+    h = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != total or k.shape[2] != d:
+        raise ValueError(
+            f"k and v must be [{total}, h, {d}], got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if H % h != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({h})")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two in [16, 256], got {d}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got {cu_seqlens.shape}")
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
+
+
+def _meta(q, k, cu_seqlens, window):
+    total, H, d = q.shape
+    n_docs = cu_seqlens.numel() - 1
+    n_iter = max(1, n_docs.bit_length())
+    # a window at least as long as the batch can never cut a key: run the dense kernel
+    has_window = window is not None and window < total
+    win = int(window) if has_window else total + 1
+    return total, H, k.shape[1], d, n_docs, n_iter, has_window, win
+
+
+def _forward(q, k, v, cu, window, scale):
+    total, H, h, d, n_docs, n_iter, has_window, win = _meta(q, k, cu, window)
+    o = torch.empty((total, H, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, total), dtype=torch.float32, device=q.device)
+    if total == 0:
+        return o, lse
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def grid(meta):
+        return (H * (total // meta["BLOCK_M"] + n_docs),)
+
+    args = (
+        q, k, v, o, lse, cu,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1),
+        total, n_docs, n_iter, H, H // h, win, scale * _LOG2E,
+        d, has_window, prec,
+    )
+    _launch(_fwd_kernel, _fwd_tuned, _FWD_FP32, _FWD_INTERP, grid, args, q.dtype)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, cu, window, scale):
+    total, H, h, d, n_docs, n_iter, has_window, win = _meta(q, k, cu, window)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty((total, h, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((total, h, d), dtype=v.dtype, device=v.device)
+    if total == 0:
+        return dq, dk, dv
+    delta = torch.empty((H, total), dtype=torch.float32, device=q.device)
+    block_t = 64
+    _delta_kernel[(triton.cdiv(total, block_t), H)](
+        o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), total,
+        HEAD_DIM=d, BLOCK_T=block_t,
+    )
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    args = (
+        q, k, v, do, dq, dk, dv, lse, delta, cu,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        total, n_docs, n_iter, h, H // h, win, scale, scale * _LOG2E,
+        d, has_window, prec,
+    )
+
+    def grid_kv(meta):
+        return (h * (total // meta["BLOCK"] + n_docs),)
+
+    def grid_q(meta):
+        return (H * (total // meta["BLOCK"] + n_docs),)
+
+    if BWD_MODE == "atomic":
+        dqa = torch.zeros((total, H, d), dtype=torch.float32, device=q.device)
+        args = list(args)
+        args[4] = dqa
+        args[18:20] = [dqa.stride(0), dqa.stride(1)]
+        _launch(_bwd_kernel, _atomic_tuned, _BWD_FP32, _BWD_INTERP, grid_kv, tuple(args), q.dtype,
+                DKDV=True, DQ_PART=False, ATOMIC_DQ=True)
+        dq = dqa.to(q.dtype)
+    elif BWD_MODE == "split":
+        _launch(_bwd_kernel, _dkdv_tuned, _BWD_FP32, _BWD_INTERP, grid_kv, args, q.dtype,
+                DKDV=True, DQ_PART=False)
+        _launch(_bwd_kernel, _dq_tuned, _BWD_FP32, _BWD_INTERP, grid_q, args, q.dtype,
+                DKDV=False, DQ_PART=True)
+    else:
+        _launch(_bwd_kernel, _bwd_tuned, _BWD_FP32, _BWD_INTERP, grid_kv, args, q.dtype,
+                DKDV=True, DQ_PART=True)
+    return dq, dk, dv
+
+
+class _WindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu, window, scale):
+        o, lse = _forward(q, k, v, cu, window, scale)
+        ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.window = window
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        dq, dk, dv = _backward(_rowmajor(do), q, k, v, o, lse, cu, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def window_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`window_attention` that also returns the natural-log LSE ``[H, total]`` (fp32).
+
+    The LSE carries no gradient.
+    """
+    _check(q, k, v, cu_seqlens, window)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    return _WindowAttention.apply(q, k, v, cu, window, scale)
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention inside each document over keys ``t - W + 1 .. t`` (``window=None``: all).
+
+    Args:
+        q: queries ``[total, H, d]`` (fp16, bf16 or fp32; any token/head strides).
+        k, v: keys and values ``[total, h, d]``, ``H % h == 0``; query head ``j`` uses ``j // G``.
+        cu_seqlens: document boundaries ``[n_docs + 1]`` (int32; int64 is converted on device).
+        window: keys per query, itself included (``None``: dense causal within the document).
+        scale: softmax scale (default ``1/sqrt(d)``).
+
+    Returns:
+        ``o [total, H, d]`` in q's dtype; differentiable in q, k and v.
+    """
+    return window_attention_with_lse(q, k, v, cu_seqlens, window, scale)[0]
