@@ -34,7 +34,7 @@ _TRITON_MODULE = {
     "compress": "fsa_train.kernels.triton.compress",
     "compressed_attention": "fsa_train.kernels.triton.compressed_attention",
     "select_blocks": "fsa_train.kernels.triton.topk",
-    "selected_attention": "fsa_train.kernels.selected_attention",
+    "selected_attention": "fsa_train.kernels.triton.selected_attention",
     "window_attention": "fsa_train.kernels.triton.window_attention",
 }
 

@@ -1,0 +1,442 @@
+"""Selected-attention benchmark: ours vs the reference, dense SDPA (cuDNN, FA2) and FlexAttention.
+
+Times forward and forward+backward (median of ``triton.testing.do_bench``) and measures the peak
+extra memory of one forward+backward, in one process, on one GPU: 16K and 64K tokens; G = 1, 2, 4,
+8, 16 with 4 KV heads and d = 128; (block, topk) = (64, 16) and (128, 8); one document and packed
+documents of 4K and 1K tokens. Selections are realistic random valid ones (first block, the two
+local blocks, the rest random among earlier blocks), generated on the GPU. Dense SDPA baselines
+cannot mask documents, so they are reported once per (tokens, G) for one document; FlexAttention
+gets a document-causal block mask.
+
+Writes ``selected_attention.json`` and ``selected_attention.md`` to ``--out`` (default
+``benchmarks/results``). ``--deadline`` (seconds) skips what is left once it passes (marked
+"skipped: time"), so the run fits a device lease.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_selected.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+sa = importlib.import_module("fsa_train.kernels.triton.selected_attention")
+
+# Quoted from ../shared/docs/kernels.md (H200, torch 2.11, Triton 3.6, bf16, d=128, 4 KV heads,
+# one document, B=64, T=16): forward+backward ms of the selected branch. Not measured here.
+QUOTED = {
+    65536: {"fsa": {1: 20.4, 2: 28.8, 4: 40.2, 8: 65.3, 16: 135.9},
+            "nsa": {1: 45.0, 2: 45.8, 4: 46.8, 8: 50.7, 16: 59.7}},
+    16384: {"fsa": {1: 8.9, 16: 50.6}, "nsa": {1: 11.4, 16: 14.1}},
+}
+
+START = time.time()
+
+
+def elapsed() -> float:
+    return time.time() - START
+
+
+def bench(fn, grad_to_none=None):
+    import triton
+
+    return float(
+        triton.testing.do_bench(
+            fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"
+        )
+    )
+
+
+def peak_extra(fn) -> float:
+    """GiB allocated above the current level by one call of ``fn``."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def layouts(n: int, which: list[str]) -> list[tuple[str, list[int]]]:
+    out = []
+    for name in which:
+        doc = {"one": n, "4k": 4096, "1k": 1024}[name]
+        out.append((f"{n // doc}x{doc // 1024}K" if doc < n else "1 doc", [doc] * (n // doc)))
+    return out
+
+
+def timed_pair(fwd, fwdbwd, leaves):
+    """(fwd ms, fwd+bwd ms, peak extra GiB) or an error string."""
+    try:
+        f = bench(fwd)
+        fb = bench(fwdbwd, grad_to_none=leaves)
+        for x in leaves:
+            x.grad = None
+        mem = peak_extra(fwdbwd)
+        for x in leaves:
+            x.grad = None
+        return {"fwd_ms": f, "fwdbwd_ms": fb, "peak_gib": mem}
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"error": "out of memory"}
+    except Exception as error:  # a baseline that does not run on this build
+        torch.cuda.empty_cache()
+        return {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+
+
+def make(n, G, dtype=torch.bfloat16, h=4, d=128, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(n, h * G, d, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(n, h, d, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(n, h, d, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    do = torch.randn(n, h * G, d, device="cuda", dtype=dtype, generator=g)
+    return q, k, v, do
+
+
+def run_ours(args, results):
+    for n in args.tokens:
+        for G in args.groups:
+            q, k, v, do = make(n, G)
+            for block, topk in args.configs:
+                for lname, lengths in layouts(n, args.layouts):
+                    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()],
+                                      dtype=torch.int32, device="cuda")
+                    gen = torch.Generator(device="cuda").manual_seed(n + G + block)
+                    idx = sa.random_selection(cu, 4, topk, block, gen)
+                    for modes in args.modes:
+                        key = dict(tokens=n, G=G, block=block, topk=topk, layout=lname,
+                                   impl="ours", modes=modes)
+                        if elapsed() > args.deadline:
+                            results.append({**key, "error": "skipped: time"})
+                            continue
+                        fm, qm = modes.split("/") if "/" in modes else (modes, modes)
+
+                        def fwd(q=q, k=k, v=v, fm=fm, qm=qm, cu=cu, idx=idx, block=block):
+                            return sa.selected_attention(q, k, v, idx, cu, block, fwd_mode=fm,
+                                                         dq_mode=qm)
+
+                        def fwdbwd(fwd=fwd, do=do):
+                            fwd().backward(do)
+
+                        r = timed_pair(fwd, fwdbwd, [q, k, v])
+                        results.append({**key, **r})
+                        print(json.dumps(results[-1]), flush=True)
+                    del idx
+            del q, k, v, do
+            torch.cuda.empty_cache()
+
+
+def run_reference(args, results):
+    from fsa_train.kernels import reference
+
+    for n in args.ref_tokens:
+        for G in args.ref_groups:
+            q, k, v, do = make(n, G)
+            block, topk = args.configs[0]
+            cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            idx = sa.random_selection(cu, 4, topk, block, gen)
+            key = dict(tokens=n, G=G, block=block, topk=topk, layout="1 doc", impl="reference")
+            if elapsed() > args.deadline:
+                results.append({**key, "error": "skipped: time"})
+                continue
+
+            def fwd(q=q, k=k, v=v, idx=idx, cu=cu, block=block):
+                return reference.selected_attention(q, k, v, idx, cu, block)
+
+            def fwdbwd(fwd=fwd, do=do):
+                fwd().backward(do)
+
+            results.append({**key, **timed_pair(fwd, fwdbwd, [q, k, v])})
+            print(json.dumps(results[-1]), flush=True)
+            del q, k, v, do
+            torch.cuda.empty_cache()
+
+
+def run_dense(args, results):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    for n in args.tokens:
+        for G in args.groups:
+            H = 4 * G
+            g = torch.Generator(device="cuda").manual_seed(2)
+            shape = (1, H, n, 128)
+            q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+                           for _ in range(4))
+            for x in (q, k, v):
+                x.requires_grad_()
+            for name, backend in (("dense cuDNN SDPA", SDPBackend.CUDNN_ATTENTION),
+                                  ("dense FA2 (SDPA flash)", SDPBackend.FLASH_ATTENTION)):
+                key = dict(tokens=n, G=G, layout="1 doc", impl=name)
+                if elapsed() > args.deadline:
+                    results.append({**key, "error": "skipped: time"})
+                    continue
+
+                def fwd(q=q, k=k, v=v, backend=backend):
+                    with sdpa_kernel(backend):
+                        return sdpa(q, k, v, is_causal=True)
+
+                def fwdbwd(fwd=fwd, do=do):
+                    fwd().backward(do)
+
+                results.append({**key, **timed_pair(fwd, fwdbwd, [q, k, v])})
+                print(json.dumps(results[-1]), flush=True)
+            del q, k, v, do
+            torch.cuda.empty_cache()
+
+
+def run_flex(args, results):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    for n in args.tokens:
+        for G in args.flex_groups:
+            H = 4 * G
+            g = torch.Generator(device="cuda").manual_seed(3)
+            q, do = (torch.randn(1, H, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+                     for _ in range(2))
+            k, v = (torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+                    for _ in range(2))
+            for x in (q, k, v):
+                x.requires_grad_()
+            for lname, lengths in layouts(n, args.layouts):
+                key = dict(tokens=n, G=G, layout=lname, impl="FlexAttention (doc mask)")
+                if elapsed() > args.deadline:
+                    results.append({**key, "error": "skipped: time"})
+                    continue
+                doc = torch.repeat_interleave(
+                    torch.arange(len(lengths), device="cuda"),
+                    torch.tensor(lengths, device="cuda"),
+                )
+
+                def mask_mod(b, h, qi, ki, doc=doc):
+                    return (doc[qi] == doc[ki]) & (qi >= ki)
+
+                mask = create_block_mask(mask_mod, 1, 1, n, n, device="cuda")
+
+                def fwd(q=q, k=k, v=v, mask=mask):
+                    return flex(q, k, v, block_mask=mask, enable_gqa=True)
+
+                def fwdbwd(fwd=fwd, do=do):
+                    fwd().backward(do)
+
+                results.append({**key, **timed_pair(fwd, fwdbwd, [q, k, v])})
+                print(json.dumps(results[-1]), flush=True)
+            del q, k, v, do
+            torch.cuda.empty_cache()
+
+
+def _shapes(args):
+    return [(n, G, b, t) for n in args.tokens for G in args.groups for b, t in args.configs]
+
+
+def run_profile(args, results):
+    """Per-kernel device time of one forward+backward (torch.profiler), one document."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for n, G, block, topk in _shapes(args):
+        q, k, v, do = make(n, G)
+        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+        idx = sa.random_selection(cu, 4, topk, block, torch.Generator(device="cuda").manual_seed(5))
+
+        def step(q=q, k=k, v=v, do=do, idx=idx, cu=cu, block=block):
+            sa.selected_attention(q, k, v, idx, cu, block).backward(do)
+
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        rows = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t > 0:
+                rows[e.key[:60]] = t / 3 / 1000
+        top = dict(sorted(rows.items(), key=lambda kv: -kv[1])[:14])
+        results.append(dict(tokens=n, G=G, block=block, topk=topk, layout="1 doc",
+                            impl="profile", kernels_ms=top))
+        print(f"profile {n} G={G} ({block},{topk}):", flush=True)
+        for name, ms in top.items():
+            print(f"   {ms:8.3f} ms  {name}", flush=True)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+
+FWD_CFGS = [(64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 8, 2), (64, 8, 3)]
+BWD_CFGS = [(64, 8, 2), (64, 4, 2), (32, 4, 2), (64, 8, 1), (128, 8, 2)]
+
+
+def run_tune(args, results):
+    """Forward and forward+backward time of the block-major kernels under several configs."""
+    for n, G, block, topk in _shapes(args):
+        q, k, v, do = make(n, G)
+        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+        idx = sa.random_selection(cu, 4, topk, block, torch.Generator(device="cuda").manual_seed(6))
+
+        def fwd(q=q, k=k, v=v, idx=idx, cu=cu, block=block):
+            return sa.selected_attention(q, k, v, idx, cu, block)
+
+        def fwdbwd(fwd=fwd, do=do):
+            fwd().backward(do)
+
+        for which, cfgs in (("fwd", args.fwd_cfgs), ("bwd", args.bwd_cfgs)):
+            for cfg in cfgs:
+                bm, warps, stages = cfg[:3]
+                if elapsed() > args.deadline:
+                    break
+                sa.CONFIG_OVERRIDE.clear()
+                sa.CONFIG_OVERRIDE[which] = {"BLOCK_M": bm, "num_warps": warps,
+                                             "num_stages": stages,
+                                             "PREFETCH": len(cfg) > 3 and bool(cfg[3])}
+                try:
+                    ms = bench(fwd) if which == "fwd" else bench(fwdbwd, grad_to_none=[q, k, v])
+                except Exception as error:
+                    ms = f"{type(error).__name__}: {str(error)[:100]}"
+                results.append(dict(tokens=n, G=G, block=block, topk=topk, impl="tune",
+                                    kernel=which, cfg=list(cfg), ms=ms))
+                print(json.dumps(results[-1]), flush=True)
+        sa.CONFIG_OVERRIDE.clear()
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+
+def fmt(x, nd=2):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(meta, results) -> str:
+    lines = [
+        "# Selected attention benchmark",
+        "",
+        f"Device: {meta['device']}; torch {meta['torch']}, Triton {meta['triton']}; "
+        f"{meta['date']}.",
+        "bf16, d = 128, 4 KV heads; median of `triton.testing.do_bench` (warmup 25, rep 100 ms);",
+        "peak = extra GiB allocated by one forward+backward. Measured here unless labelled quoted.",
+        "",
+        "## Ours (selected branch, forward+backward and forward)",
+        "",
+        "| tokens | G | (B, T) | layout | paths | fwd ms | fwd+bwd ms | peak GiB | target ms "
+        "| met | packed / 1 doc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ours = [r for r in results if r["impl"] == "ours"]
+    results = [r for r in results if r["impl"] not in ("profile", "tune")]
+    one_doc = {}
+    for r in ours:
+        if r.get("layout") == "1 doc" and "fwdbwd_ms" in r:
+            k = (r["tokens"], r["G"], r["block"], r["topk"], r["modes"])
+            one_doc[k] = r["fwdbwd_ms"]
+    for r in ours:
+        target = None
+        q = QUOTED.get(r["tokens"])
+        if q and (r["block"], r["topk"]) == (64, 16) and r["G"] in q["fsa"] and (
+            r["layout"] == "1 doc"
+        ):
+            target = min(q["fsa"][r["G"]] / 4, q["nsa"][r["G"]] / 2)
+        fb = r.get("fwdbwd_ms")
+        met = "" if target is None or fb is None else ("yes" if fb <= target else
+                                                        f"no ({fb / target:.2f}x)")
+        ratio = ""
+        base = one_doc.get((r["tokens"], r["G"], r["block"], r["topk"], r["modes"]))
+        if r["layout"] != "1 doc" and base and fb:
+            ratio = f"{fb / base:.2f}" + (" ok" if fb <= 1.2 * base else " over 1.2")
+        head = f"| {r['tokens']} | {r['G']} | ({r['block']}, {r['topk']}) | {r['layout']} "
+        if "error" in r:
+            lines.append(head + f"| {r['modes']} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            head + f"| {r['modes']} | {fmt(r['fwd_ms'])} | {fmt(fb)} | {fmt(r['peak_gib'])} "
+            f"| {fmt(target)} | {met} | {ratio} |"
+        )
+    lines += [
+        "",
+        "## Baselines (measured in the same process)",
+        "",
+        "| tokens | G | layout | implementation | fwd ms | fwd+bwd ms | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["impl"] == "ours":
+            continue
+        head = f"| {r['tokens']} | {r['G']} | {r['layout']} | {r['impl']} "
+        if "error" in r:
+            lines.append(head + f"| {r['error']} | | |")
+        else:
+            lines.append(head + f"| {fmt(r['fwd_ms'])} | {fmt(r['fwdbwd_ms'])} "
+                         f"| {fmt(r['peak_gib'])} |")
+    lines += [
+        "",
+        "## Quoted from kernels.md (H200), not measured here: fwd+bwd ms, one document, (64, 16)",
+        "",
+        "| tokens | G | official FSA | NSA reference | target = min(FSA/4, NSA/2) |",
+        "|---|---|---|---|---|",
+    ]
+    for n, q in QUOTED.items():
+        for G in q["fsa"]:
+            t = min(q["fsa"][G] / 4, q["nsa"][G] / 2)
+            lines.append(f"| {n} | {G} | {q['fsa'][G]} | {q['nsa'][G]} | {t:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
+    p.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--configs", nargs="+", default=["64:16", "128:8"])
+    p.add_argument("--layouts", nargs="+", default=["one", "4k", "1k"])
+    p.add_argument("--modes", nargs="+", default=["auto"],
+                   help="ours' paths: auto, block, query, or fwd/dq like block/query")
+    p.add_argument("--parts", nargs="+", default=["ours", "dense", "flex", "reference"])
+    p.add_argument("--flex-groups", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--ref-tokens", type=int, nargs="+", default=[16384])
+    p.add_argument("--ref-groups", type=int, nargs="+", default=[1])
+    p.add_argument("--deadline", type=float, default=1e9)
+    p.add_argument("--fwd-cfgs", nargs="+", default=[",".join(map(str, c)) for c in FWD_CFGS],
+                   help="tune: forward BLOCK_M,num_warps,num_stages triples")
+    p.add_argument("--bwd-cfgs", nargs="+", default=[",".join(map(str, c)) for c in BWD_CFGS])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args()
+    args.configs = [tuple(int(x) for x in c.split(":")) for c in args.configs]
+    args.fwd_cfgs = [tuple(int(x) for x in c.split(",")) for c in args.fwd_cfgs]
+    args.bwd_cfgs = [tuple(int(x) for x in c.split(",")) for c in args.bwd_cfgs]
+
+    import triton
+
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+    results: list[dict] = []
+    runners = {"ours": run_ours, "dense": run_dense, "flex": run_flex, "reference": run_reference,
+               "profile": run_profile, "tune": run_tune}
+    for part in args.parts:
+        runners[part](args, results)
+    meta["seconds"] = elapsed()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "selected_attention.json"), "w") as f:
+        json.dump({"meta": meta, "quoted_from_kernels_md_H200": QUOTED, "results": results}, f,
+                  indent=1, default=str)
+    md = markdown(meta, results)
+    with open(os.path.join(args.out, "selected_attention.md"), "w") as f:
+        f.write(md)
+    print(md)
+    assert not math.isnan(meta["seconds"])
+
+
+if __name__ == "__main__":
+    main()

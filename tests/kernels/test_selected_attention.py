@@ -1,0 +1,274 @@
+"""Triton selected attention against the pure-PyTorch reference.
+
+CPU: the kernels run under ``TRITON_INTERPRET=1`` on tiny shapes (fp32 and fp16; the interpreter
+computes bf16 wrongly). GPU (``-m gpu``): real sizes, bf16/fp16, determinism, CUDA graphs.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before any @triton.jit runs (tests/conftest.py does it too)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fsa_train.kernels import reference  # noqa: E402
+
+# the package's function `selected_attention` shadows the submodule's name: import it by path
+sa = importlib.import_module("fsa_train.kernels.triton.selected_attention")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_inputs(lengths, h, G, d, dtype, seed, device=DEV, q_scale=1.0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = (torch.randn(total, h * G, d, generator=g) * q_scale).to(device=device, dtype=dtype)
+    k = torch.randn(total, h, d, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(total, h, d, generator=g).to(device=device, dtype=dtype)
+    do = torch.randn(total, h * G, d, generator=g).to(device=device, dtype=dtype)
+    return q, k, v, do, cu.to(device)
+
+
+def run_ours(q, k, v, do, idx, cu, block, **modes):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = sa.selected_attention(q, k, v, idx, cu, block, **modes)
+    o.backward(do)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def run_ref(q, k, v, do, idx, cu, block, dtype=torch.float64):
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    o = reference.selected_attention(q, k, v, idx, cu, block)
+    o.backward(do.to(dtype))
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def check(ours, ref, tol, what=""):
+    for name, a, b in zip(("o", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert a.dtype == ours[0].dtype
+        assert torch.isfinite(a).all(), f"{what} {name} not finite"
+        err = rel(a, b)
+        assert err <= tol, f"{what} {name}: rel err {err:.2e} > {tol:.0e}"
+
+
+MODES = [("block", "block"), ("query", "query")]
+LENGTHS = [37, 70, 1, 53, 16]  # odd lengths, a 1-token document, one exactly a block
+
+
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 8, 16])
+def test_block_major_matches_reference_fp32(G):
+    h = 2 if G <= 4 else 1
+    block, topk = 16, 3
+    q, k, v, do, cu = make_inputs(LENGTHS, h, G, 16, torch.float32, seed=G)
+    idx = sa.random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(G))
+    assert (idx == -1).any() and (idx[:, :, -1] >= 0).any()  # padded and full selections
+    ours = run_ours(q, k, v, do, idx, cu, block, fwd_mode="block", dq_mode="block")
+    check(ours, run_ref(q, k, v, do, idx, cu, block), 2e-5, f"G={G} block")
+
+
+@pytest.mark.parametrize("G", [2, 16])
+def test_prefetching_variant_matches_reference_fp32(G, monkeypatch):
+    """The block-major kernels with the next chunk's gathers issued ahead (a tuning variant)."""
+    monkeypatch.setattr(sa, "_PREFETCH_TEST", True)
+    h, block, topk = 1, 16, 3
+    q, k, v, do, cu = make_inputs([70, 33], h, G, 16, torch.float32, seed=30 + G)
+    idx = sa.random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(G))
+    assert sa._block_cfg(G, 16, block, False)["PREFETCH"] or torch.cuda.is_available()
+    ours = run_ours(q, k, v, do, idx, cu, block, fwd_mode="block", dq_mode="block")
+    check(ours, run_ref(q, k, v, do, idx, cu, block), 2e-5, f"G={G} prefetch")
+
+
+@pytest.mark.parametrize("G", [1, 3, 16])
+def test_query_major_matches_reference_fp32(G):
+    """The query-major forward and dQ paths (dK/dV stay block-major)."""
+    block, topk = 16, 3
+    q, k, v, do, cu = make_inputs([37, 1, 30], 1, G, 16, torch.float32, seed=20 + G)
+    idx = sa.random_selection(cu, 1, topk, block, torch.Generator(device=DEV).manual_seed(G))
+    ours = run_ours(q, k, v, do, idx, cu, block, fwd_mode="query", dq_mode="query")
+    check(ours, run_ref(q, k, v, do, idx, cu, block), 2e-5, f"G={G} query")
+
+
+@pytest.mark.parametrize(
+    "G,d,block,modes",
+    [(1, 32, 32, MODES[0]), (4, 16, 16, MODES[0]), (16, 32, 16, MODES[0]), (2, 32, 16, MODES[1])],
+)
+def test_matches_reference_fp16_large_logits(G, d, block, modes):
+    """fp16 inputs with q scaled x8 (logits far past fp16's exp range): finite and accurate."""
+    h = 2 if G < 16 else 1
+    lengths = [61, 90, 17] if modes == MODES[0] else [45, 20]
+    q, k, v, do, cu = make_inputs(lengths, h, G, d, torch.float16, seed=10 + G, q_scale=8.0)
+    idx = sa.random_selection(cu, h, 4, block, torch.Generator(device=DEV).manual_seed(3))
+    ref = run_ref(q, k, v, do, idx, cu, block)
+    ours = run_ours(q, k, v, do, idx, cu, block, fwd_mode=modes[0], dq_mode=modes[1])
+    assert ours[0].dtype == torch.float16
+    check(ours, ref, 5e-3, f"fp16 G={G} {modes}")
+
+
+def test_popular_block():
+    """Every query selects block 0: many segments of one block, memory and results unchanged."""
+    h, G, block = 1, 4, 16
+    q, k, v, do, cu = make_inputs([150, 33], h, G, 16, torch.float16, seed=5)
+    total = q.shape[0]
+    idx = torch.full((h, total, 2), -1, dtype=torch.int32, device=DEV)
+    idx[..., 0] = 0
+    local = torch.cat([torch.arange(150), torch.arange(33)]).to(DEV)
+    own = (local // block).to(torch.int32)
+    idx[..., 1] = torch.where(own > 0, own, -1)
+    plan = sa._plan(idx, cu, total, block, sa._segment_queries(2, block))
+    counts = plan["blk_start"][1:] - plan["blk_start"][:-1]
+    assert int(counts.max()) == 150
+    segq = plan["segq"]
+    assert segq < 150 and int(plan["seg_off"][1] - plan["seg_off"][0]) == -(-150 // segq)
+    assert plan["maxseg"] >= int(plan["seg_off"][-1])  # static grid bound holds
+    ref = run_ref(q, k, v, do, idx, cu, block)
+    ours = run_ours(q, k, v, do, idx, cu, block, fwd_mode="block", dq_mode="block")
+    check(ours, ref, 5e-3, "popular")
+
+
+def test_noncontiguous_inputs_and_grad():
+    h, G, d, block = 2, 2, 16, 16
+    q, k, v, do, cu = make_inputs([45, 51], h, G, d, torch.float32, seed=7)
+    total = q.shape[0]
+    # the same values behind other strides
+    qn = torch.empty(h * G, total, d, device=DEV).transpose(0, 1).copy_(q)
+    kvbuf = torch.empty(total, h, 2, d, device=DEV)
+    kvbuf[:, :, 0], kvbuf[:, :, 1] = k, v
+    kn, vn = kvbuf[:, :, 0], kvbuf[:, :, 1]
+    don = torch.empty(total, h * G, 2 * d, device=DEV)[..., ::2].copy_(do)
+    assert not (qn.is_contiguous() or kn.is_contiguous() or don.is_contiguous())
+    idx = sa.random_selection(cu, h, 3, block, torch.Generator(device=DEV).manual_seed(1))
+    idx_nc = torch.empty(h, 3, total, dtype=torch.int32, device=DEV).transpose(1, 2).copy_(idx)
+    ref = run_ref(q, k, v, do, idx, cu, block)
+    for fwd_mode, dq_mode in MODES:
+        qq, kk, vv = (x.detach().requires_grad_() for x in (qn, kn, vn))
+        o = sa.selected_attention(qq, kk, vv, idx_nc, cu, block, fwd_mode=fwd_mode,
+                                  dq_mode=dq_mode)
+        o.backward(don)
+        check((o.detach(), qq.grad, kk.grad, vv.grad), ref, 2e-5, f"strided {fwd_mode}")
+
+
+def test_irregular_selections():
+    """Ids past the query's block are ignored, a repeated id counts once, no selection gives 0."""
+    h, G, block = 1, 3, 16
+    q, k, v, do, cu = make_inputs([40, 29], h, G, 16, torch.float32, seed=11)
+    total = q.shape[0]
+    idx = sa.random_selection(cu, h, 3, block, torch.Generator(device=DEV).manual_seed(2))
+    idx[0, 5] = torch.tensor([0, 2, -1])  # block 2 is in the future of local token 5
+    idx[0, 20] = torch.tensor([0, 0, 1])  # repeat
+    idx[0, 41] = -1  # second document, token 1: nothing selected
+    ref = run_ref(q, k, v, do, idx, cu, block)
+    assert float(ref[0][41].abs().max()) == 0.0
+    for fwd_mode, dq_mode in MODES:
+        ours = run_ours(q, k, v, do, idx, cu, block, fwd_mode=fwd_mode, dq_mode=dq_mode)
+        check(ours, ref, 2e-5, f"irregular {fwd_mode}/{dq_mode}")
+        assert float(ours[0][41].abs().max()) == 0.0 and float(ours[1][41].abs().max()) == 0.0
+    assert total == 69
+
+
+def test_plan_inverse_index():
+    """Every valid (token, slot) appears exactly once, in its block's range, tokens ascending."""
+    h, block, topk = 2, 16, 4
+    cu = torch.tensor([0, 50, 51, 130], dtype=torch.int32, device=DEV)
+    idx = sa.random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(0))
+    plan = sa._plan(idx, cu, 130, block, segq=8)
+    bs, pairs = plan["blk_start"].cpu(), plan["pairs"].cpu().long()
+    tok0, nbmax = plan["tok0"].cpu(), plan["nbmax"]
+    seen = 0
+    for key in range(plan["nkeys"]):
+        hh, gb = divmod(key, nbmax)
+        chunk = pairs[bs[key] : bs[key + 1]]
+        t, j = chunk // topk, chunk % topk
+        assert (t.diff() >= 0).all()
+        if chunk.numel():
+            start = cu.cpu()[torch.searchsorted(cu.cpu()[1:], t.int(), right=True)]
+            assert ((start + idx.cpu()[hh, t, j].long() * block) == tok0[gb]).all()
+        seen += chunk.numel()
+    assert seen == int((idx >= 0).sum())
+    nseg = int(plan["seg_off"][-1])
+    assert nseg <= plan["maxseg"]
+    assert (plan["seg_key"][:nseg] < plan["nkeys"]).all()
+    assert (plan["seg_key"][nseg:] >= plan["nkeys"]).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: real sizes
+# ----------------------------------------------------------------------------------------------
+
+
+def _gpu_case(lengths, h, G, d, block, topk, dtype, seed, q_scale=1.0, modes=MODES):
+    """Ours (each pair of paths) vs the reference in fp32 on the GPU, rel L2 <= 1e-2."""
+    q, k, v, do, cu = make_inputs(lengths, h, G, d, dtype, seed, q_scale=q_scale)
+    idx = sa.random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(seed))
+    ref = run_ref(q, k, v, do, idx, cu, block, dtype=torch.float32)
+    for fwd_mode, dq_mode in modes:
+        ours = run_ours(q, k, v, do, idx, cu, block, fwd_mode=fwd_mode, dq_mode=dq_mode)
+        assert ours[0].dtype == dtype
+        check(ours, ref, 1e-2, f"{len(lengths)}x{lengths[0]} G={G} {dtype} {fwd_mode}/{dq_mode}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "lengths,G,d,block,topk,dtype",
+    [
+        ([65536], 4, 128, 64, 16, torch.bfloat16),
+        ([4096] * 16, 16, 128, 128, 8, torch.bfloat16),
+        ([1024] * 64, 1, 64, 32, 32, torch.float16),
+        ([4096] * 4 + [3001, 1095], 8, 64, 64, 16, torch.bfloat16),
+    ],
+)
+def test_gpu_real_sizes(lengths, G, d, block, topk, dtype):
+    _gpu_case(lengths, 2 if G > 4 else 4, G, d, block, topk, dtype, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_large_logits(dtype):
+    _gpu_case([8192, 8000], 2, 8, 128, 64, 16, dtype, 2, q_scale=8.0)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_cuda_graph():
+    q, k, v, do, cu = make_inputs([4096] * 8, 4, 4, 128, torch.bfloat16, 3)
+    idx = sa.random_selection(cu, 4, 16, 64, torch.Generator(device=DEV).manual_seed(3))
+    first = run_ours(q, k, v, do, idx, cu, 64)
+    second = run_ours(q, k, v, do, idx, cu, 64)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+    qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    static_do = do.clone()
+
+    def step():
+        for x in (qg, kg, vg):
+            x.grad = None
+        o = sa.selected_attention(qg, kg, vg, idx, cu, 64)
+        o.backward(static_do)
+        return o
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up (compilation) outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for x in (qg, kg, vg):
+        x.grad = None
+    with torch.cuda.graph(graph):
+        o_static = step()
+    # replay with new values in the captured input buffers
+    q2, k2, v2, do2, _ = make_inputs([4096] * 8, 4, 4, 128, torch.bfloat16, 4)
+    with torch.no_grad():
+        qg.copy_(q2), kg.copy_(k2), vg.copy_(v2), static_do.copy_(do2)
+    graph.replay()
+    torch.cuda.synchronize()
+    expect = run_ours(q2, k2, v2, do2, idx, cu, 64)
+    for a, b in zip((o_static, qg.grad, kg.grad, vg.grad), expect, strict=True):
+        assert torch.equal(a, b)
