@@ -63,8 +63,8 @@ def checkpoint_directory(trainer) -> str | None:
     return callback.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
 
 
-def build_cli(argv: list[str]) -> FSATrainCLI:
-    """Parse ``argv`` (a subcommand and its options) and run it; returns the finished CLI."""
+def build_cli(argv: list[str] | None = None) -> FSATrainCLI:
+    """Parse ``argv`` (default: the command line) and run the subcommand; returns the CLI."""
     return FSATrainCLI(LitGPT, TextDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 
 
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     A bad config value or a missing or corrupt data file ends the run with one line on stderr
     (exit status 2); set ``FSA_TRAIN_TRACEBACK=1`` to see the full traceback instead.
     """
-    argv = list(argv if argv is not None else sys.argv[1:])
+    words = list(argv if argv is not None else sys.argv[1:])
     try:
-        if argv and argv[0] in TOOL_COMMANDS:
-            module, function = TOOL_COMMANDS[argv[0]]
-            getattr(importlib.import_module(module), function)(argv[1:])
+        if words and words[0] in TOOL_COMMANDS:
+            module, function = TOOL_COMMANDS[words[0]]
+            getattr(importlib.import_module(module), function)(words[1:])
         else:
             build_cli(argv)
     except torch.OutOfMemoryError as error:
