@@ -4,7 +4,7 @@
 #   single : 1 GPU, batch 4, gradient accumulation 2
 #   zero2  : 2 GPUs, DeepSpeed ZeRO-2, batch 4 per GPU
 #   zero3  : 2 GPUs, DeepSpeed ZeRO-3, batch 4 per GPU
-#   resume : 2 GPUs, ZeRO-2, STEPS/2 steps, then `--resume auto` to STEPS
+#   resume : 2 GPUs, ZeRO-2, stopped at STEPS/2 (StopAtStep), then `--resume auto` to STEPS
 # then writes trainer_check.json / .md (loss agreement, resume agreement, 2-GPU scaling) to OUT.
 # EXTRA_ARGS (options appended to every run) lets the script be smoke-tested on CPUs.
 set -euo pipefail
@@ -19,6 +19,12 @@ fit() {  # fit NAME DEVICES STEPS [extra args...]
     local name=$1 devices=$2 steps=$3
     shift 3
     mkdir -p "$RUNS/$name"
+    local stop_callback=""
+    if [ -n "${STOP_AT:-}" ]; then
+        stop_callback="    - class_path: fsa_train.callbacks.StopAtStep
+      init_args: {step: $STOP_AT}
+"
+    fi
     cat > "$RUNS/$name/overlay.yaml" <<YAML
 trainer:
   default_root_dir: $RUNS/$name
@@ -29,20 +35,20 @@ trainer:
     - class_path: fsa_train.checkpointing.SafeModelCheckpoint
       init_args: {dirpath: $RUNS/$name/checkpoints, save_last: true, save_top_k: 0,
                   every_n_train_steps: $((STEPS / 2))}
-    - class_path: fsa_train.callbacks.ThroughputMonitor
+$stop_callback    - class_path: fsa_train.callbacks.ThroughputMonitor
     - class_path: fsa_train.callbacks.MetricsFile
       init_args: {path: $RUNS/$name/metrics.jsonl}
 YAML
     python3 -m fsa_train.cli fit --config configs/base.yaml \
         --config benchmarks/configs/trainer_check.yaml --config "$RUNS/$name/overlay.yaml" \
         --trainer.devices "$devices" --trainer.max_steps "$steps" "$@" ${EXTRA_ARGS:-} \
-        > "$RUNS/$name.$steps.log" 2>&1 || { tail -40 "$RUNS/$name.$steps.log"; exit 1; }
-    echo "done: $name ($devices GPU, $steps steps)"
+        > "$RUNS/$name.${STOP_AT:-$steps}.log" 2>&1 || { tail -40 "$RUNS/$name.${STOP_AT:-$steps}.log"; exit 1; }
+    echo "done: $name ($devices GPU, ${STOP_AT:-$steps} of $steps steps)"
 }
 
 fit single 1 "$STEPS" --trainer.strategy auto --trainer.accumulate_grad_batches 2
 fit zero2 2 "$STEPS" --config configs/strategy/zero2.yaml
 fit zero3 2 "$STEPS" --config configs/strategy/zero3.yaml
-fit resume 2 $((STEPS / 2)) --config configs/strategy/zero2.yaml
+STOP_AT=$((STEPS / 2)) fit resume 2 "$STEPS" --config configs/strategy/zero2.yaml
 fit resume 2 "$STEPS" --config configs/strategy/zero2.yaml --resume auto
 python3 benchmarks/summarize_trainer_check.py "$RUNS" "$OUT"

@@ -152,3 +152,23 @@ class MetricsFile(L.Callback):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
+
+
+class StopAtStep(L.Callback):
+    """Ends ``fit`` cleanly after ``step`` optimizer steps, leaving ``max_steps`` (and so the
+    learning-rate schedule) as configured: a long run split into jobs of fixed length, each
+    continued with ``--resume auto``. Pair it with a checkpoint every ``step`` steps
+    (``every_n_train_steps`` dividing ``step``) so each job ends on a saved state.
+
+    Args:
+        step: the global step at which to stop.
+    """
+
+    def __init__(self, step: int) -> None:
+        if step < 1:
+            raise ValueError(f"StopAtStep.step must be >= 1, got {step}")
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

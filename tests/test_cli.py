@@ -12,8 +12,15 @@ from fsa_train.cli import build_cli, main
 VOCAB = 320
 
 
-def tiny_run_args(corpus: Path, root: Path, attention: str, steps: int) -> list[str]:
-    """The demo config, overlaid by a second YAML file and command-line overrides."""
+def tiny_run_args(corpus: Path, root: Path, attention: str, steps: int,
+                  stop_at: int | None = None) -> list[str]:
+    """The demo config, overlaid by a second YAML file and command-line overrides; with
+    ``stop_at``, the run checkpoints and stops at that step (as a preempted job would)."""
+    every = stop_at or steps
+    stop = (
+        f"    - class_path: fsa_train.callbacks.StopAtStep\n      init_args: {{step: {stop_at}}}\n"
+        if stop_at else ""
+    )
     root.mkdir(parents=True, exist_ok=True)
     overlay = root / "overlay.yaml"
     overlay.write_text(
@@ -28,8 +35,9 @@ trainer:
     init_args: {{save_dir: {root}, name: test}}
   callbacks:
     - class_path: fsa_train.checkpointing.SafeModelCheckpoint
-      init_args: {{dirpath: {root / "checkpoints"}, save_last: true, save_top_k: 0}}
-    - class_path: fsa_train.callbacks.ThroughputMonitor
+      init_args: {{dirpath: {root / "checkpoints"}, save_last: true, save_top_k: 0,
+                   every_n_train_steps: {every}}}
+{stop}    - class_path: fsa_train.callbacks.ThroughputMonitor
     - class_path: fsa_train.callbacks.MetricsFile
       init_args: {{path: {root / "metrics.jsonl"}}}
     - class_path: fsa_train.callbacks.TrainingSummary
@@ -109,11 +117,11 @@ def test_bad_config_values_are_rejected_in_one_line(override, message, capsys, m
 
 def test_resume_auto_continues_from_the_newest_complete_checkpoint(small_corpus, tmp_path,
                                                                    monkeypatch):
-    """20 steps in one go equal 10 steps, a save, and `--resume auto` for 10 more."""
+    """20 steps in one go equal a run stopped at step 10 and continued with `--resume auto`."""
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     monkeypatch.setenv("WANDB_MODE", "offline")
     straight = build_cli(tiny_run_args(small_corpus, tmp_path / "straight", "nsa", steps=20))
-    first = build_cli(tiny_run_args(small_corpus, tmp_path / "split", "nsa", steps=10))
+    first = build_cli(tiny_run_args(small_corpus, tmp_path / "split", "nsa", steps=20, stop_at=10))
     assert first.trainer.global_step == 10
     resumed = build_cli(
         tiny_run_args(small_corpus, tmp_path / "split", "nsa", steps=20) + ["--resume", "auto"]

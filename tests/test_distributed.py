@@ -1,7 +1,8 @@
 """Two CPU processes (gloo): DDP and DeepSpeed ZeRO-2 resume exactly where they stopped.
 
 Each run goes through the real `fsa-train fit` command, which Lightning re-launches once per
-rank. 10 steps, a checkpoint, `--resume auto` for 10 more must equal 20 uninterrupted steps.
+rank. A 20-step run stopped at step 10 and continued with `--resume auto` must end with exactly
+the weights of 20 uninterrupted steps.
 """
 
 import os
@@ -27,8 +28,12 @@ STRATEGIES = {
 }
 
 
-def write_overlay(root: Path, corpus: Path, strategy: str, steps: int) -> Path:
-    overlay = root / f"overlay-{steps}.yaml"
+def write_overlay(root: Path, corpus: Path, strategy: str, steps: int, stop_at: int | None) -> Path:
+    overlay = root / f"overlay-{stop_at}.yaml"
+    stop = (
+        f"    - class_path: fsa_train.callbacks.StopAtStep\n      init_args: {{step: {stop_at}}}\n"
+        if stop_at else ""
+    )
     overlay.write_text(
         f"""
 trainer:
@@ -45,8 +50,9 @@ trainer:
     init_args: {{save_dir: {root}, offline: true}}
   callbacks:
     - class_path: fsa_train.checkpointing.SafeModelCheckpoint
-      init_args: {{dirpath: {root / "checkpoints"}, save_last: true, save_top_k: 0}}
-model:
+      init_args: {{dirpath: {root / "checkpoints"}, save_last: true, save_top_k: 0,
+                   every_n_train_steps: 10}}
+{stop}model:
   config: {{n_layer: 2, d_model: 64}}
   warmup_steps: 3
 data:
@@ -62,9 +68,10 @@ data:
     return overlay
 
 
-def fit(root: Path, corpus: Path, strategy: str, steps: int, *extra: str) -> None:
+def fit(root: Path, corpus: Path, strategy: str, stop_at: int | None, *extra: str) -> None:
+    """20 steps (the schedule's length), stopped early at ``stop_at`` when given."""
     root.mkdir(parents=True, exist_ok=True)
-    overlay = write_overlay(root, corpus, strategy, steps)
+    overlay = write_overlay(root, corpus, strategy, 20, stop_at)
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=f"{SUPPORT}{os.pathsep}{ROOT}",
                OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "fsa_train.cli", "fit", "--config", "configs/demo.yaml",
@@ -84,9 +91,9 @@ def final_weights(root: Path) -> dict[str, torch.Tensor]:
 def test_two_process_resume_equals_uninterrupted(strategy, small_corpus, tmp_path):
     if strategy == "zero2":
         pytest.importorskip("deepspeed")
-    fit(tmp_path / "straight", small_corpus, strategy, 20)
+    fit(tmp_path / "straight", small_corpus, strategy, None)
     fit(tmp_path / "split", small_corpus, strategy, 10)
-    fit(tmp_path / "split", small_corpus, strategy, 20, "--resume", "auto")
+    fit(tmp_path / "split", small_corpus, strategy, None, "--resume", "auto")
     expected = final_weights(tmp_path / "straight")
     resumed = final_weights(tmp_path / "split")
     assert expected.keys() == resumed.keys()

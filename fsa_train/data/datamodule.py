@@ -1,16 +1,24 @@
-"""LightningDataModule: JSONL corpus → cached tokenizer + token files → packed batches.
+"""LightningDataModule: a prepared dataset, or a corpus prepared on the fly, → packed batches.
 
-Cache layout under ``cache_dir`` (default ``$FSA_TRAIN_CACHE`` or ``~/.cache/fsa-train``)::
+Two sources of data:
 
-    tokenizers/spm-bpe-v{vocab}-{key}/tokenizer.model   key: corpus sha256, text_field, vocab,
-                                     tokenizer.vocab         tokenizer recipe version
-    datasets/{corpus_sha[:12]}-{key}/                   key: corpus sha256, text_field,
-                                     train.bin ...           tokenizer checksum, val split, seed,
+* ``dataset``: a directory written by ``fsa-train prepare-data`` (it carries its tokenizer);
+* ``corpus`` (default: the bundled KJV demo): files, directories and JSONL files that are turned
+  into a tokenizer and a dataset on first use and cached under ``cache_dir`` (default
+  ``$FSA_TRAIN_CACHE`` or ``~/.cache/fsa-train``)::
+
+    tokenizers/spm-bpe-v{vocab}-{key}/tokenizer.model   key: corpus fingerprint, text_field,
+                                     tokenizer.vocab         vocab, tokenizer recipe version
+    datasets/{fingerprint[:12]}-{key}/                  key: corpus fingerprint, text_field,
+                                     meta.json ...           tokenizer checksum, val split, seed,
                                                              data format version
 
-Both are built under temporary names and renamed into place, so concurrent preparers (one per
-node, say) cannot leave a half-written entry; the loser of a race just uses the winner's result.
-``prepare_data`` builds what is missing; ``setup`` only loads and never builds.
+  Both are built under temporary names and renamed into place, so concurrent preparers cannot
+  leave a half-written entry. ``prepare_data`` builds what is missing; ``setup`` never builds.
+
+Training order is :class:`~fsa_train.data.sampling.ResumableWindowSampler`: seeded, reshuffled
+every data epoch, sharded by ``trainer.global_rank`` / ``trainer.world_size``, and restored exactly
+(mid-epoch too) from checkpoints (see :meth:`TextDataModule.state_dict`).
 """
 
 from __future__ import annotations
@@ -23,14 +31,23 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Sampler
 
+from fsa_train.config import ConfigError
 from fsa_train.data import prepare as prep
-from fsa_train.data.corpus import demo_corpus_path, file_sha256, read_jsonl_documents
-from fsa_train.data.packing import PackedWindows, collate_packed
+from fsa_train.data.corpus import (
+    Source,
+    corpus_fingerprint,
+    demo_corpus_path,
+    iter_documents,
+    resolve_sources,
+)
+from fsa_train.data.packing import PackedWindows, check_seq_len, collate_packed
+from fsa_train.data.sampling import ResumableWindowSampler, ShardedOrderSampler
+from fsa_train.data.shards import DatasetFormatError, check_tokenizer, load_split, read_meta
 from fsa_train.data.tokenizer import RECIPE_VERSION, Tokenizer, load_tokenizer, train_tokenizer
 
 
@@ -44,52 +61,59 @@ def _key(**fields: object) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A seeded random order of ``range(n)``, a different one per epoch set by ``set_epoch``.
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableWindowSampler` that counts the batches it hands out.
 
-    The order depends only on ``(seed, epoch)``, so runs are reproducible. Lightning calls
-    ``set_epoch`` at the start of every epoch.
+    Each batch advances the sampler's position as it is yielded, so a checkpoint taken after
+    ``k`` training steps resumes after ``k`` batches. (This assumes the consumer does not fetch
+    ahead; Lightning does not for a loader with a length.) ``state_dict`` is the sampler's, which
+    also makes Lightning treat the loader as resumable.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n = n
-        self.seed = seed
-        self.epoch = 0
+    sampler: ResumableWindowSampler
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            self.sampler.advance()
+            yield batch
 
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
 
-    def __len__(self) -> int:
-        return self.n
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.sampler.load_state_dict(state)
 
 
 class TextDataModule(L.LightningDataModule):
-    """Packed next-token batches from a JSONL corpus (the packaged KJV demo by default).
+    """Packed next-token batches from a prepared dataset or a corpus (the KJV demo by default).
 
     Batches are dicts from :func:`~fsa_train.data.packing.collate_packed`: ``input_ids``,
     ``targets`` (int64 [batch_size*seq_len]), ``cu_seqlens`` (int32) and ``n_windows``.
 
     Args:
-        corpus: path to a ``.jsonl``/``.jsonl.gz`` file of documents; None = the KJV demo.
-        text_field: JSON field holding each document's text.
-        cache_dir: where tokenizers and prepared data are cached; None = ``default_cache_dir()``.
-        vocab_size: tokenizer vocabulary size (sentencepiece BPE, byte fallback).
-        seq_len: tokens per window.
-        batch_size: windows per batch.
-        val_documents: documents held out for validation (an int, or a fraction as a float).
+        corpus: files, directories (see ``glob``) or ``.jsonl``/``.jsonl.gz`` files; None and no
+            ``dataset`` = the KJV demo.
+        dataset: a directory made by ``fsa-train prepare-data`` (instead of ``corpus``).
+        text_field: JSON field holding each document's text (JSONL corpora).
+        glob: which files of a corpus directory to read.
+        cache_dir: where corpus tokenizers and datasets are cached; None = ``default_cache_dir()``.
+        vocab_size: tokenizer vocabulary size; must equal a ``dataset``'s.
+        seq_len: tokens per window (a multiple of ``nsa.sel_block`` for NSA models).
+        batch_size: windows per batch and rank.
+        val_documents: documents held out for validation (an int, or a fraction as a float);
+            corpus mode only (a dataset's split was fixed by prepare-data).
         document_mask: keep attention and targets inside documents (else plain causal LM).
         num_workers: DataLoader worker processes.
-        seed: seeds the validation split and the training order.
+        seed: seeds the training order (and the split of a corpus).
     """
 
     def __init__(
         self,
-        corpus: str | None = None,
+        corpus: str | list[str] | None = None,
+        dataset: str | None = None,
         text_field: str = "text",
+        glob: str = "**/*",
         cache_dir: str | None = None,
         vocab_size: int = 4096,
         seq_len: int = 512,
@@ -100,9 +124,15 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 1234,
     ) -> None:
         super().__init__()
+        if corpus is not None and dataset is not None:
+            raise ConfigError("set data.corpus or data.dataset, not both")
         self.save_hyperparameters()
-        self.corpus = Path(corpus) if corpus is not None else demo_corpus_path()
+        if dataset is None and corpus is None:
+            corpus = str(demo_corpus_path())
+        self.corpus = [corpus] if isinstance(corpus, str) else corpus
+        self.dataset = Path(dataset) if dataset is not None else None
         self.text_field = text_field
+        self.glob = glob
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.vocab_size = vocab_size
         self.seq_len = seq_len
@@ -114,48 +144,54 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.train_set: PackedWindows | None = None
         self.val_set: PackedWindows | None = None
-        self._corpus_sha: str | None = None
+        self._sources: list[Source] | None = None
+        self._fingerprint: str | None = None
+        self._train_sampler: ResumableWindowSampler | None = None
+        self._pending_state: dict[str, Any] | None = None
 
-    # ---- cache locations -------------------------------------------------------------------
+    # ---- corpus mode: cache locations ------------------------------------------------------
 
-    def corpus_sha256(self) -> str:
-        if self._corpus_sha is None:
-            if not self.corpus.is_file():
-                raise FileNotFoundError(f"corpus file not found: {self.corpus}")
-            self._corpus_sha = file_sha256(self.corpus)
-        return self._corpus_sha
+    def sources(self) -> list[Source]:
+        if self._sources is None:
+            self._sources = resolve_sources(self.corpus, self.glob)
+        return self._sources
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = corpus_fingerprint(self.sources(), self.text_field)
+        return self._fingerprint
 
     def tokenizer_path(self) -> Path:
         """Where this corpus/vocab's tokenizer model is (or will be) cached."""
-        key = _key(
-            corpus=self.corpus_sha256(),
-            text_field=self.text_field,
-            vocab_size=self.vocab_size,
-            recipe=RECIPE_VERSION,
-        )
+        if self.dataset is not None:
+            return self.dataset / "tokenizer.model"
+        key = _key(corpus=self.fingerprint(), vocab_size=self.vocab_size, recipe=RECIPE_VERSION)
         return (
             self.cache_dir / "tokenizers" / f"spm-bpe-v{self.vocab_size}-{key}" / "tokenizer.model"
         )
 
-    def dataset_dir(self, tokenizer: Tokenizer) -> Path:
-        """Where the prepared token files for this corpus, tokenizer and split are cached."""
+    def dataset_dir(self, tokenizer: Tokenizer | None = None) -> Path:
+        """The prepared dataset: ``dataset``, or where this corpus's is (or will be) cached."""
+        if self.dataset is not None:
+            return self.dataset
+        assert tokenizer is not None
         key = _key(
-            corpus=self.corpus_sha256(),
-            text_field=self.text_field,
+            corpus=self.fingerprint(),
             tokenizer=tokenizer.checksum,
             val_documents=self.val_documents,
             seed=self.seed,
             format=prep.FORMAT_VERSION,
         )
-        return self.cache_dir / "datasets" / f"{self.corpus_sha256()[:12]}-{key}"
-
-    def _documents(self) -> Iterator[str]:
-        return read_jsonl_documents(self.corpus, self.text_field)
+        return self.cache_dir / "datasets" / f"{self.fingerprint()[:12]}-{key}"
 
     # ---- Lightning hooks -------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Train the tokenizer and tokenize the corpus, unless the cache already has them."""
+        """Corpus mode: train the tokenizer and prepare the dataset unless cached.
+        Dataset mode: only check that the directory is a dataset of this format."""
+        if self.dataset is not None:
+            read_meta(self.dataset)
+            return
         model_path = self.tokenizer_path()
         if model_path.is_file():
             print(f"tokenizer: cached {model_path}")
@@ -169,17 +205,17 @@ class TextDataModule(L.LightningDataModule):
         if (data_dir / "meta.json").is_file():
             print(f"dataset: cached {data_dir}")
             return
-        t0 = time.perf_counter()
         try:
-            prep.prepare_dataset(
-                self._documents(), tokenizer, data_dir, self.val_documents, self.seed
+            report = prep.prepare(
+                self.sources(), tokenizer, data_dir, self.val_documents, self.seed,
+                text_field=self.text_field, num_workers=min(8, prep.default_workers()),
             )
         except FileExistsError:
             if not (data_dir / "meta.json").is_file():
                 raise
             print(f"dataset: cached {data_dir} (prepared concurrently)")
             return
-        print(f"dataset: prepared {data_dir} ({time.perf_counter() - t0:.1f}s)")
+        print(f"dataset: prepared {data_dir} ({report.seconds:.1f}s, {report.mb_per_s:.1f} MB/s)")
 
     def _train_tokenizer_into(self, model_path: Path) -> None:
         """Train into a temp dir beside ``model_path.parent`` and rename it into place."""
@@ -188,7 +224,8 @@ class TextDataModule(L.LightningDataModule):
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         tmp.chmod(0o755)
         try:
-            train_tokenizer(self._documents(), tmp / model_path.stem, self.vocab_size)
+            texts = iter_documents(self.sources(), self.text_field)
+            train_tokenizer(texts, tmp / model_path.stem, self.vocab_size)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -200,22 +237,38 @@ class TextDataModule(L.LightningDataModule):
             raise
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the cached tokenizer and splits (``prepare_data`` must have run)."""
-        if self.train_set is not None:
-            return
+        """Load the tokenizer and splits (corpus mode: ``prepare_data`` must have run) and check
+        them against this module's settings and the model's config."""
+        if self.train_set is None:
+            self._load()
+        self._check_model()
+
+    def _load(self) -> None:
         model_path = self.tokenizer_path()
-        if not model_path.is_file():
+        if self.dataset is None and not model_path.is_file():
             raise FileNotFoundError(
                 f"tokenizer not prepared: {model_path} (call prepare_data() before setup())"
             )
-        tokenizer = load_tokenizer(model_path)
-        data_dir = self.dataset_dir(tokenizer)
-        if not (data_dir / "meta.json").is_file():
-            raise FileNotFoundError(
-                f"dataset not prepared: {data_dir} (call prepare_data() before setup())"
-            )
-        train = prep.load_split(data_dir, "train", tokenizer)
-        val = prep.load_split(data_dir, "val", tokenizer)
+        if self.dataset is None:
+            tokenizer = load_tokenizer(model_path)
+            data_dir = self.dataset_dir(tokenizer)
+            if not (data_dir / "meta.json").is_file():
+                raise FileNotFoundError(
+                    f"dataset not prepared: {data_dir} (call prepare_data() before setup())"
+                )
+        else:
+            data_dir = self.dataset
+            meta = read_meta(data_dir)
+            tokenizer = load_tokenizer(model_path)
+            check_tokenizer(meta, tokenizer, data_dir)
+            if meta["vocab_size"] != self.vocab_size:
+                raise DatasetFormatError(
+                    f"{data_dir}: made with a {meta['vocab_size']}-piece tokenizer, but "
+                    f"data.vocab_size={self.vocab_size} (the model's vocabulary follows it): "
+                    f"set data.vocab_size: {meta['vocab_size']}"
+                )
+        train = load_split(data_dir, "train", tokenizer)
+        val = load_split(data_dir, "val", tokenizer)
         train_set = PackedWindows(train, self.seq_len, self.document_mask)
         val_set = PackedWindows(val, self.seq_len, self.document_mask)
         if len(val_set) == 0:
@@ -231,8 +284,67 @@ class TextDataModule(L.LightningDataModule):
             )
         self.tokenizer, self.train_set, self.val_set = tokenizer, train_set, val_set
 
-    def _loader(self, dataset: PackedWindows, sampler: Sampler[int] | None, **kw) -> DataLoader:
-        return DataLoader(
+    def _check_model(self) -> None:
+        """Vocabulary and window length against the attached LightningModule's ``config``."""
+        try:
+            config = getattr(self.trainer.lightning_module, "config", None)
+        except (AttributeError, RuntimeError):
+            return
+        if config is None or self.tokenizer is None:
+            return
+        model_vocab = getattr(config, "vocab_size", None)
+        if isinstance(model_vocab, int) and model_vocab < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.config.vocab_size={model_vocab} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} pieces ({self.tokenizer.path})"
+            )
+        if getattr(config, "attention", None) == "nsa":
+            check_seq_len(self.seq_len, config.nsa)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        """This rank's shuffled (seeded, per epoch), resumable training batches."""
+        return self.train_loader(*self._rank_and_world())
+
+    def train_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Training batches of ``rank`` out of ``world_size`` (``train_dataloader`` passes the
+        trainer's). The new sampler starts where the state from ``load_state_dict``, or else the
+        previous loader's sampler, left off (so reloading the loader keeps the position)."""
+        if self.train_set is None:
+            raise RuntimeError("call setup() before train_dataloader()")
+        sampler = ResumableWindowSampler(
+            len(self.train_set), self.batch_size, seed=self.seed, rank=rank, world_size=world_size
+        )
+        if sampler.batches_per_epoch == 0:
+            raise ValueError(
+                f"training split has {len(self.train_set)} windows, fewer than one global batch "
+                f"of batch_size x world_size = {sampler.global_batch}"
+            )
+        state = self._pending_state or (
+            self._train_sampler.state_dict() if self._train_sampler is not None else None
+        )
+        if state:
+            sampler.load_state_dict(state)
+        self._pending_state = None
+        self._train_sampler = sampler
+        return self._loader(self.train_set, sampler, drop_last=True, cls=ResumableDataLoader)
+
+    def val_dataloader(self) -> DataLoader:
+        """Every validation window in order, split across ranks; the last batch may be smaller."""
+        if self.val_set is None:
+            raise RuntimeError("call setup() before val_dataloader()")
+        rank, world = self._rank_and_world()
+        sampler = ShardedOrderSampler(len(self.val_set), rank=rank, world_size=world)
+        return self._loader(self.val_set, sampler)
+
+    def _loader(
+        self, dataset: PackedWindows, sampler: Sampler[int], cls: type[DataLoader] = DataLoader,
+        **kw: Any,
+    ) -> DataLoader:
+        return cls(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -242,24 +354,30 @@ class TextDataModule(L.LightningDataModule):
             **kw,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded, reshuffled per epoch), full batches only."""
-        if self.train_set is None:
-            raise RuntimeError("call setup() before train_dataloader()")
-        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
-        return self._loader(self.train_set, sampler, drop_last=True)
+    # ---- resumable order -------------------------------------------------------------------
 
-    def val_dataloader(self) -> DataLoader:
-        """Every validation window in order; the last batch may be smaller."""
-        if self.val_set is None:
-            raise RuntimeError("call setup() before val_dataloader()")
-        return self._loader(self.val_set, None, shuffle=False)
+    def state_dict(self) -> dict[str, Any]:
+        """``{seed, epoch, position, ...}`` of the training order; Lightning saves it in every
+        checkpoint and hands it to ``load_state_dict`` on resume."""
+        if self._train_sampler is not None:
+            return self._train_sampler.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order; applied to the next ``train_dataloader()``'s sampler."""
+        if not state_dict:
+            return
+        if self._train_sampler is not None:
+            self._train_sampler.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)
 
     def describe(self) -> str:
         """Tokens, documents and windows per split (after ``setup``)."""
         if self.train_set is None or self.val_set is None:
             return "TextDataModule (not set up)"
-        lines = [f"corpus {self.corpus}, vocab {self.vocab_size}, seq_len {self.seq_len}"]
+        source = self.dataset if self.dataset is not None else ", ".join(map(str, self.corpus))
+        lines = [f"data {source}, vocab {self.vocab_size}, seq_len {self.seq_len}"]
         for name, ds in (("train", self.train_set), ("val", self.val_set)):
             lines.append(
                 f"  {name}: {ds.data.n_tokens:,} tokens, {ds.data.n_documents} documents, "

@@ -5,20 +5,54 @@ first ``seq_len`` are the inputs, the last ``seq_len`` the next-token targets. W
 stream without overlap or padding; only the final remainder (fewer than ``seq_len + 1`` tokens)
 is never read as input. ``cu_seqlens`` marks where documents start inside the window, so the
 model's attention never crosses documents; a document cut by a window edge simply continues as
-a new segment in the next window.
+a new segment in the next window (its positions restart there, as the model derives positions
+from ``cu_seqlens``).
+
+Documents are stored as ``[BOS] + tokens + [EOS]`` (see ``shards``), so a segment that starts a
+document starts with BOS, and the EOS target teaches the model where documents end; the target
+of a document's last position (its EOS, predicting the next document's BOS) is ignored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fsa_train.data.prepare import TokenDataset
+from fsa_train.config import ConfigError
+from fsa_train.data.shards import TokenDataset
+
+if TYPE_CHECKING:
+    from fsa_train.config import NSAConfig
 
 IGNORE_INDEX = -100
+
+
+def check_seq_len(seq_len: int, nsa_cfg: NSAConfig | None) -> None:
+    """Raise ``ConfigError`` (one line) unless ``seq_len`` suits the NSA config (None: dense).
+
+    NSA works per document, so any document length is valid; the window length is what the
+    kernels tile: it must be a whole number of selection blocks (so every window has the same
+    block grid and no partial block at its end) and hold at least one compression window.
+    """
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"data.seq_len must be a positive integer, got {seq_len!r}")
+    if nsa_cfg is None:
+        return
+    block = nsa_cfg.sel_block
+    if seq_len % block:
+        raise ConfigError(
+            f"data.seq_len={seq_len} must be a multiple of model.config.nsa.sel_block="
+            f"{nsa_cfg.sel_block} (e.g. {max(1, round(seq_len / nsa_cfg.sel_block)) * block})"
+        )
+    if seq_len < nsa_cfg.cmp_kernel:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is shorter than model.config.nsa.cmp_kernel="
+            f"{nsa_cfg.cmp_kernel}: no compressed token would fit in a window"
+        )
 
 
 class PackedWindows(Dataset):
@@ -45,7 +79,7 @@ class PackedWindows(Dataset):
             raise IndexError(f"window {w} out of range for {len(self)} windows")
         L = self.seq_len
         start = w * L
-        chunk = np.asarray(self.data.tokens[start : start + L + 1], dtype=np.int64)
+        chunk = self.data.read(start, start + L + 1).astype(np.int64)
         input_ids = torch.from_numpy(chunk[:-1].copy())
         targets = torch.from_numpy(chunk[1:].copy())
         if not self.document_mask:

@@ -80,9 +80,9 @@ def test_order_is_deterministic_and_reshuffled_per_epoch(tiny_corpus, tmp_path):
         assert torch.equal(x["cu_seqlens"], y["cu_seqlens"])
 
     loader = a.train_dataloader()
-    loader.sampler.set_epoch(1)
+    epoch0 = list(loader)  # a full pass moves the loader on to the next data epoch
     epoch1 = next(iter(loader))["input_ids"]
-    assert not torch.equal(epoch1, first_batches(a, 1)[0]["input_ids"])
+    assert not torch.equal(epoch1, epoch0[0]["input_ids"])
     c = ready(tiny_corpus, tmp_path / "cache", seed=99)
     assert not torch.equal(first_batches(c, 1)[0]["input_ids"], first_batches(a, 1)[0]["input_ids"])
 
@@ -126,11 +126,13 @@ def test_config_keys_parse():
     cfg = parser.parse_args(["--data.seq_len=128", "--data.val_documents=0.1"])
     assert cfg.data.seq_len == 128 and cfg.data.val_documents == 0.1
     assert cfg.data.corpus is None and cfg.data.vocab_size == 4096
+    cfg = parser.parse_args(["--data.dataset=/data/ds", "--data.corpus=[a.jsonl, dir]"])
+    assert cfg.data.dataset == "/data/ds" and cfg.data.corpus == ["a.jsonl", "dir"]
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec")  # lightning internals vs torch 2.13
 def test_lightning_sets_the_epoch(tiny_corpus, tmp_path):
-    """Under a real Trainer the sampler is reshuffled every epoch and batches reach the model."""
+    """Under a real Trainer the order moves on every epoch and batches reach the model."""
     import lightning as L
 
     seen: list[torch.Tensor] = []
@@ -168,3 +170,117 @@ def test_lightning_sets_the_epoch(tiny_corpus, tmp_path):
     trainer.fit(Probe(), datamodule=dm)
     assert [e for e, _ in seen] == [0, 1]
     assert not torch.equal(seen[0][1], seen[1][1])
+
+
+# ---- dataset mode: a directory made by prepare-data ------------------------------------------
+
+
+@pytest.fixture
+def dataset_dir(kjv_texts, small_tokenizer, tmp_path):
+    from fsa_train.data.prepare import prepare_dataset
+
+    docs = [t[:2000] for t in kjv_texts[:10]]
+    return prepare_dataset(docs, small_tokenizer, tmp_path / "ds", val_documents=2,
+                           shard_tokens=1000)
+
+
+def from_dataset(path, **kw) -> TextDataModule:
+    dm = TextDataModule(dataset=str(path), **{"vocab_size": 400, "seq_len": 64, "batch_size": 4,
+                                              **kw})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_dataset_mode_batches(dataset_dir, small_tokenizer):
+    dm = from_dataset(dataset_dir)
+    assert dm.tokenizer.checksum == small_tokenizer.checksum  # the copy inside the dataset
+    assert dm.tokenizer.path == dataset_dir / "tokenizer.model"
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "targets", "cu_seqlens", "n_windows"}
+    assert batch["input_ids"].shape == (256,) and batch["cu_seqlens"][-1] == 256
+    assert "train:" in dm.describe() and str(dataset_dir) in dm.describe()
+    assert dm.state_dict()["position"] == 4 and dm.state_dict()["seed"] == 1234  # one batch out
+
+
+def test_dataset_vocab_must_match(dataset_dir):
+    from fsa_train.data.prepare import DatasetFormatError
+
+    with pytest.raises(DatasetFormatError, match="set data.vocab_size: 400") as info:
+        from_dataset(dataset_dir, vocab_size=512)
+    assert "\n" not in str(info.value)
+
+
+def test_dataset_tokenizer_swapped(dataset_dir, kjv_texts, tmp_path):
+    from fsa_train.data.prepare import DatasetFormatError
+    from fsa_train.data.tokenizer import train_tokenizer
+
+    other = train_tokenizer([kjv_texts[2][:20_000]], tmp_path / "other", 400)
+    (dataset_dir / "tokenizer.model").write_bytes(other.read_bytes())
+    with pytest.raises(DatasetFormatError, match="made with tokenizer"):
+        from_dataset(dataset_dir)
+
+
+def test_dataset_of_unknown_format(dataset_dir):
+    import json
+
+    from fsa_train.data.prepare import DatasetFormatError
+
+    meta = json.loads((dataset_dir / "meta.json").read_text())
+    (dataset_dir / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(DatasetFormatError, match="format_version 1, expected 2; re-run"):
+        from_dataset(dataset_dir)
+    with pytest.raises(FileNotFoundError, match="dataset directory not found"):
+        from_dataset(dataset_dir.parent / "missing")
+
+
+def test_corpus_and_dataset_are_exclusive(dataset_dir, tiny_corpus):
+    from fsa_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not both"):
+        TextDataModule(corpus=str(tiny_corpus), dataset=str(dataset_dir))
+
+
+def test_checked_against_the_model_config(dataset_dir):
+    from types import SimpleNamespace
+
+    from fsa_train.config import ConfigError, GPTConfig, NSAConfig
+
+    nsa = NSAConfig(cmp_kernel=16, cmp_stride=8, sel_block=32, sel_topk=4, window=64)
+    dm = from_dataset(dataset_dir, seq_len=48)
+    for cfg, message in [
+        (GPTConfig(vocab_size=300, n_layer=1, d_model=64, n_head=4, n_kv_head=2), "smaller"),
+        (GPTConfig(vocab_size=400, n_layer=1, d_model=64, n_head=4, n_kv_head=2, nsa=nsa),
+         "seq_len=48 must be a multiple of model.config.nsa.sel_block=32"),
+    ]:
+        dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(config=cfg))
+        with pytest.raises(ConfigError, match=message):
+            dm.setup("fit")
+    dense = GPTConfig(vocab_size=400, n_layer=1, d_model=64, n_head=4, n_kv_head=2,
+                      attention="dense")
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(config=dense))
+    dm.setup("fit")  # dense attention takes any seq_len
+
+
+def test_corpus_directory_with_glob(tmp_path, kjv_texts):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, text in enumerate(kjv_texts[:8]):
+        (src / f"book{i}.txt").write_text(text[:3000])
+    (src / "skip.md").write_text("# not read")
+    dm = TextDataModule(corpus=str(src), glob="*.txt", cache_dir=str(tmp_path / "cache"),
+                        vocab_size=320, seq_len=64, batch_size=2, val_documents=1)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.train_set.data.n_documents + dm.val_set.data.n_documents == 8
+
+
+def test_reloaded_loader_keeps_the_position(dataset_dir):
+    dm = from_dataset(dataset_dir)
+    first = iter(dm.train_dataloader())
+    seen = [next(first)["input_ids"] for _ in range(3)]
+    again = next(iter(dm.train_dataloader()))["input_ids"]  # e.g. reload_dataloaders_every_n_epochs
+    assert dm.state_dict()["position"] == 4 * 4
+    fresh = iter(from_dataset(dataset_dir).train_dataloader())
+    want = [next(fresh)["input_ids"] for _ in range(4)]
+    assert all(torch.equal(x, y) for x, y in zip([*seen, again], want, strict=True))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsa_train.data.packing import IGNORE_INDEX, PackedWindows, collate_packed
+from fsa_train.data.packing import IGNORE_INDEX, PackedWindows, check_seq_len, collate_packed
 from fsa_train.data.prepare import TokenDataset, load_split, prepare_dataset
 
 
@@ -110,3 +110,29 @@ def test_windows_over_prepared_files(kjv_texts, small_tokenizer, tmp_path):
     x = torch.cat([pw[i]["input_ids"] for i in range(len(pw))])
     assert x.tolist() == np.asarray(ds.tokens[: len(pw) * 32], dtype=np.int64).tolist()
     assert (x == small_tokenizer.bos_id).sum() >= 4
+
+
+def test_windows_across_shards_match_the_stream(small_tokenizer, kjv_texts, tmp_path):
+    docs = [t[:700] for t in kjv_texts[:8]]
+    out = prepare_dataset(docs, small_tokenizer, tmp_path / "ds", val_documents=0,
+                          shard_tokens=97)  # windows straddle shard edges
+    ds = load_split(out, "train")
+    stream = np.asarray(ds.tokens).astype(np.int64)
+    pw = PackedWindows(ds, 50)
+    for w in range(len(pw)):
+        assert pw[w]["input_ids"].tolist() == stream[50 * w : 50 * w + 50].tolist()
+
+
+def test_check_seq_len():
+    from fsa_train.config import ConfigError, NSAConfig
+
+    nsa = NSAConfig(cmp_kernel=32, cmp_stride=16, sel_block=64, sel_topk=4, window=128)
+    check_seq_len(512, nsa)
+    check_seq_len(500, None)  # dense attention: any length
+    with pytest.raises(ConfigError, match=r"seq_len=500 must be a multiple of .*sel_block=64") as e:
+        check_seq_len(500, nsa)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="shorter than model.config.nsa.cmp_kernel=128"):
+        check_seq_len(64, NSAConfig(cmp_kernel=128, cmp_stride=32, sel_block=64, sel_topk=4))
+    with pytest.raises(ConfigError, match="positive integer"):
+        check_seq_len(0, None)

@@ -98,3 +98,40 @@ def test_vocab_too_small(tmp_path):
 def test_missing_model_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
         load_tokenizer(tmp_path / "nope.model")
+
+
+def test_unigram_and_special_tokens_round_trip(kjv_texts, tmp_path):
+    tok = load_tokenizer(
+        train_tokenizer([kjv_texts[3][:30_000]], tmp_path / "u", 400, "unigram",
+                        special_tokens=["<|fim|>", "<|sep|>"])
+    )
+    assert tok.vocab_size == 400
+    assert (tok.piece_to_id("<|fim|>"), tok.piece_to_id("<|sep|>")) == (4, 5)
+    for text in [*TRICKY, kjv_texts[40][:3000]]:
+        assert tok.decode(tok.encode(text)) == text
+    assert 4 not in tok.encode("<|fim|> text")  # control tokens never come from text
+
+
+def test_lossy_options_are_honoured(kjv_texts, tmp_path):
+    tok = load_tokenizer(
+        train_tokenizer([kjv_texts[3][:30_000]], tmp_path / "l", 300, byte_fallback=False,
+                        keep_whitespace=False)
+    )
+    assert tok.decode(tok.encode("a   b")) == "a b"  # whitespace collapsed, as asked
+
+
+def test_training_errors_are_one_line_and_leave_no_model(tmp_path):
+    with pytest.raises(ValueError, match=r"Vocabulary size too high \(5000\)") as info:
+        train_tokenizer(["tiny corpus"] * 20, tmp_path / "t", 5000)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="the corpus has no text"):
+        train_tokenizer([], tmp_path / "t", 300)
+    with pytest.raises(ValueError, match="model_type must be one of"):
+        train_tokenizer(["x"], tmp_path / "t", 300, "wordpiece")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_model_file(tmp_path):
+    (tmp_path / "x.model").write_text("not a model")
+    with pytest.raises(ValueError, match="not a sentencepiece model"):
+        load_tokenizer(tmp_path / "x.model")
