@@ -74,6 +74,7 @@ def fit(root: Path, corpus: Path, strategy: str, stop_at: int | None, *extra: st
     overlay = write_overlay(root, corpus, strategy, 20, stop_at)
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=f"{SUPPORT}{os.pathsep}{ROOT}",
                OMP_NUM_THREADS="1")
+    env.pop("WANDB_SERVICE", None)  # a wandb service started by earlier in-process tests
     command = [sys.executable, "-m", "fsa_train.cli", "fit", "--config", "configs/demo.yaml",
                "--config", str(overlay), *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
