@@ -1,0 +1,532 @@
+"""Attention over compressed tokens on packed documents (NSA step 4): Triton forward and backward.
+
+``compressed_attention(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride, scale=None)``
+returns ``o [total, H, d]`` and the natural-log ``lse [H, total]`` (fp32). Query at local position
+``t`` of a document sees the document's compressed token ``i`` iff ``t >= i·s + l - 1`` (the whole
+window is in its past); compressed token ``i`` sits at row ``cu_seqlens_c[b] + i``. A query that
+sees nothing (``t < l - 1``) gets ``o = 0`` and ``lse = -inf`` with zero gradients.
+
+Design:
+
+* **Varlen without host synchronisation.** As in :mod:`.window_attention`: document ``b`` owns the
+  tile slots ``cu[b] // BLOCK + b ..`` of a static grid, a binary search over ``cu_seqlens`` inside
+  the kernel finds a program's document; idle slots exit. The key-side kernel (dk, dv) does the
+  same over ``cu_seqlens_c``. No ``.item()``, no Python loop over documents or heads.
+* **Forward.** One program per (query tile, query head), heads of a group adjacent in the grid so
+  the compressed K/V tiles they share stay in L2. Key tiles wholly visible to the first row run
+  unmasked; the rest (the causal edge, at most two tiles) are masked. Online softmax in base 2
+  with a true running max and fp32 statistics.
+* **Backward.** ``delta = rowsum(o·do)``; a dq kernel per (query tile, query head) over the visible
+  key tiles; a dk/dv kernel per (compressed key tile, KV head) that accumulates over the G heads of
+  the group and over every query that sees the tile (registers, no atomics: deterministic).
+
+GQA: per query head (K/V re-reads hit L2); the G-stacked alternative was not built (see
+benchmarks/NOTES_compressed.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["compressed_attention"]
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# device helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def locate_slot(CU, slot, n_docs, n_iter, BLOCK: tl.constexpr):
+    """(document index, its start, its length, first row of the tile) of a tile slot.
+
+    Document ``b`` owns slots ``cu[b] // BLOCK + b ..`` (strictly increasing starts); a binary
+    search finds the largest ``b`` whose first slot is ``<= slot``.
+    """
+    lo = slot * 0
+    hi = lo + n_docs
+    for _ in range(n_iter):
+        mid = (lo + hi) // 2
+        ok = tl.load(CU + mid) // BLOCK + mid <= slot
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    bos = tl.load(CU + lo)
+    seqlen = tl.load(CU + lo + 1) - bos
+    start = (slot - (bos // BLOCK + lo)) * BLOCK
+    return lo, bos, seqlen, start
+
+
+@triton.jit
+def n_visible(t, kernel, stride):
+    """Number of compressed tokens visible to the query at local position ``t`` (int)."""
+    u = t - kernel + 1
+    return tl.where(u >= 0, tl.maximum(u, 0) // stride + 1, 0)
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, lo, hi, rows, kernel, stride, qk_scale,
+    offs_n, offs_d, MASK: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    k_off = offs_n[:, None] * sk_t + offs_d[None, :]
+    v_off = offs_n[:, None] * sv_t + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = K_base + tl.cast(start_n, tl.int64) * sk_t + k_off
+        v_ptrs = V_base + tl.cast(start_n, tl.int64) * sv_t + v_off
+        if MASK:
+            col_ok = (cols < hi)[:, None]
+            k = tl.load(k_ptrs, mask=col_ok, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if MASK:
+            vis = (cols[None, :] * stride + kernel - 1 <= rows[:, None]) & (cols < hi)[None, :]
+            qk = tl.where(vis, qk * qk_scale, float("-inf"))
+        else:
+            qk = qk * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASK:
+            v = tl.load(v_ptrs, mask=col_ok, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["n_docs", "n_iter", "G", "kernel", "stride"])
+def _fwd_kernel(
+    Q, K, V, O, LSE, CU, CUC,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+    total, n_docs, n_iter, H, G, kernel, stride, qk_scale,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_slots = total // BLOCK_M + n_docs
+    head = pid % H
+    slot = n_slots - 1 - pid // H
+    doc, bos, seqlen, start_m = locate_slot(CU, slot, n_docs, n_iter, BLOCK_M)
+    if start_m >= seqlen:
+        return
+    bos_c = tl.load(CUC + doc).to(tl.int64)
+    kvh = head // G
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen
+    bos64 = bos.to(tl.int64)
+    q = tl.load(
+        Q + (bos64 + start_m) * sq_t + head * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
+        mask=row_ok[:, None], other=0.0,
+    )
+    K_base = K + bos_c * sk_t + kvh * sk_h
+    V_base = V + bos_c * sv_t + kvh * sv_h
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_last = tl.minimum(start_m + BLOCK_M, seqlen) - 1
+    hi = n_visible(m_last, kernel, stride)
+    # key tiles every row of the tile sees entirely
+    u_hi = (n_visible(start_m, kernel, stride) // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, 0, u_hi, rows, kernel, stride, qk_scale,
+        offs_n, offs_d, False, DOT_PREC, BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, u_hi, hi, rows, kernel, stride, qk_scale,
+        offs_n, offs_d, True, DOT_PREC, BLOCK_N,
+    )
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(
+        O + (bos64 + start_m) * so_t + head * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+        o.to(O.dtype.element_ty), mask=row_ok[:, None],
+    )
+    tl.store(LSE + head.to(tl.int64) * total + bos + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA, so_t, so_h, sdo_t, sdo_h, total, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows < total
+    r64 = rows.to(tl.int64)
+    o = tl.load(
+        O + r64[:, None] * so_t + head * so_h + offs_d[None, :], mask=ok[:, None], other=0.0
+    )
+    do = tl.load(
+        DO + r64[:, None] * sdo_t + head * sdo_h + offs_d[None, :], mask=ok[:, None], other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head.to(tl.int64) * total + rows, delta, mask=ok)
+
+
+@triton.jit(do_not_specialize=["n_docs", "n_iter", "G", "kernel", "stride"])
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, CU, CUC,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
+    total, n_docs, n_iter, H, G, kernel, stride, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_slots = total // BLOCK_M + n_docs
+    head = pid % H
+    slot = n_slots - 1 - pid // H
+    doc, bos, seqlen, start_m = locate_slot(CU, slot, n_docs, n_iter, BLOCK_M)
+    if start_m >= seqlen:
+        return
+    bos_c = tl.load(CUC + doc).to(tl.int64)
+    kvh = head // G
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen
+    bos64 = bos.to(tl.int64)
+    row_off = (bos64 + start_m + offs_m)[:, None]
+    q = tl.load(Q + row_off * sq_t + head * sq_h + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(
+        DO + row_off * sdo_t + head * sdo_h + offs_d[None, :], mask=row_ok[:, None], other=0.0
+    )
+    lse = tl.load(LSE + head.to(tl.int64) * total + bos + rows, mask=row_ok, other=float("inf"))
+    # rows without a visible key (lse = -inf) get p = 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + head.to(tl.int64) * total + bos + rows, mask=row_ok, other=0.0)
+    K_base = K + bos_c * sk_t + kvh * sk_h
+    V_base = V + bos_c * sv_t + kvh * sv_h
+    k_off = offs_n[:, None] * sk_t + offs_d[None, :]
+    v_off = offs_n[:, None] * sv_t + offs_d[None, :]
+    m_last = tl.minimum(start_m + BLOCK_M, seqlen) - 1
+    hi = n_visible(m_last, kernel, stride)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        k = tl.load(K_base + tl.cast(start_n, tl.int64) * sk_t + k_off, mask=col_ok[:, None],
+                    other=0.0)
+        v = tl.load(V_base + tl.cast(start_n, tl.int64) * sv_t + v_off, mask=col_ok[:, None],
+                    other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        vis = (cols[None, :] * stride + kernel - 1 <= rows[:, None]) & col_ok[None, :]
+        p = tl.where(vis, tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    dq = dq * scale
+    tl.store(DQ + row_off * sdq_t + head * sdq_h + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["n_docs", "n_iter", "G", "kernel", "stride"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU, CUC,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
+    total, total_c, n_docs, n_iter, h, G, kernel, stride, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dk, dv of one tile of BLOCK_N compressed keys of one KV head, summed over its G heads."""
+    pid = tl.program_id(0)
+    kvh = pid % h
+    slot = pid // h  # a document's first key tiles are seen by the most queries: start them first
+    doc, bos_c, len_c, start_n = locate_slot(CUC, slot, n_docs, n_iter, BLOCK_N)
+    if start_n >= len_c:
+        return
+    bos = tl.load(CU + doc)
+    seqlen = tl.load(CU + doc + 1) - bos
+    bos64 = bos.to(tl.int64)
+    bosc64 = bos_c.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = start_n + offs_n
+    col_ok = cols < len_c
+    kv_rows = (bosc64 + start_n + offs_n)[:, None]
+    k = tl.load(K + kv_rows * sk_t + kvh * sk_h + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + kv_rows * sv_t + kvh * sv_h + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # first query that sees the tile's first key, and first one that sees all of its keys
+    q_lo = ((start_n * stride + kernel - 1) // BLOCK_M) * BLOCK_M
+    last_col = tl.minimum(start_n + BLOCK_N, len_c) - 1
+    q_full = last_col * stride + kernel - 1
+    q_mid = tl.minimum(((q_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, seqlen)
+    q_mid = tl.maximum(q_mid, q_lo)
+    for g in range(G):
+        head = kvh * G + g
+        Q_base = Q + bos64 * sq_t + head * sq_h
+        DO_base = DO + bos64 * sdo_t + head * sdo_h
+        LSE_base = LSE + head.to(tl.int64) * total + bos
+        DELTA_base = DELTA + head.to(tl.int64) * total + bos
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t, q_lo, q_mid,
+            seqlen, cols, col_ok, kernel, stride, qk_scale, offs_m, offs_d, True, DOT_PREC,
+            BLOCK_M,
+        )
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t, q_mid, seqlen,
+            seqlen, cols, col_ok, kernel, stride, qk_scale, offs_m, offs_d, False, DOT_PREC,
+            BLOCK_M,
+        )
+    dk = dk * scale
+    tl.store(DK + kv_rows * sdk_t + kvh * sdk_h + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(DV + kv_rows * sdv_t + kvh * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None])
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t, lo, hi, seqlen, cols,
+    col_ok, kernel, stride, qk_scale, offs_m, offs_d,
+    MASK: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    q_off = offs_m[:, None] * sq_t + offs_d[None, :]
+    do_off = offs_m[:, None] * sdo_t + offs_d[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seqlen
+        q = tl.load(Q_base + tl.cast(start_m, tl.int64) * sq_t + q_off, mask=row_ok[:, None],
+                    other=0.0)
+        do = tl.load(DO_base + tl.cast(start_m, tl.int64) * sdo_t + do_off, mask=row_ok[:, None],
+                     other=0.0)
+        lse = tl.load(LSE_base + rows, mask=row_ok, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(DELTA_base + rows, mask=row_ok, other=0.0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASK:
+            vis = (cols[:, None] * stride + kernel - 1 <= rows[None, :]) & col_ok[:, None]
+            pT = tl.where(vis, pT, 0.0)
+        else:
+            pT = tl.where(col_ok[:, None], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# configurations
+# ------------------------------------------------------------------------------------------------
+
+_KEY = ["HEAD_DIM", "DOT_PREC"]
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+]
+_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+]
+_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_M": 64}, num_warps=4, num_stages=2),
+]
+# fp32 inputs ("ieee" dots; a test path): small tiles that fit shared memory.
+_FWD_FP32 = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+_DQ_FP32 = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+_DKDV_FP32 = {"BLOCK_N": 32, "BLOCK_M": 64, "num_warps": 4, "num_stages": 1}
+# interpreter (CPU tests): small tiles so that tiny documents span several tiles
+_FWD_INTERP = {"BLOCK_M": 16, "BLOCK_N": 16}
+_DQ_INTERP = {"BLOCK_M": 16, "BLOCK_N": 16}
+_DKDV_INTERP = {"BLOCK_N": 16, "BLOCK_M": 16}
+
+AUTOTUNE = os.environ.get("FSA_COMPRESSED_AUTOTUNE", "1") != "0"
+
+
+def _tuned(configs, kernel):
+    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=_KEY)(kernel)
+
+
+_fwd_tuned = _tuned(_FWD_CONFIGS, _fwd_kernel)
+_dq_tuned = _tuned(_DQ_CONFIGS, _bwd_dq_kernel)
+_dkdv_tuned = _tuned(_DKDV_CONFIGS, _bwd_dkdv_kernel)
+
+
+def _launch(kernel, tuned, fixed_fp32, fixed_interp, grid, args, dtype):
+    if _interpreting():
+        kernel[grid](*args, **fixed_interp)
+    elif dtype == torch.float32:
+        kernel[grid](*args, **fixed_fp32)
+    else:
+        tuned[grid](*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# host side
+# ------------------------------------------------------------------------------------------------
+
+
+def _rowmajor(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride):
+    if q.dim() != 3 or k_c.dim() != 3 or v_c.dim() != 3:
+        raise ValueError(f"q, k_c, v_c must be [tokens, heads, dim]: {q.shape}, {k_c.shape}")
+    H, d = q.shape[1], q.shape[2]
+    h = k_c.shape[1]
+    if k_c.shape != v_c.shape or k_c.shape[2] != d:
+        raise ValueError(f"k_c, v_c must be [total_c, h, {d}]: {k_c.shape}, {v_c.shape}")
+    if H % h:
+        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({h})")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two in [16, 256], got {d}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if k_c.dtype != q.dtype or v_c.dtype != q.dtype:
+        raise ValueError(f"q, k_c, v_c must share a dtype: {q.dtype}, {k_c.dtype}, {v_c.dtype}")
+    if cu_seqlens.shape != cu_seqlens_c.shape or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens and cu_seqlens_c must be 1-D of equal length")
+    if kernel < 1 or stride < 1 or kernel % stride:
+        raise ValueError(f"stride={stride} must divide kernel={kernel}")
+
+
+def _as_i32(cu: torch.Tensor) -> torch.Tensor:
+    return cu if cu.dtype == torch.int32 else cu.to(torch.int32)
+
+
+def _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale):
+    total, H, d = q.shape
+    h = k_c.shape[1]
+    n_docs = cu.numel() - 1
+    n_iter = max(1, n_docs.bit_length())
+    o = torch.empty((total, H, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, total), dtype=torch.float32, device=q.device)
+    if total == 0:
+        return o, lse
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def grid(meta):
+        return (H * (total // meta["BLOCK_M"] + n_docs),)
+
+    args = (
+        q, k_c, v_c, o, lse, cu, cuc,
+        q.stride(0), q.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
+        o.stride(0), o.stride(1),
+        total, n_docs, n_iter, H, H // h, kernel, stride, scale * _LOG2E,
+        d, prec,
+    )
+    _launch(_fwd_kernel, _fwd_tuned, _FWD_FP32, _FWD_INTERP, grid, args, q.dtype)
+    return o, lse
+
+
+def _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale):
+    total, H, d = q.shape
+    total_c, h, _ = k_c.shape
+    n_docs = cu.numel() - 1
+    n_iter = max(1, n_docs.bit_length())
+    dq = torch.empty((total, H, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((total_c, h, d), dtype=k_c.dtype, device=q.device)
+    dv = torch.empty((total_c, h, d), dtype=v_c.dtype, device=q.device)
+    if total == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty((H, total), dtype=torch.float32, device=q.device)
+    block_t = 64
+    _delta_kernel[(triton.cdiv(total, block_t), H)](
+        o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), total,
+        HEAD_DIM=d, BLOCK_T=block_t,
+    )
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    dq_args = (
+        q, k_c, v_c, do, dq, lse, delta, cu, cuc,
+        q.stride(0), q.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        total, n_docs, n_iter, H, H // h, kernel, stride, scale, scale * _LOG2E,
+        d, prec,
+    )
+
+    def grid_q(meta):
+        return (H * (total // meta["BLOCK_M"] + n_docs),)
+
+    _launch(_bwd_dq_kernel, _dq_tuned, _DQ_FP32, _DQ_INTERP, grid_q, dq_args, q.dtype)
+    if total_c == 0:
+        return dq, dk, dv
+    kv_args = (
+        q, k_c, v_c, do, dk, dv, lse, delta, cu, cuc,
+        q.stride(0), q.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
+        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        total, total_c, n_docs, n_iter, h, H // h, kernel, stride, scale, scale * _LOG2E,
+        d, prec,
+    )
+
+    def grid_kv(meta):
+        return (h * (total_c // meta["BLOCK_N"] + n_docs),)
+
+    _launch(_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_FP32, _DKDV_INTERP, grid_kv, kv_args, q.dtype)
+    return dq, dk, dv
+
+
+class _CompressedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_c, v_c, cu, cuc, kernel, stride, scale):
+        o, lse = _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale)
+        ctx.save_for_backward(q, k_c, v_c, o, lse, cu, cuc)
+        ctx.params = (kernel, stride, scale)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k_c, v_c, o, lse, cu, cuc = ctx.saved_tensors
+        dq, dk, dv = _backward(_rowmajor(do), q, k_c, v_c, o, lse, cu, cuc, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def compressed_attention(
+    q: torch.Tensor,
+    k_c: torch.Tensor,
+    v_c: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_c: torch.Tensor,
+    kernel: int,
+    stride: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the compressed tokens whose whole window is in the query's past.
+
+    Args:
+        q: queries ``[total, H, d]`` (fp16, bf16 or fp32; any token/head strides).
+        k_c, v_c: compressed keys and values ``[total_c, h, d]``, ``H % h == 0``.
+        cu_seqlens: token boundaries ``[n_docs + 1]``; cu_seqlens_c: compressed-token boundaries
+            (``reference.compressed_lengths``), same length.
+        kernel, stride: compression window length l and stride s.
+        scale: softmax scale (default ``1/sqrt(d)``).
+
+    Returns:
+        ``o [total, H, d]`` in q's dtype (differentiable in q, k_c, v_c; 0 where nothing is
+        visible) and ``lse [H, total]`` fp32 natural log (``-inf`` where nothing is visible).
+    """
+    _check(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, k_c, v_c = _rowmajor(q), _rowmajor(k_c), _rowmajor(v_c)
+    return _CompressedAttention.apply(
+        q, k_c, v_c, _as_i32(cu_seqlens), _as_i32(cu_seqlens_c), int(kernel), int(stride), scale
+    )

@@ -1,0 +1,277 @@
+"""Fused block scoring and streaming top-k of NSA (step 5): ``select_blocks`` as one Triton kernel.
+
+``select_blocks(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block, topk, init_blocks,
+local_blocks, scale=None)`` returns ``idx [h, total, topk]`` int32: for every KV head and token the
+document-local ids of its selected blocks, ascending, then -1 padding; the same indices as
+:func:`fsa_train.kernels.reference.select_blocks` (ties go to the lower block id).
+
+One program owns a tile of ``BLOCK_M`` query tokens of one document and one KV head, and walks the
+compressed keys of its document in tiles of ``NBT`` selection blocks (``NBT·B/s`` compressed tokens,
+aligned on block boundaries):
+
+1. ``P[t, i] = Σ_g exp(σ q_t^(g)·k̃_i - lse_g[t])`` over the G query heads of the group (visible
+   ``i`` only), recomputed from q, k̃ and the compressed attention's LSE; nothing is stored.
+2. Block scores of the tile's blocks, exact fp32 (no tensor-core rounding): ``P`` viewed as
+   ``[tokens, NBT, B/s]`` groups; each group's weighted sum onto its own block plus the weighted sum
+   of its last ``l/s - 1`` tokens onto the next block (the histogram rule of docs/nsa.md), shifted
+   by one block with an fp32 product by a 0/1 matrix; the last group of a tile overlaps the next
+   tile's first block, carried as a per-row ``spill``. Requires
+   ``l <= B + s`` (so a compressed token touches at most two consecutive blocks' tiles) and ``B/s``
+   a power of two.
+3. Forced blocks get +inf, blocks after the query's own block are invalid. Each (score, id) is
+   packed into one int64 key ``(bits(score) + 1) << 32 | (2^31 - 1 - id)`` (0 = invalid): for
+   non-negative floats the bit pattern is monotonic, so comparing keys compares scores and then
+   prefers the lower id, exactly the reference's tie rule.
+4. Streaming top-``TP`` (``TP`` = next power of two >= topk): the running set is kept sorted
+   descending, the tile's candidates sorted ascending; the elementwise maximum of the two is the
+   top ``TP`` of their union (a bitonic sequence), sorted again. Only ``[h, total, topk]`` int32 is
+   written, never a score matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fsa_train.kernels.triton.compressed_attention import locate_slot, n_visible
+
+__all__ = ["select_blocks"]
+
+_LOG2E = 1.4426950408889634
+_ID_MAX = 2147483647
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _overlap(m, A: tl.constexpr, BS: tl.constexpr):
+    """Weight of offset ``m`` in the histogram of ``a + c`` (``a < A``, ``c < BS``), 0 outside."""
+    w = tl.minimum(m, A - 1) - tl.maximum(m - BS + 1, 0) + 1
+    ok = (m >= 0) & (m <= A + BS - 2)
+    return tl.where(ok, w, 0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["n_docs", "n_iter", "G", "kernel", "stride", "block", "topk",
+                               "init_blocks", "local_blocks"])
+def _select_kernel(
+    Q, K, LSE, IDX, CU, CUC,
+    sq_t, sq_h, sk_t, sk_h, si_h, si_t,
+    total, n_docs, n_iter, h, G, kernel, stride, block, topk, init_blocks, local_blocks,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    A: tl.constexpr, BS: tl.constexpr, NBT: tl.constexpr, TP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    BN: tl.constexpr = NBT * BS
+    pid = tl.program_id(0)
+    n_slots = total // BLOCK_M + n_docs
+    kvh = pid % h
+    slot = n_slots - 1 - pid // h
+    doc, bos, seqlen, start_m = locate_slot(CU, slot, n_docs, n_iter, BLOCK_M)
+    if start_m >= seqlen:
+        return
+    bos_c = tl.load(CUC + doc).to(tl.int64)
+    bos64 = bos.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_b = tl.arange(0, NBT)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen
+    own = rows // block
+    m_last = tl.minimum(start_m + BLOCK_M, seqlen) - 1
+    hi = n_visible(m_last, kernel, stride)  # compressed keys seen by the tile's last row
+    n_tiles = (m_last // block) // NBT + 1  # block tiles up to the last row's own block
+
+    # overlap weights of the BS compressed tokens of group j (tile-local c = BS·j + r) on block j
+    # ("own") and on block j + 1 ("next"; nonzero for the last l/s - 1 tokens of the group)
+    offs_r = tl.arange(0, BS)
+    w_own = _overlap(offs_r + A - 1, A, BS)
+    w_next = _overlap(offs_r + A - 1 - BS, A, BS)
+    # shift by one block inside the tile, as an exact fp32 product (one 1.0 per column)
+    shift = (offs_b[:, None] + 1 == offs_b[None, :]).to(tl.float32)  # [NBT, NBT]
+
+    K_base = K + bos_c * sk_t + kvh * sk_h
+    k_off = offs_n[:, None] * sk_t + offs_d[None, :]
+    q_off = (bos64 + rows)[:, None] * sq_t + offs_d[None, :]
+    lse_off = bos + rows
+
+    best = tl.zeros([BLOCK_M, TP], dtype=tl.int64)  # running top-TP keys, sorted descending
+    spill = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for tile in range(0, n_tiles):
+        c0 = tile * BN
+        p_sum = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
+        if c0 < hi:
+            cols = c0 + offs_n
+            col_ok = cols < hi
+            k = tl.load(K_base + tl.cast(c0, tl.int64) * sk_t + k_off, mask=col_ok[:, None],
+                        other=0.0)
+            vis = (cols[None, :] * stride + kernel - 1 <= rows[:, None]) & col_ok[None, :]
+            for g in range(G):
+                head = kvh * G + g
+                q = tl.load(Q + q_off + head * sq_h, mask=row_ok[:, None], other=0.0)
+                lse = tl.load(LSE + head.to(tl.int64) * total + lse_off, mask=row_ok,
+                              other=float("inf"))
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                p_sum += tl.where(vis, tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
+        groups = tl.reshape(p_sum, [BLOCK_M, NBT, BS])
+        part = tl.sum(groups * w_own[None, None, :], 2)  # [BLOCK_M, NBT]
+        nxt = tl.sum(groups * w_next[None, None, :], 2)  # belongs to the next block
+        scores = part + tl.dot(nxt, shift, input_precision="ieee")
+        scores += tl.where(offs_b[None, :] == 0, spill[:, None], 0.0)
+        spill = tl.sum(tl.where(offs_b[None, :] == NBT - 1, nxt, 0.0), 1)
+
+        bid = tile * NBT + offs_b
+        valid = bid[None, :] <= own[:, None]
+        forced = (bid[None, :] < init_blocks) | (bid[None, :] > own[:, None] - local_blocks)
+        forced = forced & valid
+        scores = tl.where(forced, float("inf"), scores)
+        hi_bits = (scores.to(tl.int32, bitcast=True) + 1).to(tl.int64)
+        key = (hi_bits << 32) | (2147483647 - bid).to(tl.int64)[None, :]
+        key = tl.where(valid, key, 0)
+        if NBT > TP:
+            cand = tl.sort(key, descending=False)
+            cand = tl.max(tl.reshape(cand, [BLOCK_M, NBT // TP, TP]), 1)  # top TP, ascending
+        else:
+            cand = tl.sort(key, descending=False)
+        best = tl.sort(tl.maximum(best, cand), descending=True)
+
+    pos = tl.arange(0, TP)
+    keep = (pos[None, :] < topk) & (best > 0)
+    ids = 2147483647 - best.to(tl.int32)  # the low 32 bits (two's-complement truncation)
+    ids = tl.where(keep, ids, 2147483647)
+    ids = tl.sort(ids, descending=False)
+    ids = tl.where(ids == 2147483647, -1, ids)
+    out = IDX + kvh.to(tl.int64) * si_h + (bos64 + rows)[:, None] * si_t + pos[None, :]
+    tl.store(out, ids, mask=row_ok[:, None] & (pos[None, :] < topk))
+
+
+# ------------------------------------------------------------------------------------------------
+# host side
+# ------------------------------------------------------------------------------------------------
+
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=2),
+]
+# The configuration validated on the GPU (H200, Triton 3.6) with fp32 inputs; fp16/bf16 use it too
+# unless FSA_TOPK_CONFIGS=tuned (see benchmarks/NOTES_compressed.md: the first version failed on
+# half inputs with the tuned configurations and a tf32 block-mapping dot).
+_FIXED_FP32 = {"BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
+_FIXED_INTERP = {"BLOCK_M": 16}
+
+AUTOTUNE = os.environ.get("FSA_TOPK_AUTOTUNE", "1") != "0"
+MIN_NBT = 4 if _interpreting() else 16
+"""Fewest selection blocks per key tile (tl.dot needs 16 on the GPU; the interpreter takes small
+tiles so that tiny documents span several tiles)."""
+CONFIGS = os.environ.get("FSA_TOPK_CONFIGS", "safe")
+"""fp16/bf16 launch configurations: "safe" (the fixed fp32-validated one) or "tuned" (autotune)."""
+
+_tuned = triton.autotune(
+    configs=_CONFIGS if AUTOTUNE else _CONFIGS[:1],
+    key=["HEAD_DIM", "A", "BS", "NBT", "TP", "DOT_PREC"],
+)(_select_kernel)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def supported(kernel: int, stride: int, block: int) -> bool:
+    """Whether the fused kernel handles these NSA parameters (else the reference is used)."""
+    bs = block // stride
+    return (
+        kernel % stride == 0 and block % stride == 0 and bs & (bs - 1) == 0
+        and kernel <= block + stride
+    )
+
+
+@torch.no_grad()
+def select_blocks(
+    q: torch.Tensor,
+    k_c: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_c: torch.Tensor,
+    kernel: int,
+    stride: int,
+    block: int,
+    topk: int,
+    init_blocks: int,
+    local_blocks: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Top-``topk`` selection blocks per (KV head, token), nsa.md step 5; no gradient.
+
+    Args:
+        q: rotated queries ``[total, H, d]``; k_c: rotated compressed keys ``[total_c, h, d]``.
+        lse: the compressed attention's natural-log LSE ``[H, total]`` (``-inf``: nothing seen).
+        cu_seqlens, cu_seqlens_c: token and compressed-token document boundaries.
+
+    Returns:
+        ``idx [h, total, topk]`` int32: document-local block ids, valid ones ascending, then -1.
+    """
+    if q.dim() != 3 or k_c.dim() != 3 or lse.dim() != 2:
+        raise ValueError(f"q, k_c must be [tokens, heads, dim], lse [H, total]: {q.shape}")
+    total, H, d = q.shape
+    h = k_c.shape[1]
+    if H % h or k_c.shape[2] != d or lse.shape != (H, total):
+        raise ValueError(f"bad shapes q {tuple(q.shape)}, k_c {tuple(k_c.shape)}, lse {lse.shape}")
+    if topk < 1:
+        raise ValueError(f"topk must be positive, got {topk}")
+    if not supported(kernel, stride, block) or d & (d - 1) or d < 16:
+        from fsa_train.kernels import reference
+
+        return reference.select_blocks(
+            q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block, topk,
+            init_blocks, local_blocks, scale,
+        )
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    idx = torch.empty((h, total, topk), dtype=torch.int32, device=q.device)
+    if total == 0:
+        return idx
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_c = k_c if k_c.stride(-1) == 1 else k_c.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    cuc = cu_seqlens_c if cu_seqlens_c.dtype == torch.int32 else cu_seqlens_c.to(torch.int32)
+    n_docs = cu.numel() - 1
+    n_iter = max(1, n_docs.bit_length())
+    tp = max(2, _next_pow2(topk))
+    nbt = max(tp, MIN_NBT)
+    fp32 = q.dtype == torch.float32
+    if k_c.dtype != q.dtype:
+        k_c = k_c.to(q.dtype)
+    args = (
+        q, k_c, lse, idx, cu, cuc,
+        q.stride(0), q.stride(1), k_c.stride(0), k_c.stride(1), idx.stride(0), idx.stride(1),
+        total, n_docs, n_iter, h, H // h, kernel, stride, block, topk, init_blocks,
+        local_blocks, scale * _LOG2E,
+    )
+    meta = {
+        "HEAD_DIM": d,
+        "DOT_PREC": "ieee" if fp32 else "tf32",
+        "A": kernel // stride,
+        "BS": block // stride,
+        "NBT": nbt,
+        "TP": tp,
+    }
+
+    def grid(m):
+        return (h * (total // m["BLOCK_M"] + n_docs),)
+
+    if _interpreting():
+        _select_kernel[grid](*args, **meta, **_FIXED_INTERP)
+    elif fp32 or CONFIGS != "tuned":
+        _select_kernel[grid](*args, **meta, **_FIXED_FP32)
+    else:
+        _tuned[grid](*args, **meta)
+    return idx
