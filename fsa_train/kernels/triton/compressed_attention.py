@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fsa_train.kernels.triton.common import attention_delta
+
 __all__ = ["compressed_attention"]
 
 _LOG2E = 1.4426950408889634
@@ -163,26 +165,6 @@ def _fwd_kernel(
         o.to(O.dtype.element_ty), mask=row_ok[:, None],
     )
     tl.store(LSE + head.to(tl.int64) * total + bos + rows, lse, mask=row_ok)
-
-
-@triton.jit
-def _delta_kernel(
-    O, DO, DELTA, so_t, so_h, sdo_t, sdo_h, total, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = rows < total
-    r64 = rows.to(tl.int64)
-    o = tl.load(
-        O + r64[:, None] * so_t + head * so_h + offs_d[None, :], mask=ok[:, None], other=0.0
-    )
-    do = tl.load(
-        DO + r64[:, None] * sdo_t + head * sdo_h + offs_d[None, :], mask=ok[:, None], other=0.0
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + head.to(tl.int64) * total + rows, delta, mask=ok)
 
 
 @triton.jit(do_not_specialize=["n_docs", "n_iter", "G", "kernel", "stride"])
@@ -448,12 +430,7 @@ def _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale):
     dv = torch.empty((total_c, h, d), dtype=v_c.dtype, device=q.device)
     if total == 0:
         return dq, dk.zero_(), dv.zero_()
-    delta = torch.empty((H, total), dtype=torch.float32, device=q.device)
-    block_t = 64
-    _delta_kernel[(triton.cdiv(total, block_t), H)](
-        o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), total,
-        HEAD_DIM=d, BLOCK_T=block_t,
-    )
+    delta = attention_delta(o, do)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     dq_args = (
         q, k_c, v_c, do, dq, lse, delta, cu, cuc,

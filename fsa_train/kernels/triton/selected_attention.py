@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fsa_train.kernels.triton.common import attention_delta
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -215,25 +217,6 @@ def _fwd_query_kernel(
              mask=gv[:, None])
     lse = tl.where(seen, (m + tl.log2(lsum)) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + head * total + t, lse, mask=gv)
-
-
-@triton.jit
-def _delta_kernel(
-    O, DO, DELTA,
-    sot, soh, sod, sdt, sdh, sdd, total,
-    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-):
-    """delta[head, t] = sum_d o * do (fp32), BT tokens x one head per program."""
-    tt = tl.program_id(0) * BT + tl.arange(0, BT)
-    head = tl.program_id(1)
-    tv = tt < total
-    offs_d = tl.arange(0, D)
-    o = tl.load(O + tt[:, None] * sot + head * soh + offs_d[None, :] * sod, mask=tv[:, None],
-                other=0.0)
-    do = tl.load(DO + tt[:, None] * sdt + head * sdh + offs_d[None, :] * sdd, mask=tv[:, None],
-                 other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + head * total + tt, delta, mask=tv)
 
 
 @triton.jit
@@ -612,11 +595,7 @@ def _backward(q, k, v, o, lse, do, plan, block, scale, dq_mode):
     T = plan["idx_c"].shape[2]
     GP = max(16, triton.next_power_of_2(G))
     ieee = q.dtype == torch.float32
-    delta = torch.empty(H, total, dtype=torch.float32, device=q.device)
-    bt = _token_tile()
-    _delta_kernel[(triton.cdiv(total, bt), H)](
-        o, do, delta, *o.stride(), *do.stride(), total, H=H, D=D, BT=bt, num_warps=4,
-    )
+    delta = attention_delta(o, do, _token_tile())
     maxseg = plan["maxseg"]
     dkp = torch.empty(maxseg * block * D, dtype=torch.float32, device=q.device)
     dvp = torch.empty(maxseg * block * D, dtype=torch.float32, device=q.device)

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fsa_train.kernels.triton.common import attention_delta
+
 __all__ = ["window_attention", "window_attention_with_lse"]
 
 _LOG2E = 1.4426950408889634
@@ -177,27 +179,6 @@ def _fwd_kernel(
     o_ptrs = O + (bos64 + start_m) * so_t + head * so_h + offs_m[:, None] * so_t + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + head.to(tl.int64) * total + bos + rows, lse, mask=row_ok)
-
-
-@triton.jit
-def _delta_kernel(
-    O, DO, DELTA, so_t, so_h, sdo_t, sdo_h, total,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = rows < total
-    r64 = rows.to(tl.int64)
-    o = tl.load(
-        O + r64[:, None] * so_t + head * so_h + offs_d[None, :], mask=ok[:, None], other=0.0
-    )
-    do = tl.load(
-        DO + r64[:, None] * sdo_t + head * sdo_h + offs_d[None, :], mask=ok[:, None], other=0.0
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + head.to(tl.int64) * total + rows, delta, mask=ok)
 
 
 @triton.jit
@@ -506,15 +487,18 @@ AUTOTUNE = os.environ.get("FSA_WINDOW_AUTOTUNE", "1") != "0"
 """Autotune on the GPU (set FSA_WINDOW_AUTOTUNE=0 to run the first configuration of each list)."""
 
 
-def _tuned(configs, kernel):
-    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=_KEY)(kernel)
+def _tuned(configs, kernel, reset_to_zero=None):
+    return triton.autotune(
+        configs=configs if AUTOTUNE else configs[:1], key=_KEY, reset_to_zero=reset_to_zero
+    )(kernel)
 
 
 _fwd_tuned = _tuned(_FWD_CONFIGS, _fwd_kernel)
 _bwd_tuned = _tuned(_BWD_CONFIGS, _bwd_kernel)
 _dkdv_tuned = _tuned(_DKDV_CONFIGS, _bwd_kernel)
 _dq_tuned = _tuned(_DQ_CONFIGS, _bwd_kernel)
-_atomic_tuned = _tuned(_ATOMIC_CONFIGS, _bwd_kernel)
+# The atomic mode adds into DQ: each configuration the autotuner times must start from zeros.
+_atomic_tuned = _tuned(_ATOMIC_CONFIGS, _bwd_kernel, reset_to_zero=["DQ"])
 
 BWD_MODE = os.environ.get("FSA_WINDOW_BWD", "fused")
 """Backward schedule: "fused" (one kernel: dk, dv and dq per tile), "split" (two kernels: dk/dv,
@@ -604,12 +588,7 @@ def _backward(do, q, k, v, o, lse, cu, window, scale):
     dv = torch.empty((total, h, d), dtype=v.dtype, device=v.device)
     if total == 0:
         return dq, dk, dv
-    delta = torch.empty((H, total), dtype=torch.float32, device=q.device)
-    block_t = 64
-    _delta_kernel[(triton.cdiv(total, block_t), H)](
-        o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), total,
-        HEAD_DIM=d, BLOCK_T=block_t,
-    )
+    delta = attention_delta(o, do)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     args = (
         q, k, v, do, dq, dk, dv, lse, delta, cu,
