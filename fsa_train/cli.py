@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     (exit status 2); set ``FSA_TRAIN_TRACEBACK=1`` to see the full traceback instead.
     """
     words = list(argv if argv is not None else sys.argv[1:])
-    # fp32 matrix products (fp32 runs, the LM head under autocast) may use TF32 tensor cores.
-    torch.set_float32_matmul_precision("high")
+    if torch.cuda.is_available():
+        # fp32 matrix products (fp32 runs, the LM head under autocast) may use TF32 tensor cores.
+        torch.set_float32_matmul_precision("high")
     try:
         if words and words[0] in TOOL_COMMANDS:
             module, function = TOOL_COMMANDS[words[0]]
