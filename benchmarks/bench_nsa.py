@@ -1,0 +1,297 @@
+"""Benchmark of the whole NSA core (issue 4) against dense attention, with a per-branch breakdown.
+
+One process; forward and forward+backward medians (``triton.testing.do_bench`` on a GPU, a
+wall-clock median on the CPU smoke mode) and peak extra memory of:
+
+* ``nsa``: :func:`fsa_train.kernels.nsa_attention` (compression, compressed, selected and window
+  branches, gates) on ``backend="auto"`` — Triton where an op has a kernel;
+* its branches one by one: ``compress`` (keys and values), ``compressed_attention``,
+  ``select_blocks`` (forward only), ``selected_attention``, ``window_attention``;
+* dense baselines: our ``window_attention(window=None)``, cuDNN SDPA and the SDPA flash backend
+  (one document only; K/V expanded to all heads), FlexAttention with a document mask.
+
+Default shapes: 16K, 32K, 64K and 128K tokens; G = 1, 4, 16 with 4 KV heads; d = 128; bf16;
+default NSA parameters; one document and 4K-token packed documents. Writes ``nsa_core.json`` and
+``nsa_core.md`` to ``--out``. GPU: ``PYTHONPATH=$PWD python3 benchmarks/bench_nsa.py --out DIR``;
+CPU smoke test: ``--device cpu --tokens 256 --groups 2 --head_dim 32 --kv_heads 1 --tiny_nsa``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fsa_train import kernels as ops
+from fsa_train.config import NSAConfig
+from fsa_train.kernels import CompressionParams, nsa_attention
+from fsa_train.model.rope import Rotary
+
+PACKED_DOC = 4096
+
+
+def timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Median milliseconds of ``fn``: do_bench on CUDA, a wall-clock median on the CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def cpu_median(fn: Callable[[], object]) -> float:
+        fn()
+        samples = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(samples)
+
+    return cpu_median
+
+
+def peak_mib(device: str, fn: Callable[[], object]) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def make_inputs(tokens: int, doc: int | None, groups: int, kv_heads: int, head_dim: int,
+                nsa: NSAConfig, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Random packed inputs (never zeros) for the NSA core and its branches."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    lengths = [tokens] if doc is None else [doc] * (tokens // doc)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    heads = kv_heads * groups
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+    width = nsa.cmp_kernel * head_dim
+    pooling = torch.eye(head_dim).repeat(nsa.cmp_kernel, 1) / nsa.cmp_kernel
+    return {
+        "lengths": lengths,
+        "cu": cu.to(device),
+        "q": rand(tokens, heads, head_dim),
+        "k": rand(tokens, kv_heads, head_dim),
+        "v": rand(tokens, kv_heads, head_dim),
+        "gates": torch.rand(tokens, heads, 3, generator=gen).to(device, dtype),
+        "w_k": (pooling + 0.02 * torch.randn(kv_heads, width, head_dim, generator=gen)).to(
+            device, dtype),
+        "w_v": (pooling + 0.02 * torch.randn(kv_heads, width, head_dim, generator=gen)).to(
+            device, dtype),
+        "pe": rand(kv_heads, nsa.cmp_kernel, head_dim, scale=0.02),
+        "do": rand(tokens, heads, head_dim),
+    }
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor], grad: torch.Tensor,
+            leaves: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        fn().backward(grad)
+
+    return run
+
+
+def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool) -> list[dict]:
+    """Rows for one shape: the NSA core, its branches, and the dense baselines."""
+    time_ms = timer(device)
+    rope = Rotary(inp["q"].shape[-1])
+    leaves = [inp[name].requires_grad_() for name in ("q", "k", "v", "gates", "w_k", "w_v", "pe")]
+    q, k, v, gates, w_k, w_v, pe = leaves
+    cu, do = inp["cu"], inp["do"]
+    params = CompressionParams(w_k, w_v, pe)
+    rows = []
+
+    def record(method: str, fwd: Callable[[], torch.Tensor], backward: bool = True) -> None:
+        row = {"method": method}
+        try:
+            with torch.no_grad():
+                row["fwd_ms"] = time_ms(fwd)
+            if backward:
+                step = fwd_bwd(fwd, do if fwd().shape == do.shape else torch.ones_like(fwd()),
+                               leaves)
+                row["fwd_bwd_ms"] = time_ms(step)
+                row["peak_mib"] = peak_mib(device, step)
+        except torch.OutOfMemoryError:
+            row["error"] = "OOM"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+
+    record("nsa core", lambda: nsa_attention(q, k, v, gates, params, cu, nsa, rope))
+
+    # branches; the attention ops take the raw leaves (same cost as RoPE'd inputs, and gradients)
+    with torch.no_grad():
+        positions = ops.varlen.document_positions(cu, q.shape[0])
+        k_c, cu_c = ops.compress(k, w_k, pe, cu, nsa.cmp_kernel, nsa.cmp_stride)
+        v_c, _ = ops.compress(v, w_v, None, cu, nsa.cmp_kernel, nsa.cmp_stride)
+        q_r = rope(q, positions)
+        k_cr = rope(k_c, ops.varlen.document_positions(cu_c, k_c.shape[0]) * nsa.cmp_stride)
+        _, lse = ops.compressed_attention(q_r, k_cr, v_c, cu, cu_c, nsa.cmp_kernel,
+                                          nsa.cmp_stride)
+        idx = ops.select_blocks(q_r, k_cr, lse, cu, cu_c, nsa.cmp_kernel, nsa.cmp_stride,
+                                nsa.sel_block, nsa.sel_topk, nsa.init_blocks, nsa.local_blocks)
+    record("branch: compress (k and v)", lambda: torch.cat([
+        ops.compress(k, w_k, pe, cu, nsa.cmp_kernel, nsa.cmp_stride)[0],
+        ops.compress(v, w_v, None, cu, nsa.cmp_kernel, nsa.cmp_stride)[0]]), backward=False)
+    record("branch: compressed_attention", lambda: ops.compressed_attention(
+        q, k_cr, v_c, cu, cu_c, nsa.cmp_kernel, nsa.cmp_stride)[0])
+    record("branch: select_blocks", lambda: ops.select_blocks(
+        q_r, k_cr, lse, cu, cu_c, nsa.cmp_kernel, nsa.cmp_stride, nsa.sel_block, nsa.sel_topk,
+        nsa.init_blocks, nsa.local_blocks), backward=False)
+    record("branch: selected_attention",
+           lambda: ops.selected_attention(q, k, v, idx, cu, nsa.sel_block))
+    record("branch: window_attention", lambda: ops.window_attention(q, k, v, cu, nsa.window))
+    record("dense: ours (window_attention None)",
+           lambda: ops.window_attention(q, k, v, cu, None))
+    if device == "cuda" and len(inp["lengths"]) == 1:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        group = q.shape[1] // k.shape[1]
+
+        def sdpa(backend):
+            def run():
+                with sdpa_kernel(backend):
+                    qq = q.transpose(0, 1)[None]
+                    kk = k.repeat_interleave(group, 1).transpose(0, 1)[None]
+                    vv = v.repeat_interleave(group, 1).transpose(0, 1)[None]
+                    out = torch.nn.functional.scaled_dot_product_attention(
+                        qq, kk, vv, is_causal=True)
+                    return out[0].transpose(0, 1)
+            return run
+
+        record("dense: cuDNN SDPA", sdpa(SDPBackend.CUDNN_ATTENTION))
+        record("dense: FA2 (SDPA flash)", sdpa(SDPBackend.FLASH_ATTENTION))
+    if flex and device == "cuda":
+        rows.append(flex_row(q, k, v, cu, do, leaves, time_ms))
+    return rows
+
+
+def flex_row(q, k, v, cu, do, leaves, time_ms) -> dict:
+    """FlexAttention with a causal document mask (compiled)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    total = q.shape[0]
+    doc = ops.varlen.document_ids(cu, total)
+    compiled = torch.compile(flex_attention)
+
+    def mask(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    block_mask = create_block_mask(mask, None, None, total, total, device=q.device)
+
+    def run():
+        out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                       v.transpose(0, 1)[None], block_mask=block_mask, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+    row = {"method": "dense: FlexAttention doc mask"}
+    try:
+        with torch.no_grad():
+            row["fwd_ms"] = time_ms(run)
+        row["fwd_bwd_ms"] = time_ms(fwd_bwd(run, do, leaves))
+    except Exception as error:  # noqa: BLE001 - a baseline that fails is reported, not fatal
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--kv_heads", type=int, default=4)
+    parser.add_argument("--head_dim", type=int, default=128)
+    parser.add_argument("--tiny_nsa", action="store_true",
+                        help="small NSA parameters (8/4/16, top-3, window 32) for CPU smoke runs")
+    parser.add_argument("--no_flex", action="store_true")
+    args = parser.parse_args()
+    nsa = (NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, window=32)
+           if args.tiny_nsa else NSAConfig())
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    results = []
+    for tokens in args.tokens:
+        for groups in args.groups:
+            for doc in (None, PACKED_DOC if tokens > PACKED_DOC else None):
+                if doc is None and results and results[-1]["doc"] is None \
+                        and results[-1]["tokens"] == tokens and results[-1]["G"] == groups:
+                    continue
+                inp = make_inputs(tokens, doc, groups, args.kv_heads, args.head_dim, nsa,
+                                  args.device, dtype)
+                layout = "1 doc" if doc is None else f"{tokens // doc}x{doc // 1024}K"
+                start = time.perf_counter()
+                for row in bench_shape(inp, nsa, args.device, not args.no_flex):
+                    row.update(tokens=tokens, G=groups, doc=doc, layout=layout)
+                    results.append(row)
+                print(f"{tokens} G={groups} {layout}: {time.perf_counter() - start:.1f}s",
+                      flush=True)
+                del inp
+    write(results, args, nsa, Path(args.out))
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return row.get("error", "") if key == "fwd_ms" else ""
+    return f"{value:.3f}"
+
+
+def write(results: list[dict], args, nsa: NSAConfig, out: Path) -> None:
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor()
+    meta = {
+        "device": device or args.device,
+        "torch": torch.__version__,
+        "triton": getattr(__import__("triton"), "__version__", "n/a"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "dtype": "bf16" if args.device == "cuda" else "fp32",
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "nsa": vars(nsa),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "nsa_core.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2),
+                                       encoding="utf-8")
+    lines = [
+        "# NSA core benchmark",
+        "",
+        f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, {meta['date']}; "
+        f"{meta['dtype']}, d = {args.head_dim}, {args.kv_heads} KV heads, NSA {vars(nsa)}. "
+        "Median ms; speedup = dense cuDNN (else our dense kernel) fwd+bwd over NSA fwd+bwd.",
+        "",
+        "| tokens | G | layout | method | fwd ms | fwd+bwd ms | peak MiB | speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        same = [r for r in results if (r["tokens"], r["G"], r["layout"]) ==
+                (row["tokens"], row["G"], row["layout"])]
+        nsa_row = next((r for r in same if r["method"] == "nsa core"), {})
+        dense = next((r for r in same if r["method"] == "dense: cuDNN SDPA" and "fwd_bwd_ms" in r),
+                     None) or next((r for r in same if r["method"].startswith("dense: ours")), {})
+        speedup = ""
+        if row is nsa_row and "fwd_bwd_ms" in nsa_row and "fwd_bwd_ms" in dense:
+            speedup = f"{dense['fwd_bwd_ms'] / nsa_row['fwd_bwd_ms']:.2f}×"
+
+        lines.append(f"| {row['tokens']} | {row['G']} | {row['layout']} | {row['method']} | "
+                     f"{_cell(row, 'fwd_ms')} | {_cell(row, 'fwd_bwd_ms')} | "
+                     f"{_cell(row, 'peak_mib')} | {speedup} |")
+    (out / "nsa_core.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines[-len(results):]))
+
+
+if __name__ == "__main__":
+    main()
