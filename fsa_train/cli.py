@@ -73,9 +73,11 @@ TOOL_COMMANDS = {
     "train-tokenizer": ("fsa_train.data.commands", "train_tokenizer_main"),
     "export": ("fsa_train.export", "export_main"),
     "generate": ("fsa_train.export", "generate_main"),
+    "passkey": ("fsa_train.evaluate.passkey", "passkey_main"),
+    "position-loss": ("fsa_train.evaluate.position_loss", "position_loss_main"),
 }
 """Subcommands outside LightningCLI: corpus → tokenizer or token shards; checkpoint → one file;
-exported model → text."""
+exported model → text, passkey retrieval, loss by token position."""
 
 USER_ERRORS = (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError)
 """Errors caused by the user's config or files: reported as one line, without a traceback."""

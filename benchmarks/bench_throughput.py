@@ -1,0 +1,342 @@
+"""End-to-end training throughput: the same GPT with dense attention, NSA, and cuDNN SDPA.
+
+Modes (issue 7):
+
+* ``dense``: ``window_attention(window=None)``, our varlen kernel (causal per document);
+* ``nsa``: NSA with the default parameters (``NSAConfig()``);
+* ``sdpa``: the dense model with each attention's core replaced by PyTorch's causal
+  ``scaled_dot_product_attention`` (cuDNN preferred, then flash, efficient, math). Valid only for
+  one document per sequence, which is what this benchmark feeds every mode.
+
+Each (mode, context) row times forward + backward + AdamW step over ``--steps`` steps after
+``--warmup`` steps (CUDA events on the GPU, wall clock on the CPU) on one sequence of random
+tokens, and records tokens/s, MFU (actual and dense-equivalent, ``fsa_train.flops``) and peak
+memory. Out of memory is recorded as ``OOM`` for that row; with ``--activation_checkpointing
+auto`` a row that runs out of memory is retried with checkpointing first. Writes
+``{name}.json``, ``{name}.md`` and ``{name}.png`` (matplotlib permitting) to ``--out``.
+
+GPU: ``PYTHONPATH=$PWD python benchmarks/bench_throughput.py --out benchmarks/results``.
+CPU smoke test: ``--device cpu --contexts 256 512 --n_layer 1 --d_model 64 --steps 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsa_train.config import GPTConfig, NSAConfig
+from fsa_train.flops import batch_flops, device_peak_flops
+from fsa_train.model import GPT
+from fsa_train.model.attention import Attention
+
+MODES = ("dense", "sdpa", "nsa")
+DEFAULT_CONTEXTS = (8192, 16384, 32768, 65536, 131072)
+
+
+class SDPAAttention(nn.Module):
+    """The projections, RoPE and output of a dense :class:`Attention`, with PyTorch's causal SDPA
+    as the core. K/V heads are expanded to the query heads (as MHA), which cuDNN requires."""
+
+    def __init__(self, inner: Attention) -> None:
+        super().__init__()
+        if inner.sparse:
+            raise ValueError("SDPAAttention wraps a dense Attention")
+        self.inner = inner
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        if cu_seqlens.numel() != 2:
+            raise ValueError("the SDPA path needs exactly one document per sequence")
+        a, cfg, total = self.inner, self.inner.cfg, x.shape[0]
+        d, H, h = cfg.head_dim, cfg.n_head, cfg.n_kv_head
+        q = a.rope(a.q_proj(x).view(total, H, d), positions)
+        k = a.rope(a.k_proj(x).view(total, h, d), positions)
+        v = a.v_proj(x).view(total, h, d)
+        k = k.repeat_interleave(H // h, dim=1)
+        v = v.repeat_interleave(H // h, dim=1)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, d]
+        with sdpa_backends():
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return a.o_proj(o.squeeze(0).transpose(0, 1).reshape(total, H * d))
+
+
+def sdpa_backends():
+    """cuDNN first, then FlashAttention-2, memory-efficient and math."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def model_config(args: argparse.Namespace, mode: str, checkpointing: bool) -> GPTConfig:
+    """The benchmark GPT: GQA with group ``args.group``, head width ``args.head_dim``."""
+    n_head = args.n_head or max(args.group, args.d_model // args.head_dim // args.group
+                                * args.group)
+    return GPTConfig(
+        vocab_size=args.vocab, n_layer=args.n_layer, n_head=n_head,
+        n_kv_head=n_head // args.group, d_model=args.d_model, head_dim=args.head_dim,
+        attention="nsa" if mode == "nsa" else "dense", nsa=NSAConfig(),
+        kernel_backend=args.kernel_backend, activation_checkpointing=checkpointing,
+    )
+
+
+def build_model(cfg: GPTConfig, mode: str, device: torch.device) -> GPT:
+    """A GPT on ``device``; ``sdpa`` swaps every attention for :class:`SDPAAttention`."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    if mode == "sdpa":
+        for block in model.blocks:
+            block.attn = SDPAAttention(block.attn)
+    return model.to(device)
+
+
+class Timer:
+    """CUDA events on the GPU, ``perf_counter`` elsewhere; seconds between start and stop."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            return self.begin.elapsed_time(self.end) / 1e3
+        return time.perf_counter() - self.t0
+
+
+def time_training(args: argparse.Namespace, mode: str, context: int, checkpointing: bool,
+                  device: torch.device) -> dict:
+    """Seconds per training step and peak memory of one (mode, context, checkpointing)."""
+    cfg = model_config(args, mode, checkpointing)
+    model = build_model(cfg, mode, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    generator = torch.Generator().manual_seed(context)
+    tokens = torch.randint(0, cfg.vocab_size, (context + 1,), generator=generator).to(device)
+    ids, targets = tokens[:-1], tokens[1:]
+    cu_seqlens = torch.tensor([0, context], dtype=torch.int32, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def step() -> None:
+        with autocast:
+            loss = model.loss(model(ids, cu_seqlens), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timer = Timer(device)
+    timer.start()
+    for _ in range(args.steps):
+        step()
+    seconds = timer.stop() / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"cfg": cfg, "params": model.num_parameters(exclude_embeddings=False),
+            "step_s": seconds, "peak_gib": peak}
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_row(args: argparse.Namespace, mode: str, context: int, device: torch.device,
+            peak_flops: float | None) -> dict:
+    """One benchmark row; ``status`` is ``ok`` or ``OOM``."""
+    row: dict = {"mode": mode, "context": context}
+    plans = {"off": [False], "on": [True], "auto": [False, True]}[args.activation_checkpointing]
+    for checkpointing in plans:
+        try:
+            timing = time_training(args, mode, context, checkpointing, device)
+        except torch.OutOfMemoryError:
+            timing = None  # free only after the except block has released the traceback
+        free_memory(device)
+        if timing is None:
+            row.update(status="OOM", activation_checkpointing=checkpointing)
+            continue
+        flops = batch_flops(timing["cfg"], [context])
+        step_s = timing["step_s"]
+        row.update(
+            status="ok", activation_checkpointing=checkpointing, params=timing["params"],
+            step_ms=step_s * 1e3, tokens_per_s=context / step_s, peak_gib=timing["peak_gib"],
+            tflops_actual=flops.actual / step_s / 1e12,
+            mfu=flops.actual / step_s / peak_flops if peak_flops else None,
+            mfu_dense_equiv=flops.dense_equivalent / step_s / peak_flops if peak_flops else None,
+        )
+        break
+    return row
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions and date for the report."""
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "device": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: settings, one row per (mode, context), NSA speed-ups."""
+    env, cfg = report["environment"], report["model"]
+    lines = [
+        f"# Training throughput ({env['device']}, torch {env['torch']}, "
+        f"Triton {env['triton']}, {env['date'][:10]})",
+        "",
+        f"GPT: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {cfg['n_head']} query / "
+        f"{cfg['n_kv_head']} KV heads, d = {cfg['head_dim']}, vocab {cfg['vocab_size']}; "
+        f"{'bf16 autocast' if report['bf16'] else 'fp32'}; one document per sequence; "
+        f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW).",
+        "",
+        "| mode | context | tokens/s | step ms | MFU | MFU dense-equiv | peak GiB | ckpt |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['mode']} | {r['context']} | {r['status']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['mode']} | {r['context']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
+            f"{_fmt(r['mfu'], '.1%')} | {_fmt(r['mfu_dense_equiv'], '.1%')} | "
+            f"{_fmt(r['peak_gib'], '.1f')} | {'yes' if r['activation_checkpointing'] else 'no'} |"
+        )
+    speedups = speedup_rows(report["rows"])
+    if speedups:
+        lines += ["", "| context | NSA / dense (ours) | NSA / SDPA |", "|---|---|---|"]
+        for context, vs_dense, vs_sdpa in speedups:
+            lines.append(f"| {context} | {_fmt(vs_dense, '.2f')} | {_fmt(vs_sdpa, '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def speedup_rows(rows: list[dict]) -> list[tuple[int, float | None, float | None]]:
+    """NSA tokens/s over dense and over SDPA tokens/s, per context where NSA ran."""
+    rate = {(r["mode"], r["context"]): r.get("tokens_per_s") for r in rows if r["status"] == "ok"}
+    out = []
+    for (mode, context), nsa in sorted(rate.items(), key=lambda kv: kv[0][1]):
+        if mode != "nsa":
+            continue
+        dense, sdpa = rate.get(("dense", context)), rate.get(("sdpa", context))
+        out.append((context, nsa / dense if dense else None, nsa / sdpa if sdpa else None))
+    return out
+
+
+def plot(report: dict, path: Path) -> str:
+    """Tokens/s against context per mode (log-log) as a PNG; a message says what happened."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in MODES:
+        points = [(r["context"], r["tokens_per_s"]) for r in report["rows"]
+                  if r["mode"] == mode and r["status"] == "ok"]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("training tokens/s")
+    ax.set_title(f"{report['environment']['device']}: GPT training throughput")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--n_layer", type=int, default=24)
+    p.add_argument("--d_model", type=int, default=1536)
+    p.add_argument("--n_head", type=int, default=None,
+                   help="query heads (default: d_model / head_dim, a multiple of --group)")
+    p.add_argument("--group", type=int, default=4, help="query heads per KV head (G)")
+    p.add_argument("--head_dim", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--activation_checkpointing", choices=["off", "on", "auto"], default="auto")
+    p.add_argument("--kernel_backend", choices=["auto", "reference", "triton"], default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA, off on the CPU)")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default="throughput", help="output file stem")
+    args = p.parse_args(argv)
+    if args.bf16 is None:
+        args.bf16 = torch.device(args.device).type == "cuda"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every (mode, context) row, write JSON, Markdown and the plot; returns the report."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    env = environment(device)
+    peak = device_peak_flops(env["device"], "bf16-mixed" if args.bf16 else "32-true")
+    rows = []
+    for context in args.contexts:
+        for mode in args.modes:
+            row = run_row(args, mode, context, device, peak)
+            rows.append(row)
+            rate = f"{row['tokens_per_s']:,.0f} tokens/s" if row["status"] == "ok" else "OOM"
+            print(f"{mode:>5} {context:>7}: {rate}", flush=True)
+    report = {
+        "environment": env, "peak_flops": peak, "bf16": args.bf16, "steps": args.steps,
+        "warmup": args.warmup, "model": dataclasses.asdict(model_config(args, "dense", False)),
+        "nsa": dataclasses.asdict(NSAConfig()), "args": vars(args), "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(report))
+    print(markdown(report))
+    print(plot(report, out / f"{args.name}.png"))
+    return report
+
+
+if __name__ == "__main__":
+    main()

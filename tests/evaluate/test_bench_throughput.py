@@ -1,0 +1,72 @@
+"""The training-throughput benchmark: the SDPA path equals the dense model; a tiny CPU run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--device", "cpu", "--n_layer", "1", "--d_model", "64", "--head_dim", "16",
+        "--vocab", "256", "--steps", "2", "--warmup", "1"]
+
+
+def test_sdpa_path_matches_the_dense_model(bench):
+    args = bench.parse_args([*TINY, "--contexts", "96"])
+    cfg = bench.model_config(args, "dense", False)
+    cpu = torch.device("cpu")
+    dense, sdpa = bench.build_model(cfg, "dense", cpu), bench.build_model(cfg, "sdpa", cpu)
+    ids = torch.randint(0, cfg.vocab_size, (96,), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 96], dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(ids, cu), dense(ids, cu), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one document"):
+        sdpa(ids, torch.tensor([0, 40, 96], dtype=torch.int32))
+
+
+def test_tiny_cpu_run_writes_json_and_markdown(bench, tmp_path, capsys):
+    report = bench.main([*TINY, "--contexts", "256", "512", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "throughput.json").read_text())
+    rows = [(r["mode"], r["context"], r["status"]) for r in saved["rows"]]
+    assert rows == [(m, c, "ok") for c in (256, 512) for m in ("dense", "sdpa", "nsa")]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in saved["rows"])
+    assert saved["model"]["n_head"] == 4 and saved["model"]["n_kv_head"] == 1
+    assert saved["environment"]["torch"] == torch.__version__
+    table = (tmp_path / "throughput.md").read_text()
+    assert "| nsa | 512 |" in table and "NSA / dense" in table
+    has_png = (tmp_path / "throughput.png").is_file()
+    assert has_png or "no plot" in capsys.readouterr().out
+    assert report["rows"] == saved["rows"]
+
+
+def test_out_of_memory_retries_with_checkpointing(bench, monkeypatch):
+    """A real OOM needs a GPU; here the first timing attempt raises one."""
+    real = bench.time_training
+    calls = []
+
+    def oom_without_checkpointing(args, mode, context, checkpointing, device):
+        calls.append(checkpointing)
+        if not checkpointing:
+            raise torch.OutOfMemoryError("simulated")
+        return real(args, mode, context, checkpointing, device)
+
+    monkeypatch.setattr(bench, "time_training", oom_without_checkpointing)
+    args = bench.parse_args([*TINY, "--contexts", "128"])
+    row = bench.run_row(args, "dense", 128, torch.device("cpu"), None)
+    assert calls == [False, True] and row["status"] == "ok" and row["activation_checkpointing"]
+    args = bench.parse_args([*TINY, "--activation_checkpointing", "off"])
+    row = bench.run_row(args, "nsa", 128, torch.device("cpu"), None)
+    assert row["status"] == "OOM"

@@ -1,0 +1,89 @@
+"""Per-token losses, position buckets, and the position-loss command on a prepared dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fsa_train.data.prepare import prepare_dataset
+from fsa_train.evaluate.position_loss import (
+    PositionLoss,
+    bucket_edges,
+    format_buckets,
+    position_loss,
+    position_loss_main,
+    token_losses,
+)
+
+
+def packed_batch(vocab: int, lengths: list[int], seed: int = 0) -> dict:
+    """Random documents packed with -100 at each document's last target."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    ids = torch.randint(4, vocab, (total,), generator=generator)
+    targets = torch.randint(4, vocab, (total,), generator=generator)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    targets[cu[1:].long() - 1] = -100
+    return {"input_ids": ids, "targets": targets, "cu_seqlens": cu}
+
+
+def test_bucket_edges():
+    assert bucket_edges("pow2", 8) == [0, 1, 2, 4]
+    assert bucket_edges("pow2", 9) == [0, 1, 2, 4, 8]
+    assert bucket_edges("16", 64) == [0, 16, 32, 48]
+    assert bucket_edges(32, 64) == [0, 32]
+    assert bucket_edges("100,10", 128) == [0, 10, 100]
+    with pytest.raises(ValueError):
+        bucket_edges("0", 64)
+
+
+def test_token_losses_match_the_model_loss(tiny_model):
+    batch = packed_batch(tiny_model.cfg.vocab_size, [70, 33, 100])
+    losses = token_losses(tiny_model, batch["input_ids"], batch["targets"], batch["cu_seqlens"],
+                          chunk=40)
+    with torch.no_grad():
+        hidden = tiny_model(batch["input_ids"], batch["cu_seqlens"])
+        expected = tiny_model.loss(hidden, batch["targets"])
+    keep = batch["targets"] != -100
+    assert losses.shape == (203,) and (losses[~keep] == 0).all()
+    torch.testing.assert_close(losses[keep].mean(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("buckets", ["pow2", "32"])
+def test_buckets_average_back_to_the_overall_loss(tiny_model, buckets):
+    batches = [packed_batch(tiny_model.cfg.vocab_size, lengths, seed)
+               for seed, lengths in enumerate([[70, 33, 100], [128, 64]])]
+    result = position_loss(tiny_model, batches, bucket_edges(buckets, 128))
+    filled = [b for b in result["buckets"] if b["tokens"]]
+    weighted = sum(b["loss"] * b["tokens"] for b in filled) / sum(b["tokens"] for b in filled)
+    assert sum(b["tokens"] for b in result["buckets"]) == result["tokens"] == 395 - 5
+    assert weighted == pytest.approx(result["loss"], rel=1e-9)
+    with torch.no_grad():
+        all_losses = [tiny_model.loss(tiny_model(b["input_ids"], b["cu_seqlens"]), b["targets"])
+                      * (b["targets"] != -100).sum() for b in batches]
+    assert result["loss"] == pytest.approx(float(sum(all_losses)) / 390, rel=1e-5)
+    if buckets == "32":  # positions restart at every document: count tokens by hand
+        counts = [b["tokens"] for b in result["buckets"]]
+        # documents 70, 33, 100, 128, 64 tokens; each one's last target is ignored
+        assert counts == [5 * 32, 32 + 0 + 32 + 32 + 31, 5 + 32 + 32, 3 + 31]
+    assert "overall" in format_buckets(result)
+
+
+def test_accumulator_rejects_bad_edges():
+    with pytest.raises(ValueError):
+        PositionLoss([1, 4])
+    with pytest.raises(ValueError):
+        PositionLoss([0, 4, 4])
+
+
+def test_cli_on_a_prepared_dataset(exported, tokenizer, texts, tmp_path, capsys):
+    dataset = prepare_dataset(texts, tokenizer, tmp_path / "ds", val_documents=2)
+    out = tmp_path / "loss.json"
+    position_loss_main([str(exported), str(dataset), "--seq_len", "64", "--batch_size", "2",
+                        "--batches", "3", "--buckets", "16", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["batches"] == 3 and [b["start"] for b in result["buckets"]] == [0, 16, 32, 48]
+    assert 0 < result["tokens"] <= 3 * 2 * 64
+    assert "| 48+ |" in capsys.readouterr().out
