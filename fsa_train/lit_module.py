@@ -107,13 +107,15 @@ class LitGPT(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self._loss(batch)
-        if not torch.isfinite(loss):
+        # Every rank must take the same branch (a rank that skips alone would hang the others).
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)))
+        if not finite:
             if self.hparams.on_nonfinite == "skip":
                 self.skipped_steps += 1
                 self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
                 return None  # Lightning skips backward and the optimizer step
             raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}; the last "
+                f"non-finite training loss at step {self.global_step} (on some rank); the last "
                 f"checkpoint is intact. Lower model.learning_rate, check the data, or set "
                 f"model.on_nonfinite: skip"
             )
