@@ -1,0 +1,54 @@
+"""``compress`` for the GPU path: torch ops, no host synchronisation.
+
+The reference sizes its output with ``int(cu_seqlens_c[-1])``, a host synchronisation. Here the
+output has a static number of rows, ``total // stride`` — never fewer than the compressed tokens,
+since a document of length L ≥ l has ``(L - l)//s + 1 ≤ L // s`` of them — and the rows past
+``cu_seqlens_c[-1]`` are zeros that every consumer ignores (they index compressed tokens through
+``cu_seqlens_c``). The gather and the per-head matrix product are already single large torch
+operations, so a Triton kernel would save little here; the point is the static shape, which lets
+the whole NSA core run without a host synchronisation (and under CUDA-graph capture).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fsa_train.kernels.reference import compressed_lengths
+
+
+def compress(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    pe: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    kernel: int,
+    stride: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`fsa_train.kernels.reference.compress`, except that ``x_c`` has
+    ``total // stride`` rows, of which the first ``cu_seqlens_c[-1]`` are the compressed tokens
+    and the rest are zeros (their gradients are dropped)."""
+    if kernel % stride != 0 or kernel < stride:
+        raise ValueError(f"stride={stride} must divide kernel={kernel}")
+    total, h, d = x.shape
+    if weight.shape[:2] != (h, kernel * d):
+        raise ValueError(f"weight must be [{h}, {kernel * d}, d_out], got {tuple(weight.shape)}")
+    if pe is not None and pe.shape != (h, kernel, d):
+        raise ValueError(f"pe must be [{h}, {kernel}, {d}], got {tuple(pe.shape)}")
+    cu_c = compressed_lengths(cu_seqlens, kernel, stride)
+    rows_out = total // stride
+    cu_c64 = cu_c.to(torch.int64)
+    slot = torch.arange(rows_out, device=x.device)
+    doc = torch.searchsorted(cu_c64[1:].contiguous(), slot, right=True)
+    valid = doc < cu_c.numel() - 1
+    doc = doc.clamp(max=cu_c.numel() - 2)
+    start = cu_seqlens.to(torch.int64)[doc] + (slot - cu_c64[doc]) * stride
+    rows = start[:, None] + torch.arange(kernel, device=x.device)[None, :]  # [rows_out, l]
+    rows = torch.where(valid[:, None], rows, 0).clamp(max=max(total - 1, 0))
+    windows = x[rows]  # [rows_out, l, h, d]
+    if pe is not None:
+        windows = windows + pe.to(x.dtype).transpose(0, 1)
+    windows = windows.permute(2, 0, 1, 3).reshape(h, rows_out, kernel * d)
+    out = torch.bmm(windows, weight.to(x.dtype)).transpose(0, 1)  # [rows_out, h, d_out]
+    # where, not a product: the gradient of padding rows is dropped even if it is not finite.
+    out = torch.where(valid[:, None, None], out, torch.zeros((), dtype=out.dtype, device=x.device))
+    return out.contiguous(), cu_c
