@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi-GPU trainer check on a machine with 2 GPUs (issue: DeepSpeed ZeRO, exact resume, scaling).
-# Runs, all with the same global batch (8 windows of 2048 tokens) and data order:
+# After a short warm-up run that fills Triton's kernel cache, runs with the same global batch
+# (8 windows of 2048 tokens) and data order:
 #   single : 1 GPU, batch 4, gradient accumulation 2
 #   zero2  : 2 GPUs, DeepSpeed ZeRO-2, batch 4 per GPU
 #   zero3  : 2 GPUs, DeepSpeed ZeRO-3, batch 4 per GPU
@@ -46,6 +47,8 @@ YAML
     echo "done: $name ($devices GPU, ${STOP_AT:-$steps} of $steps steps)"
 }
 
+# Fill Triton's on-disk kernel cache first, so no run times compilations (discarded).
+fit warmup 1 10 --trainer.strategy auto
 fit single 1 "$STEPS" --trainer.strategy auto --trainer.accumulate_grad_batches 2
 fit zero2 2 "$STEPS" --config configs/strategy/zero2.yaml
 fit zero3 2 "$STEPS" --config configs/strategy/zero3.yaml
