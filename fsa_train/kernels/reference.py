@@ -192,6 +192,32 @@ def compressed_lengths(cu_seqlens: torch.Tensor, kernel: int, stride: int) -> to
     return cu_c.to(torch.int32)
 
 
+def check_compress_args(
+    x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor | None, kernel: int, stride: int
+) -> None:
+    """One-line ``ValueError`` for shapes or a geometry that ``compress`` cannot take."""
+    if kernel < stride or kernel % stride != 0:
+        raise ValueError(f"stride={stride} must divide kernel={kernel}")
+    _, h, d = x.shape
+    if weight.shape[:2] != (h, kernel * d):
+        raise ValueError(f"weight must be [{h}, {kernel * d}, d_out], got {tuple(weight.shape)}")
+    if pe is not None and pe.shape != (h, kernel, d):
+        raise ValueError(f"pe must be [{h}, {kernel}, {d}], got {tuple(pe.shape)}")
+
+
+def compress_windows(
+    x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor | None, rows: torch.Tensor
+) -> torch.Tensor:
+    """``[n, h, d_out]``: the windows of tokens ``rows [n, l]`` (plus ``pe``) times ``weight``."""
+    n, kernel = rows.shape
+    _, h, d = x.shape
+    windows = x[rows]  # [n, l, h, d]
+    if pe is not None:
+        windows = windows + pe.to(x.dtype).transpose(0, 1)
+    windows = windows.permute(2, 0, 1, 3).reshape(h, n, kernel * d)
+    return torch.bmm(windows, weight.to(x.dtype)).transpose(0, 1)  # [n, h, d_out]
+
+
 def compress(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -213,25 +239,14 @@ def compress(
     Returns:
         ``x_c [total_c, h, d_out]`` and ``cu_seqlens_c`` (int32, ``[n_docs + 1]``).
     """
-    if kernel % stride != 0:
-        raise ValueError(f"stride={stride} must divide kernel={kernel}")
-    total, h, d = x.shape
-    if weight.shape[:2] != (h, kernel * d):
-        raise ValueError(f"weight must be [{h}, {kernel * d}, d_out], got {tuple(weight.shape)}")
-    if pe is not None and pe.shape != (h, kernel, d):
-        raise ValueError(f"pe must be [{h}, {kernel}, {d}], got {tuple(pe.shape)}")
+    check_compress_args(x, weight, pe, kernel, stride)
     cu_c = compressed_lengths(cu_seqlens, kernel, stride)
     total_c = int(cu_c[-1])  # host synchronisation: sizes the output
     doc = document_ids(cu_c.to(torch.int64), total_c)
     local = torch.arange(total_c, device=x.device) - cu_c.to(torch.int64)[doc]
     start = cu_seqlens.to(torch.int64)[doc] + local * stride
     rows = start[:, None] + torch.arange(kernel, device=x.device)[None, :]  # [total_c, l]
-    windows = x[rows]  # [total_c, l, h, d]
-    if pe is not None:
-        windows = windows + pe.to(x.dtype).transpose(0, 1)
-    windows = windows.permute(2, 0, 1, 3).reshape(h, total_c, kernel * d)
-    out = torch.bmm(windows, weight.to(x.dtype))  # [h, total_c, d_out]
-    return out.transpose(0, 1).contiguous(), cu_c
+    return compress_windows(x, weight, pe, rows).contiguous(), cu_c
 
 
 def compressed_attention(

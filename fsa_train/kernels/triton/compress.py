@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fsa_train.kernels.reference import compressed_lengths
+from fsa_train.kernels.reference import check_compress_args, compress_windows, compressed_lengths
 
 
 def compress(
@@ -27,13 +27,8 @@ def compress(
     """Same contract as :func:`fsa_train.kernels.reference.compress`, except that ``x_c`` has
     ``total // stride`` rows, of which the first ``cu_seqlens_c[-1]`` are the compressed tokens
     and the rest are zeros (their gradients are dropped)."""
-    if kernel % stride != 0 or kernel < stride:
-        raise ValueError(f"stride={stride} must divide kernel={kernel}")
-    total, h, d = x.shape
-    if weight.shape[:2] != (h, kernel * d):
-        raise ValueError(f"weight must be [{h}, {kernel * d}, d_out], got {tuple(weight.shape)}")
-    if pe is not None and pe.shape != (h, kernel, d):
-        raise ValueError(f"pe must be [{h}, {kernel}, {d}], got {tuple(pe.shape)}")
+    check_compress_args(x, weight, pe, kernel, stride)
+    total = x.shape[0]
     cu_c = compressed_lengths(cu_seqlens, kernel, stride)
     rows_out = total // stride
     cu_c64 = cu_c.to(torch.int64)
@@ -44,11 +39,7 @@ def compress(
     start = cu_seqlens.to(torch.int64)[doc] + (slot - cu_c64[doc]) * stride
     rows = start[:, None] + torch.arange(kernel, device=x.device)[None, :]  # [rows_out, l]
     rows = torch.where(valid[:, None], rows, 0).clamp(max=max(total - 1, 0))
-    windows = x[rows]  # [rows_out, l, h, d]
-    if pe is not None:
-        windows = windows + pe.to(x.dtype).transpose(0, 1)
-    windows = windows.permute(2, 0, 1, 3).reshape(h, rows_out, kernel * d)
-    out = torch.bmm(windows, weight.to(x.dtype)).transpose(0, 1)  # [rows_out, h, d_out]
+    out = compress_windows(x, weight, pe, rows)  # [rows_out, h, d_out]
     # where, not a product: the gradient of padding rows is dropped even if it is not finite.
     out = torch.where(valid[:, None, None], out, torch.zeros((), dtype=out.dtype, device=x.device))
     return out.contiguous(), cu_c
