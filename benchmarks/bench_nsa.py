@@ -11,8 +11,9 @@ wall-clock median on the CPU smoke mode) and peak extra memory of:
   (one document only; K/V expanded to all heads), FlexAttention with a document mask.
 
 Default shapes: 16K, 32K, 64K and 128K tokens; G = 1, 4, 16 with 4 KV heads; d = 128; bf16;
-default NSA parameters; one document and 4K-token packed documents. Writes ``nsa_core.json`` and
-``nsa_core.md`` to ``--out``. GPU: ``PYTHONPATH=$PWD python3 benchmarks/bench_nsa.py --out DIR``;
+default NSA parameters; one document and 4K-token packed documents. Writes ``{--name}.json``
+and ``{--name}.md`` (default ``nsa_core``) to ``--out`` after every shape, so a run cut short
+still reports. GPU: ``PYTHONPATH=$PWD python3 benchmarks/bench_nsa.py --out DIR``;
 CPU smoke test: ``--device cpu --tokens 256 --groups 2 --head_dim 32 --kv_heads 1 --tiny_nsa``.
 """
 
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--tiny_nsa", action="store_true",
                         help="small NSA parameters (8/4/16, top-3, window 32) for CPU smoke runs")
     parser.add_argument("--no_flex", action="store_true")
+    parser.add_argument("--name", default="nsa_core", help="output file stem")
     args = parser.parse_args()
     nsa = (NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, window=32)
            if args.tiny_nsa else NSAConfig())
@@ -238,10 +240,12 @@ def main() -> None:
                 for row in bench_shape(inp, nsa, args.device, not args.no_flex):
                     row.update(tokens=tokens, G=groups, doc=doc, layout=layout)
                     results.append(row)
+                    print(f"  {row['method']}: fwd {_cell(row, 'fwd_ms')} ms, "
+                          f"fwd+bwd {_cell(row, 'fwd_bwd_ms')} ms", flush=True)
                 print(f"{tokens} G={groups} {layout}: {time.perf_counter() - start:.1f}s",
                       flush=True)
                 del inp
-    write(results, args, nsa, Path(args.out))
+                write(results, args, nsa, Path(args.out))  # after every shape: partial runs report
 
 
 def _cell(row: dict, key: str) -> str:
@@ -264,7 +268,7 @@ def write(results: list[dict], args, nsa: NSAConfig, out: Path) -> None:
         "nsa": vars(nsa),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "nsa_core.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2),
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2),
                                        encoding="utf-8")
     lines = [
         "# NSA core benchmark",
@@ -289,8 +293,7 @@ def write(results: list[dict], args, nsa: NSAConfig, out: Path) -> None:
         lines.append(f"| {row['tokens']} | {row['G']} | {row['layout']} | {row['method']} | "
                      f"{_cell(row, 'fwd_ms')} | {_cell(row, 'fwd_bwd_ms')} | "
                      f"{_cell(row, 'peak_mib')} | {speedup} |")
-    (out / "nsa_core.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines[-len(results):]))
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
