@@ -324,6 +324,13 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             rate = f"{row['tokens_per_s']:,.0f} tokens/s" if row["status"] == "ok" else "OOM"
             print(f"{mode:>5} {context:>7}: {rate}", flush=True)
+            write_report(args, env, peak, rows, final=False)  # a run cut short still reports
+    return write_report(args, env, peak, rows, final=True)
+
+
+def write_report(args: argparse.Namespace, env: dict, peak: float | None, rows: list[dict],
+                 final: bool) -> dict:
+    """Write JSON and Markdown (and, when ``final``, the plot) for the rows so far."""
     report = {
         "environment": env, "peak_flops": peak, "bf16": args.bf16, "steps": args.steps,
         "warmup": args.warmup, "model": dataclasses.asdict(model_config(args, "dense", False)),
@@ -333,8 +340,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / f"{args.name}.md").write_text(markdown(report))
-    print(markdown(report))
-    print(plot(report, out / f"{args.name}.png"))
+    if final:
+        print(markdown(report))
+        print(plot(report, out / f"{args.name}.png"))
     return report
 
 
