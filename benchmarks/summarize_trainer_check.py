@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -89,5 +90,25 @@ def main(runs: Path, out: Path) -> None:
     print("\n".join(lines))
 
 
+def scaling(runs: Path, out: Path) -> None:
+    """``SCALING_ONLY`` runs: tokens/s per GPU of 2-GPU ZeRO-2 over 1 GPU, same micro-batch."""
+    one, two = (tokens_per_s_per_device(records(runs / name)) for name in ("scale1", "scale2"))
+    run_config = (runs / "scale1.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+    result = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "extra_args": os.environ.get("EXTRA_ARGS", ""),
+        "tokens_per_s_per_device": {"1 GPU": one, "2 GPUs ZeRO-2": two},
+        "scaling_efficiency": two / one, "log_tail_1gpu": run_config,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps({k: v for k, v in result.items() if k != "log_tail_1gpu"}, indent=2))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "--scaling":
+        scaling(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

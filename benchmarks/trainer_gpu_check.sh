@@ -7,6 +7,7 @@
 #   zero3  : 2 GPUs, DeepSpeed ZeRO-3, batch 4 per GPU
 #   resume : 2 GPUs, ZeRO-2, stopped at STEPS/2 (StopAtStep), then `--resume auto` to STEPS
 # then writes trainer_check.json / .md (loss agreement, resume agreement, 2-GPU scaling) to OUT.
+# SCALING_ONLY=1: only 1 GPU vs 2 GPUs ZeRO-2 with the same micro-batch per GPU (scaling.json).
 # EXTRA_ARGS (options appended to every run) lets the script be smoke-tested on CPUs.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -49,6 +50,14 @@ YAML
 
 # Fill Triton's on-disk kernel cache first, so no run times compilations (discarded).
 fit warmup 1 10 --trainer.strategy auto
+if [ -n "${SCALING_ONLY:-}" ]; then
+    # Scaling only: the same micro-batch per GPU on 1 GPU and on 2 GPUs with ZeRO-2; tokens/s
+    # per GPU after warm-up (EXTRA_ARGS sets a realistic model and sequence length).
+    fit scale1 1 "$STEPS" --trainer.strategy auto
+    fit scale2 2 "$STEPS" --config configs/strategy/zero2.yaml
+    python3 benchmarks/summarize_trainer_check.py --scaling "$RUNS" "$OUT"
+    exit 0
+fi
 fit single 1 "$STEPS" --trainer.strategy auto --trainer.accumulate_grad_batches 2
 fit zero2 2 "$STEPS" --config configs/strategy/zero2.yaml
 fit zero3 2 "$STEPS" --config configs/strategy/zero3.yaml
