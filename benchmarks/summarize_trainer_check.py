@@ -93,7 +93,8 @@ def main(runs: Path, out: Path) -> None:
 def scaling(runs: Path, out: Path) -> None:
     """``SCALING_ONLY`` runs: tokens/s per GPU of 2-GPU ZeRO-2 over 1 GPU, same micro-batch."""
     one, two = (tokens_per_s_per_device(records(runs / name)) for name in ("scale1", "scale2"))
-    run_config = (runs / "scale1.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+    log = next(runs.glob("scale1.*.log"))
+    run_config = log.read_text(encoding="utf-8", errors="replace")[-2000:]
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gpus": torch.cuda.device_count(), "torch": torch.__version__,
