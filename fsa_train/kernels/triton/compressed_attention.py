@@ -17,8 +17,11 @@ Design:
   unmasked; the rest (the causal edge, at most two tiles) are masked. Online softmax in base 2
   with a true running max and fp32 statistics.
 * **Backward.** ``delta = rowsum(o·do)``; a dq kernel per (query tile, query head) over the visible
-  key tiles; a dk/dv kernel per (compressed key tile, KV head) that accumulates over the G heads of
-  the group and over every query that sees the tile (registers, no atomics: deterministic).
+  key tiles; a dk/dv kernel per (compressed key tile, KV head, query split) that accumulates over
+  the G heads of the group and over its share of the queries that see the tile (registers, no
+  atomics). A long document has few compressed key tiles, so the query range is split
+  (:func:`dkdv_splits`) until the grid fills the GPU; the splits' fp32 partials are summed in a
+  fixed order (deterministic).
 
 GQA: per query head (K/V re-reads hit L2); the G-stacked alternative was not built (see
 benchmarks/NOTES_compressed.md).
@@ -226,12 +229,19 @@ def _bwd_dq_kernel(
 @triton.jit(do_not_specialize=["n_docs", "n_iter", "G", "kernel", "stride"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU, CUC,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h, s_split,
     total, total_c, n_docs, n_iter, h, G, kernel, stride, scale, qk_scale,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dk, dv of one tile of BLOCK_N compressed keys of one KV head, summed over its G heads."""
+    """dk, dv of one tile of BLOCK_N compressed keys of one KV head, summed over its G heads and
+    over split ``program_id(1)`` of the query rows that see the tile.
+
+    With one split the sums are the gradients; with several, each split writes its own fp32
+    partial (``s_split`` apart) and the host adds them (deterministic, no atomics).
+    """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
     kvh = pid % h
     slot = pid // h  # a document's first key tiles are seen by the most queries: start them first
     doc, bos_c, len_c, start_n = locate_slot(CUC, slot, n_docs, n_iter, BLOCK_N)
@@ -257,6 +267,14 @@ def _bwd_dkdv_kernel(
     q_full = last_col * stride + kernel - 1
     q_mid = tl.minimum(((q_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, seqlen)
     q_mid = tl.maximum(q_mid, q_lo)
+    # this split's share of the query tiles [q_lo, seqlen)
+    tiles = tl.cdiv(tl.maximum(seqlen - q_lo, 0), BLOCK_M)
+    share = tl.cdiv(tiles, n_split)
+    s_lo = q_lo + split * share * BLOCK_M
+    s_hi = tl.minimum(s_lo + share * BLOCK_M, seqlen)
+    m_lo = tl.minimum(s_lo, q_mid)
+    m_hi = tl.minimum(s_hi, q_mid)
+    u_lo = tl.maximum(s_lo, q_mid)
     for g in range(G):
         head = kvh * G + g
         Q_base = Q + bos64 * sq_t + head * sq_h
@@ -264,16 +282,18 @@ def _bwd_dkdv_kernel(
         LSE_base = LSE + head.to(tl.int64) * total + bos
         DELTA_base = DELTA + head.to(tl.int64) * total + bos
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t, q_lo, q_mid,
+            dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t, m_lo, m_hi,
             seqlen, cols, col_ok, kernel, stride, qk_scale, offs_m, offs_d, True, DOT_PREC,
             BLOCK_M,
         )
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t, q_mid, seqlen,
+            dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t, u_lo, s_hi,
             seqlen, cols, col_ok, kernel, stride, qk_scale, offs_m, offs_d, False, DOT_PREC,
             BLOCK_M,
         )
     dk = dk * scale
+    DK += split.to(tl.int64) * s_split
+    DV += split.to(tl.int64) * s_split
     tl.store(DK + kv_rows * sdk_t + kvh * sdk_h + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=col_ok[:, None])
     tl.store(DV + kv_rows * sdv_t + kvh * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -330,6 +350,10 @@ _DKDV_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 32, "BLOCK_M": 64}, num_warps=4, num_stages=2),
+    # more reuse of each loaded q/do tile (the 64K dk/dv ran at ~220 TFLOP/s with 64 keys)
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
 ]
 # fp32 inputs ("ieee" dots; a test path): small tiles that fit shared memory.
 _FWD_FP32 = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
@@ -446,19 +470,45 @@ def _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale):
     _launch(_bwd_dq_kernel, _dq_tuned, _DQ_FP32, _DQ_INTERP, grid_q, dq_args, q.dtype)
     if total_c == 0:
         return dq, dk, dv
+    n_split = dkdv_splits(total_c, h)
+    if n_split > 1:
+        dk_out = torch.empty((n_split, total_c, h, d), dtype=torch.float32, device=q.device)
+        dv_out = torch.empty_like(dk_out)
+    else:
+        dk_out, dv_out = dk[None], dv[None]
     kv_args = (
-        q, k_c, v_c, do, dk, dv, lse, delta, cu, cuc,
+        q, k_c, v_c, do, dk_out, dv_out, lse, delta, cu, cuc,
         q.stride(0), q.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
-        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        do.stride(0), do.stride(1), dk_out.stride(1), dk_out.stride(2), dv_out.stride(1),
+        dv_out.stride(2), dk_out.stride(0),
         total, total_c, n_docs, n_iter, h, H // h, kernel, stride, scale, scale * _LOG2E,
         d, prec,
     )
 
     def grid_kv(meta):
-        return (h * (total_c // meta["BLOCK_N"] + n_docs),)
+        return (h * (total_c // meta["BLOCK_N"] + n_docs), n_split)
 
     _launch(_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_FP32, _DKDV_INTERP, grid_kv, kv_args, q.dtype)
+    if n_split > 1:
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
     return dq, dk, dv
+
+
+SPLIT_OVERRIDE: int | None = None
+"""Tests set this to force a number of dk/dv splits."""
+
+
+def dkdv_splits(total_c: int, h: int) -> int:
+    """Query-range splits of the dk/dv kernel: enough programs to fill the GPU (~2048 of them,
+    at most 16 splits). A long document has few compressed key tiles (64K tokens: 64 per KV head),
+    each seen by up to 64K queries, so one program per key tile left most SMs idle."""
+    if SPLIT_OVERRIDE is not None:
+        return SPLIT_OVERRIDE
+    if _interpreting():
+        return 1  # the interpreter runs programs one by one: empty splits only cost time
+    programs = h * max(1, total_c // 64)
+    return max(1, min(16, 2048 // programs))
 
 
 class _CompressedAttention(torch.autograd.Function):

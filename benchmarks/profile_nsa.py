@@ -1,0 +1,118 @@
+"""Kernel-level profile of the NSA core's forward+backward (torch.profiler, CUDA time).
+
+Prints, per shape, the CUDA kernels sorted by total time and the step's total, so the fixed
+costs (compression, RoPE, gate mixing, layout copies) can be told apart from the attention
+kernels. ``--host`` instead measures the host side: the eager step's median time against the
+same step replayed from a CUDA graph (GPU time alone), and a cProfile of the eager steps.
+GPU only: ``PYTHONPATH=$PWD python3 benchmarks/profile_nsa.py --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from bench_nsa import make_inputs  # noqa: E402 - benchmarks/ is the script's directory
+from torch.profiler import ProfilerActivity, profile
+
+from fsa_train.config import NSAConfig
+from fsa_train.kernels import CompressionParams, nsa_attention
+from fsa_train.model.rope import Rotary
+
+
+def make_step(tokens: int, groups: int, doc: int | None, kv_heads: int):
+    """A fwd+bwd step of the NSA core on random inputs, warmed up."""
+    nsa = NSAConfig()
+    inp = make_inputs(tokens, doc, groups, kv_heads, 128, nsa, "cuda", torch.bfloat16)
+    leaves = [inp[n].requires_grad_() for n in ("q", "k", "v", "gates", "w_k", "w_v", "pe")]
+    q, k, v, gates, w_k, w_v, pe = leaves
+    rope = Rotary(128)
+    params = CompressionParams(w_k, w_v, pe)
+
+    def step() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        nsa_attention(q, k, v, gates, params, inp["cu"], nsa, rope).backward(inp["do"])
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    return step
+
+
+def host_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: int) -> str:
+    """Eager step time vs CUDA-graph replay (the GPU's share), and where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from triton.testing import do_bench
+
+    step = make_step(tokens, groups, doc, kv_heads)
+    eager = do_bench(step, warmup=25, rep=200, return_mode="median")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    replay = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    layout = "1 doc" if doc is None else f"{tokens // doc} x {doc}"
+    return (f"## host: {tokens} tokens, G = {groups}, {kv_heads} KV heads, {layout}\n\n"
+            f"eager fwd+bwd {eager:.3f} ms, CUDA-graph replay {replay:.3f} ms\n\n"
+            f"cProfile of 20 eager steps (tottime):\n\n```\n{text.getvalue()[-6000:]}\n```\n")
+
+
+def profile_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: int) -> str:
+    step = make_step(tokens, groups, doc, kv_heads)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
+                                      max_name_column_width=90)
+    layout = "1 doc" if doc is None else f"{tokens // doc} x {doc}"
+    title = f"## {kv_heads} KV heads, {tokens} tokens, G = {groups}, {layout} (5 steps)"
+    return f"{title}\n\n```\n{table}\n```\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--rows", type=int, default=40)
+    parser.add_argument("--shapes", nargs="+", default=["16384:4", "65536:4", "16384:1"],
+                        help="tokens:G[:kv_heads[:doc]]")
+    parser.add_argument("--host", action="store_true", help="host overhead instead of kernels")
+    parser.add_argument("--name", default="nsa_profile")
+    args = parser.parse_args()
+    parts = []
+    for shape in args.shapes:
+        fields = [int(x) for x in shape.split(":")]
+        tokens, groups = fields[:2]
+        kv_heads = fields[2] if len(fields) > 2 else 4
+        doc = fields[3] if len(fields) > 3 else None
+        run = host_shape if args.host else profile_shape
+        text = run(tokens, groups, doc, kv_heads, args.rows)
+        print(text, flush=True)
+        parts.append(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"# NSA core profile\n\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n\n"
+    (out / f"{args.name}.md").write_text(header + "\n".join(parts), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
