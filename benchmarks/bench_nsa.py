@@ -141,7 +141,8 @@ def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool) -> list[dict
         k_c, cu_c = ops.compress(k, w_k, pe, cu, nsa.cmp_kernel, nsa.cmp_stride)
         v_c, _ = ops.compress(v, w_v, None, cu, nsa.cmp_kernel, nsa.cmp_stride)
         q_r = rope(q, positions)
-        k_cr = rope(k_c, ops.varlen.document_positions(cu_c, k_c.shape[0]) * nsa.cmp_stride)
+        k_cr = rope(k_c, ops.varlen.document_positions(cu_c, k_c.shape[0]) * nsa.cmp_stride,
+                    max_position=q.shape[0])
         _, lse = ops.compressed_attention(q_r, k_cr, v_c, cu, cu_c, nsa.cmp_kernel,
                                           nsa.cmp_stride)
         idx = ops.select_blocks(q_r, k_cr, lse, cu, cu_c, nsa.cmp_kernel, nsa.cmp_stride,

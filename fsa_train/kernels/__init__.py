@@ -29,6 +29,7 @@ OPS = (
     "select_blocks",
     "selected_attention",
     "window_attention",
+    "gate_mix",
 )
 _TRITON_MODULE = {
     "compress": "fsa_train.kernels.triton.compress",
@@ -36,6 +37,7 @@ _TRITON_MODULE = {
     "select_blocks": "fsa_train.kernels.triton.topk",
     "selected_attention": "fsa_train.kernels.triton.selected_attention",
     "window_attention": "fsa_train.kernels.triton.window_attention",
+    "gate_mix": "fsa_train.kernels.triton.gate_mix",
 }
 
 
@@ -124,6 +126,12 @@ def window_attention(q, k, v, cu_seqlens, window=None, scale=None, backend: Back
     return fn(q, k, v, cu_seqlens, window, scale)
 
 
+def gate_mix(o_cmp, o_sel, o_win, gates, backend: Backend = "auto"):
+    """Gated sum of the three branch outputs, ``Σ_x gates[..., x]·o_x``, in o_cmp's dtype."""
+    fn = resolve("gate_mix", backend, o_cmp)
+    return fn(o_cmp, o_sel, o_win, gates)
+
+
 from fsa_train.kernels.nsa import CompressionParams, nsa_attention  # noqa: E402
 
 __all__ = [
@@ -131,6 +139,7 @@ __all__ = [
     "CompressionParams",
     "compress",
     "compressed_attention",
+    "gate_mix",
     "nsa_attention",
     "resolve",
     "select_blocks",

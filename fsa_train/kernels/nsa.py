@@ -19,7 +19,10 @@ if TYPE_CHECKING:
     from fsa_train.config import NSAConfig
 
 Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``rope(x [n, heads, d], positions [n] int64) -> x rotated``."""
+"""``rope(x [n, heads, d], positions [n] int64, max_position=None) -> x rotated``.
+
+``max_position`` is an exclusive bound on the positions (default: n); passed for the compressed
+keys, whose positions ``i·stride`` exceed their count."""
 
 
 @dataclass
@@ -75,7 +78,7 @@ def nsa_attention(
     positions_c = document_positions(cu_seqlens_c, k_c.shape[0]) * cfg.cmp_stride
     q = rope(q, positions)
     k = rope(k, positions)
-    k_c = rope(k_c, positions_c)
+    k_c = rope(k_c, positions_c, max_position=total)
 
     o_cmp, lse = ops.compressed_attention(
         q, k_c, v_c, cu_seqlens, cu_seqlens_c, cfg.cmp_kernel, cfg.cmp_stride, scale,
@@ -89,7 +92,4 @@ def nsa_attention(
         )
     o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale, backend=backend)
     o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, backend=backend)
-    gates = gates.to(o_cmp.dtype)
-    return (
-        gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_sel + gates[..., 2:3] * o_win
-    )
+    return ops.gate_mix(o_cmp, o_sel, o_win, gates, backend=backend)

@@ -26,8 +26,8 @@ F64 = torch.float64
 # --------------------------------------------------------------------------------------------
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Half-rotation RoPE, base 10000, at the given positions."""
+def rope(x: torch.Tensor, positions: torch.Tensor, max_position: int | None = None) -> torch.Tensor:
+    """Half-rotation RoPE, base 10000, at the given positions (the bound is not needed here)."""
     half = x.shape[-1] // 2
     inv_freq = 10000.0 ** (-torch.arange(half, dtype=F64) / half)
     angle = positions.to(F64)[:, None] * inv_freq[None, :]
@@ -37,7 +37,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def no_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def no_rope(
+    x: torch.Tensor, positions: torch.Tensor, max_position: int | None = None
+) -> torch.Tensor:
     return x
 
 

@@ -1,0 +1,159 @@
+"""Gate mixing of the three NSA branches (docs/nsa.md step 8) in one kernel each way.
+
+``o = g_cmp·o_cmp + g_sel·o_sel + g_win·o_win`` with per-(token, head) gates. In torch this is five
+elementwise kernels forward and about ten backward (with reductions for the gate gradients), each
+a full pass over ``[total, H, d]``; here the forward reads the three branches once and writes
+``o`` once, and the backward reads ``do`` (and the branches, for the gate gradients) once.
+
+Tile: one program owns ``_TILE // d`` (token, head) rows × the whole head dim, so every program
+moves a few tens of KB whatever ``d``; rows are flattened ``t·H + j`` so any token/head/dim
+strides work. Gate gradients are row sums inside one program: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["GateMix", "gate_mix"]
+
+_TILE = 4096
+"""Elements (rows × d) of one branch per program: 8 KB in bf16."""
+
+
+@triton.jit
+def _load_rows(X, t, j, st, sh, sd, rv, D: tl.constexpr):
+    """Rows ``(t, j)`` × the whole head dim of X (strides ``st, sh, sd``) in fp32, 0 if masked."""
+    offs = t[:, None] * st + j[:, None] * sh + tl.arange(0, D)[None, :] * sd
+    return tl.load(X + offs, mask=rv[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fwd_kernel(
+    OC, OS, OW, G, O,
+    sct, sch, scd, sst, ssh, ssd, swt, swh, swd, sgt, sgh, sgx, rows, H,
+    D: tl.constexpr, BR: tl.constexpr,
+):
+    """``o[r] = Σ_x g[r, x]·o_x[r]`` in fp32 for BR rows; o is contiguous."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rv = r < rows
+    t = r // H
+    j = r % H
+    g = G + t * sgt + j * sgh
+    g0 = tl.load(g, mask=rv, other=0.0).to(tl.float32)
+    g1 = tl.load(g + sgx, mask=rv, other=0.0).to(tl.float32)
+    g2 = tl.load(g + 2 * sgx, mask=rv, other=0.0).to(tl.float32)
+    acc = g0[:, None] * _load_rows(OC, t, j, sct, sch, scd, rv, D)
+    acc += g1[:, None] * _load_rows(OS, t, j, sst, ssh, ssd, rv, D)
+    acc += g2[:, None] * _load_rows(OW, t, j, swt, swh, swd, rv, D)
+    out = r[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(O + out, acc.to(O.dtype.element_ty), mask=rv[:, None])
+
+
+@triton.jit
+def _branch_bwd(
+    do, OX, sxt, sxh, sxd, g, DOX, DG, r, rv, t, j, x: tl.constexpr,
+    D: tl.constexpr, NEED_DO: tl.constexpr, NEED_DG: tl.constexpr,
+):
+    """One branch's share of the backward: ``d_o_x = g_x·do`` and ``d_g[:, x] = Σ_d do·o_x``."""
+    if NEED_DO:
+        gx = tl.load(g, mask=rv, other=0.0).to(tl.float32)
+        out = r[:, None] * D + tl.arange(0, D)[None, :]
+        tl.store(DOX + out, (gx[:, None] * do).to(DOX.dtype.element_ty), mask=rv[:, None])
+    if NEED_DG:
+        o = _load_rows(OX, t, j, sxt, sxh, sxd, rv, D)
+        tl.store(DG + r * 3 + x, tl.sum(do * o, 1).to(DG.dtype.element_ty), mask=rv)
+
+
+@triton.jit
+def _bwd_kernel(
+    DO, OC, OS, OW, G, DOC, DOS, DOW, DG,
+    sdt, sdh, sdd, sct, sch, scd, sst, ssh, ssd, swt, swh, swd, sgt, sgh, sgx, rows, H,
+    D: tl.constexpr, BR: tl.constexpr,
+    NEED_C: tl.constexpr, NEED_S: tl.constexpr, NEED_W: tl.constexpr, NEED_G: tl.constexpr,
+):
+    """Branch and gate gradients of BR rows from one read of ``do``; outputs are contiguous."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    rv = r < rows
+    t = r // H
+    j = r % H
+    do = _load_rows(DO, t, j, sdt, sdh, sdd, rv, D)
+    g = G + t * sgt + j * sgh
+    _branch_bwd(do, OC, sct, sch, scd, g, DOC, DG, r, rv, t, j, 0, D, NEED_C, NEED_G)
+    _branch_bwd(do, OS, sst, ssh, ssd, g + sgx, DOS, DG, r, rv, t, j, 1, D, NEED_S, NEED_G)
+    _branch_bwd(do, OW, swt, swh, swd, g + 2 * sgx, DOW, DG, r, rv, t, j, 2, D, NEED_W, NEED_G)
+
+
+def _check(o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor):
+    if o_cmp.dim() != 3 or o_sel.shape != o_cmp.shape or o_win.shape != o_cmp.shape:
+        raise ValueError(
+            f"branch outputs must share a [total, H, d] shape, got {tuple(o_cmp.shape)}, "
+            f"{tuple(o_sel.shape)}, {tuple(o_win.shape)}"
+        )
+    total, H, d = o_cmp.shape
+    if gates.shape != (total, H, 3):
+        raise ValueError(f"gates must be [{total}, {H}, 3], got {tuple(gates.shape)}")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two in [16, 256], got {d}")
+    if not all(x.is_floating_point() for x in (o_cmp, o_sel, o_win, gates)):
+        raise ValueError("branch outputs and gates must be floating point")
+
+
+class GateMix(torch.autograd.Function):
+    """``Σ_x gates[..., x:x+1]·o_x`` with a fused Triton forward and backward."""
+
+    @staticmethod
+    def forward(ctx, o_cmp, o_sel, o_win, gates):
+        total, H, d = o_cmp.shape
+        out = torch.empty(o_cmp.shape, dtype=o_cmp.dtype, device=o_cmp.device)
+        rows, br = total * H, _TILE // d
+        if rows:
+            _fwd_kernel[(triton.cdiv(rows, br),)](
+                o_cmp, o_sel, o_win, gates, out,
+                *o_cmp.stride(), *o_sel.stride(), *o_win.stride(), *gates.stride(), rows, H,
+                D=d, BR=br, num_warps=4,
+            )
+        # the branch outputs are needed only for the gate gradients
+        branches = (o_cmp, o_sel, o_win) if ctx.needs_input_grad[3] else (None, None, None)
+        ctx.save_for_backward(*branches, gates)
+        ctx.dtypes = (o_cmp.dtype, o_sel.dtype, o_win.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        *branches, gates = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        total, H, d = do.shape
+        grads = [
+            torch.empty(do.shape, dtype=dtype, device=do.device) if n else None
+            for dtype, n in zip(ctx.dtypes, need[:3], strict=True)
+        ]
+        d_g = torch.empty(gates.shape, dtype=gates.dtype, device=do.device) if need[3] else None
+        rows, br = total * H, _TILE // d
+        if rows and any(need):
+            # unused pointers and strides get ``do``'s: the kernel never touches them
+            ptrs = [x if x is not None else do for x in (*branches, *grads, d_g)]
+            strides = [s for x in ptrs[:3] for s in x.stride()]
+            _bwd_kernel[(triton.cdiv(rows, br),)](
+                do, *ptrs[:3], gates, *ptrs[3:], *do.stride(), *strides, *gates.stride(), rows, H,
+                D=d, BR=br, NEED_C=need[0], NEED_S=need[1], NEED_W=need[2], NEED_G=need[3],
+                num_warps=8,
+            )
+        return (*grads, d_g)
+
+
+def gate_mix(
+    o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor
+) -> torch.Tensor:
+    """Gated sum of the NSA branch outputs, ``[total, H, d]`` in o_cmp's dtype.
+
+    Args:
+        o_cmp, o_sel, o_win: branch outputs ``[total, H, d]`` (any float dtypes and strides;
+            ``d`` a power of two in [16, 256]).
+        gates: ``[total, H, 3]`` (any float dtype and strides), order (cmp, sel, win).
+
+    Computed in fp32; differentiable in all four inputs (each gradient in its input's dtype).
+    """
+    _check(o_cmp, o_sel, o_win, gates)
+    return GateMix.apply(o_cmp, o_sel, o_win, gates)
