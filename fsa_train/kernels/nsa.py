@@ -51,6 +51,7 @@ def nsa_attention(
     rope: Rope,
     scale: float | None = None,
     backend: str = "auto",
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NSA core output ``[total, H, d]``.
 
@@ -64,11 +65,14 @@ def nsa_attention(
         rope: rotary embedding, applied here at per-document positions.
         scale: softmax scale (default ``1/sqrt(d)``).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        positions: the tokens' document positions (``varlen.document_positions``), if the caller
+            has them already (the model computes them once for all layers).
     """
     from fsa_train import kernels as ops
 
     total = q.shape[0]
-    positions = document_positions(cu_seqlens, total)
+    if positions is None:
+        positions = document_positions(cu_seqlens, total)
     k_c, cu_seqlens_c = ops.compress(
         k, params.w_k, params.pe, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride, backend=backend
     )

@@ -63,7 +63,8 @@ class Attention(nn.Module):
             gates = torch.sigmoid(self.gate(x)).view(total, H, 3)
             params = CompressionParams(self.w_ck, self.w_cv, self.pe)
             o = nsa_attention(
-                q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend
+                q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend,
+                positions=positions,
             )
         else:
             q = self.rope(q, positions)

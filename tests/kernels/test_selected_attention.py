@@ -272,3 +272,33 @@ def test_gpu_deterministic_and_cuda_graph():
     expect = run_ours(q2, k2, v2, do2, idx, cu, 64)
     for a, b in zip((o_static, qg.grad, kg.grad, vg.grad), expect, strict=True):
         assert torch.equal(a, b)
+
+
+def test_plan_cleaning_and_block_ranges_with_empty_documents():
+    """The plan kernels against plain torch: cleaned ids, document starts, block token ranges."""
+    h, block, topk = 2, 16, 4
+    cu = torch.tensor([0, 0, 37, 37, 38, 100], dtype=torch.int32, device=DEV)  # empty documents
+    total = 100
+    idx = sa.random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(4))
+    idx[0, 3] = torch.tensor([0, 0, 5, -1], dtype=torch.int32)  # a repeat and a future block
+    plan = sa._plan(idx, cu, total, block, segq=8)
+    tok = torch.arange(total, device=DEV)
+    doc = torch.searchsorted(cu[1:].long(), tok, right=True)
+    start = cu.long()[doc]
+    own = (tok - start) // block
+    ids = idx.long()
+    prev = torch.cat([torch.full_like(ids[..., :1], -2), ids[..., :-1]], -1)
+    valid = (ids >= 0) & (ids <= own[None, :, None]) & (ids != prev)
+    assert torch.equal(plan["idx_c"].long(), torch.where(valid, ids, -1))
+    assert plan["idx_c"][0, 3].tolist() == [0, -1, -1, -1]
+    assert torch.equal(plan["start"].long(), start)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    want0, want1 = [], []
+    for b, n in enumerate(lengths):
+        for j in range(-(-n // block)):
+            want0.append(int(cu[b]) + j * block)
+            want1.append(min(int(cu[b]) + (j + 1) * block, int(cu[b + 1])))
+    n_blocks = len(want0)
+    assert plan["tok0"][:n_blocks].tolist() == want0
+    assert plan["tok1"][:n_blocks].tolist() == want1
+    assert int(plan["tok0"][n_blocks:].abs().sum() + plan["tok1"][n_blocks:].abs().sum()) == 0

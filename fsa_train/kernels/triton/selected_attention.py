@@ -7,9 +7,9 @@ blocks ``idx[j // G, t, :]`` (local block ids, -1 padded) with key position ``<=
 
 Design (FSA's block-major order, with the G query heads of a token stacked as matmul rows):
 
-* **Plan** (:func:`_plan`, torch ops on the device, static sizes, no host synchronisation): every
-  (KV head, token, slot) whose block is valid gets the key ``head · NB + global block``; a stable
-  sort of the keys gives the block → queries inverse index (CSR, queries ascending in each block),
+* **Plan** (:func:`_plan`, on the device, static sizes, no host synchronisation): one kernel
+  cleans the selections and gives every (KV head, token, slot) whose block is valid the key
+  ``head · NB + global block``; a stable sort of the keys (torch) gives the block → queries inverse index (CSR, queries ascending in each block),
   ``searchsorted`` gives the offsets. The queries of a block are cut into *segments* of at most
   ``segq`` queries, so a block that every query selects becomes many programs (balanced grid) and
   never more memory. The grid is sized by a static bound on the number of segments; programs past
@@ -414,6 +414,79 @@ def _dq_query_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _plan_keys_kernel(
+    IDX, CU, BOFF, IDXC, KEYS, START,
+    s_ih, s_it, s_ik, total, n_docs, n_iter, block, nbmax, nkeys,
+    T: tl.constexpr, TP: tl.constexpr, BT: tl.constexpr,
+):
+    """Clean BT tokens' selections of one KV head and write their sort keys.
+
+    An entry is valid if it is >= 0, not past the token's own block and not a repeat of the
+    previous slot (valid ids are sorted, so repeats are adjacent); ``idx_c`` holds the valid ids
+    (-1 otherwise), ``keys`` ``head·nbmax + global block`` (``nkeys`` = invalid, sorts last).
+    Head 0 also writes each token's document start.
+    """
+    tt = tl.program_id(0) * BT + tl.arange(0, BT)
+    head = tl.program_id(1)
+    tv = tt < total
+    # document of each token: the number of document ends <= token (binary search)
+    lo = tt * 0
+    hi = lo + n_docs
+    for _ in range(n_iter):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        end = tl.load(CU + 1 + tl.minimum(mid, n_docs - 1), mask=tv, other=0)
+        right = active & (end <= tt)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    doc = tl.minimum(lo, n_docs - 1)
+    start = tl.load(CU + doc, mask=tv, other=0)
+    own = (tt - start) // block
+    slots = tl.arange(0, TP)
+    sv = slots < T
+    m = tv[:, None] & sv[None, :]
+    t64 = tt.to(tl.int64)
+    base = IDX + head.to(tl.int64) * s_ih + t64[:, None] * s_it
+    ids = tl.load(base + slots[None, :] * s_ik, mask=m, other=-1).to(tl.int32)
+    prev = tl.load(base + (slots[None, :] - 1) * s_ik, mask=m & (slots[None, :] > 0),
+                   other=-2).to(tl.int32)
+    valid = (ids >= 0) & (ids <= own[:, None]) & (ids != prev)
+    flat = (head.to(tl.int64) * total + t64)[:, None] * T + slots[None, :]
+    tl.store(IDXC + flat, tl.where(valid, ids, -1), mask=m)
+    boff = tl.load(BOFF + doc, mask=tv, other=0)
+    key = head * nbmax + boff[:, None] + ids
+    tl.store(KEYS + flat, tl.where(valid, key, nkeys), mask=m)
+    if head == 0:
+        tl.store(START + tt, start, mask=tv)
+
+
+@triton.jit
+def _plan_blocks_kernel(
+    CU, BOFF, TOK0, TOK1, n_docs, n_iter, block, nbmax, BR: tl.constexpr,
+):
+    """Token range ``[tok0, tok1)`` of each global block row (0, 0 past the last block)."""
+    gb = tl.program_id(0) * BR + tl.arange(0, BR)
+    gv = gb < nbmax
+    lo = gb * 0
+    hi = lo + n_docs
+    for _ in range(n_iter):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        end = tl.load(BOFF + 1 + tl.minimum(mid, n_docs - 1), mask=gv, other=0)
+        right = active & (end <= gb)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    doc = tl.minimum(lo, n_docs - 1)
+    doc_start = tl.load(CU + doc, mask=gv, other=0)
+    doc_end = tl.load(CU + doc + 1, mask=gv, other=0)
+    tok0 = doc_start + (gb - tl.load(BOFF + doc, mask=gv, other=0)) * block
+    tok1 = tl.minimum(tok0 + block, doc_end)
+    exists = gb < tl.load(BOFF + n_docs)
+    tl.store(TOK0 + gb, tl.where(exists, tok0, 0), mask=gv)
+    tl.store(TOK1 + gb, tl.where(exists, tok1, 0), mask=gv)
+
+
 def _segment_queries(topk: int, block: int) -> int:
     """Queries per segment: the average number of queries per block (T·B) in a long document."""
     return max(16, topk * block)
@@ -437,21 +510,15 @@ def _plan(idx: torch.Tensor, cu_seqlens: torch.Tensor, total: int, block: int, s
     nblk = torch.div(cu[1:] - cu[:-1] + (block - 1), block, rounding_mode="floor")
     boff = torch.zeros(n_docs + 1, dtype=i32, device=dev)
     boff[1:] = torch.cumsum(nblk, 0)
-    tok = torch.arange(total, dtype=i32, device=dev)
-    doc = torch.searchsorted(cu[1:].contiguous(), tok, right=True)
-    start = cu[doc]
-    own = torch.div(tok - start, block, rounding_mode="floor")
-
-    ids = idx.to(i32)
-    valid = (ids >= 0) & (ids <= own[None, :, None])
-    if topk > 1:
-        repeat = torch.zeros_like(valid)
-        repeat[..., 1:] = ids[..., 1:] == ids[..., :-1]
-        valid &= ~repeat
-    idx_c = torch.where(valid, ids, -1).contiguous()
-
-    heads = torch.arange(h, dtype=i32, device=dev)[:, None, None] * nbmax
-    keys = torch.where(valid, heads + boff[doc][None, :, None] + ids, nkeys).reshape(-1)
+    n_iter = max(1, n_docs.bit_length())
+    idx_c = torch.empty((h, total, topk), dtype=i32, device=dev)
+    keys = torch.empty(h * total * topk, dtype=i32, device=dev)
+    start = torch.empty(total, dtype=i32, device=dev)
+    bt = 32
+    _plan_keys_kernel[(triton.cdiv(total, bt), h)](
+        idx, cu, boff, idx_c, keys, start, *idx.stride(), total, n_docs, n_iter, block, nbmax,
+        nkeys, T=topk, TP=triton.next_power_of_2(topk), BT=bt, num_warps=4,
+    )
     skeys, perm = torch.sort(keys, stable=True)
     pairs = torch.remainder(perm, total * topk).to(i32)
     blk_start = torch.searchsorted(
@@ -466,13 +533,12 @@ def _plan(idx: torch.Tensor, cu_seqlens: torch.Tensor, total: int, block: int, s
         out_int32=True,
     )
 
-    gbr = torch.arange(nbmax, dtype=i32, device=dev)
-    bdoc = torch.searchsorted(boff[1:].contiguous(), gbr, right=True).clamp_max(n_docs - 1)
-    tok0 = cu[bdoc] + (gbr - boff[bdoc]) * block
-    tok1 = torch.minimum(tok0 + block, cu[bdoc + 1])
-    exists = gbr < boff[-1]
-    tok0 = torch.where(exists, tok0, 0)
-    tok1 = torch.where(exists, tok1, 0)
+    tok0 = torch.empty(nbmax, dtype=i32, device=dev)
+    tok1 = torch.empty(nbmax, dtype=i32, device=dev)
+    br = 128
+    _plan_blocks_kernel[(triton.cdiv(nbmax, br),)](
+        cu, boff, tok0, tok1, n_docs, n_iter, block, nbmax, BR=br, num_warps=4,
+    )
     return {
         "idx_c": idx_c, "start": start, "pairs": pairs, "blk_start": blk_start,
         "seg_key": seg_key, "seg_off": seg_off, "tok0": tok0, "tok1": tok1,
