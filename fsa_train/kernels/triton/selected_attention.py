@@ -9,11 +9,11 @@ Design (FSA's block-major order, with the G query heads of a token stacked as ma
 
 * **Plan** (:func:`_plan`, on the device, static sizes, no host synchronisation): one kernel
   cleans the selections and gives every (KV head, token, slot) whose block is valid the key
-  ``head · NB + global block``; a stable sort of the keys (torch) gives the block → queries inverse index (CSR, queries ascending in each block),
-  ``searchsorted`` gives the offsets. The queries of a block are cut into *segments* of at most
-  ``segq`` queries, so a block that every query selects becomes many programs (balanced grid) and
-  never more memory. The grid is sized by a static bound on the number of segments; programs past
-  the real count exit at once.
+  ``head · NB + global block``; a stable sort of the keys (torch) gives the block → queries
+  inverse index (CSR, queries ascending in each block), ``searchsorted`` gives the offsets. The
+  queries of a block are cut into *segments* of at most ``segq`` queries, so a block that every
+  query selects becomes many programs (balanced grid) and never more memory. The grid is sized
+  by a static bound on the number of segments; programs past the real count exit at once.
 * **Forward, block-major** (:func:`_fwd_block_kernel`): one program per segment loads its K/V block
   once and walks the segment in chunks of ``BLOCK_M // G`` queries, the G heads of each query
   stacked as rows (``M = BLOCK_M`` rows for any G). Each (query, slot, head) gets an fp32 partial
