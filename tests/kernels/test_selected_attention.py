@@ -81,7 +81,8 @@ def test_prefetching_variant_matches_reference_fp32(G, monkeypatch):
     h, block, topk = 1, 16, 3
     q, k, v, do, cu = make_inputs([70, 33], h, G, 16, torch.float32, seed=30 + G)
     idx = sa.random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(G))
-    assert sa._block_cfg(G, 16, block, False)["PREFETCH"] or torch.cuda.is_available()
+    # the interpreter takes the variant from _PREFETCH_TEST; the GPU from its measured table
+    assert sa._block_cfg(G, 16, block, False).get("PREFETCH") or torch.cuda.is_available()
     ours = run_ours(q, k, v, do, idx, cu, block, fwd_mode="block", dq_mode="block")
     check(ours, run_ref(q, k, v, do, idx, cu, block), 2e-5, f"G={G} prefetch")
 
