@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,16 +39,28 @@ class Attention(nn.Module):
             self.gate = nn.Linear(cfg.d_model, 3 * H, bias=False)
 
     @torch.no_grad()
-    def reset_compression(self) -> None:
-        """Start compression as mean pooling over the window plus small noise."""
-        if not self.sparse:
+    def reset_compression(
+        self, generator: Callable[[str, torch.device], torch.Generator] | None = None
+    ) -> None:
+        """Start compression as mean pooling over the window plus small noise.
+
+        ``generator(param_name, device)`` gives the random generator of each parameter (the
+        GPT's name-keyed initialisation); None draws from the global RNG.
+        """
+        if not self.sparse or self.pe.is_meta:
             return
+
+        def gen(name: str, param: torch.Tensor) -> torch.Generator | None:
+            return None if generator is None else generator(name, param.device)
+
         l, d = self.cfg.nsa.cmp_kernel, self.cfg.head_dim
         pooling = torch.eye(d).repeat(l, 1) / l
-        for weight in (self.w_ck, self.w_cv):
+        for name, weight in (("w_ck", self.w_ck), ("w_cv", self.w_cv)):
+            noise = torch.randn(weight.shape, generator=gen(name, weight), device=weight.device,
+                                dtype=weight.dtype)
             weight.copy_(pooling.expand_as(weight))
-            weight.add_(torch.randn_like(weight) * self.cfg.init_std / math.sqrt(l))
-        nn.init.normal_(self.pe, std=self.cfg.init_std)
+            weight.add_(noise * (self.cfg.init_std / math.sqrt(l)))
+        self.pe.normal_(0.0, self.cfg.init_std, generator=gen("pe", self.pe))
 
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor

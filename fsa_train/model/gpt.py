@@ -7,6 +7,7 @@ every document and no attention crosses a boundary.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,10 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # One draw of the global RNG before any module exists (module construction consumes a
+        # different amount for dense and NSA): every parameter is then initialised from its own
+        # generator seeded by this and its name (init_generator).
+        self.init_seed = int(torch.randint(0, 2**62, (1,)).item())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -64,17 +69,32 @@ class GPT(nn.Module):
             self.head.weight = self.embed.weight
         self.reset_parameters()
 
+    def init_generator(self, name: str, device: torch.device) -> torch.Generator:
+        """The generator that initialises parameter ``name``: seeded by the model's init seed and
+        the name alone, so a parameter's initial value does not depend on which other parameters
+        exist. Dense and NSA models built after the same ``seed_everything`` therefore start with
+        identical shared weights (the loss-parity experiment relies on it)."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.init_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        return generator
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual output projections scaled by 1/√(2·n_layer)."""
         std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.o_proj.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
-            nn.init.normal_(block.mlp.w2.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
-            block.attn.reset_compression()
+        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
+                residual = name.endswith(("attn.o_proj", "mlp.w2"))
+                module.weight.normal_(
+                    0.0, residual_std if residual else std,
+                    generator=self.init_generator(f"{name}.weight", module.weight.device),
+                )
+        for index, block in enumerate(self.blocks):
+            block.attn.reset_compression(
+                lambda param, device, i=index: self.init_generator(f"blocks.{i}.attn.{param}",
+                                                                   device)
+            )
 
     def num_parameters(self, exclude_embeddings: bool = True) -> int:
         """Parameter count (tied weights counted once)."""

@@ -1,5 +1,7 @@
 """The GPT on packed documents: shapes, document isolation, chunked loss, learning, generation."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,36 @@ def test_activation_checkpointing_gives_the_same_gradients(attention):
         model.loss(model(ids, cu), targets).backward()
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_dense_and_nsa_start_from_the_same_shared_weights():
+    """Name-keyed initialisation: after the same seed, every parameter both models have is equal
+    (the loss-parity experiment compares them from one starting point); NSA's own are extra."""
+    torch.manual_seed(7)
+    dense = GPT(small_config("dense")).state_dict()
+    torch.manual_seed(7)
+    nsa = GPT(small_config("nsa")).state_dict()
+    assert set(dense) < set(nsa)
+    extra = set(nsa) - set(dense)
+    nsa_only = re.compile(r"blocks\.\d+\.attn\.(w_ck|w_cv|pe|gate\.weight)$")
+    assert extra and all(nsa_only.match(k) for k in extra), extra
+    for name, value in dense.items():
+        assert torch.equal(value, nsa[name]), name
+    torch.manual_seed(8)
+    other = GPT(small_config("dense")).state_dict()
+    name = "blocks.0.attn.q_proj.weight"
+    assert not torch.equal(other[name], dense[name])
+
+
+def test_initialisation_scales():
+    torch.manual_seed(0)
+    cfg = small_config("nsa", d_model=64, n_layer=4)
+    model = GPT(cfg)
+    std = cfg.init_std
+    assert abs(model.embed.weight.std().item() - std) < 0.1 * std
+    o_proj = torch.cat([b.attn.o_proj.weight.flatten() for b in model.blocks])
+    assert abs(o_proj.std().item() - std / (2 * cfg.n_layer) ** 0.5) < 0.1 * std
+    attn = model.blocks[0].attn
+    pooling = torch.eye(cfg.head_dim).repeat(cfg.nsa.cmp_kernel, 1) / cfg.nsa.cmp_kernel
+    assert (attn.w_ck - pooling).abs().max() < 10 * std  # mean pooling plus small noise
+    assert not torch.equal(attn.w_ck, attn.w_cv)  # each weight draws its own noise
