@@ -131,27 +131,62 @@ class ThroughputMonitor(L.Callback):
 
 
 class MetricsFile(L.Callback):
-    """Appends every training step's logged metrics to a JSON-lines file (global rank 0).
+    """Appends every training step's logged metrics to a JSON-lines file (global rank 0), and
+    optionally every validation's to a second one.
 
     A plain local record beside wandb: easy to diff between runs, to plot, or to read in tests.
+    Each record carries ``train_time_s``, the seconds spent in training batches so far (data
+    loading and validation excluded; kept across resumes in the checkpoint), so runs can be
+    compared by time as well as by step (the loss-parity experiment's "time to reach a loss").
 
     Args:
-        path: the ``.jsonl`` file; created with its directory, appended to on resume.
+        path: the ``.jsonl`` file of training steps; created with its directory, appended to on
+            resume.
+        val_path: the ``.jsonl`` file of validation results (``val/*`` metrics), or None.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, val_path: str | None = None) -> None:
         self.path = path
+        self.val_path = val_path
+        self.train_time_s = 0.0
+        self._batch_start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._batch_start is not None:
+            self.train_time_s += time.perf_counter() - self._batch_start
+            self._batch_start = None
         if not trainer.is_global_zero:
             return
-        record = {"step": trainer.global_step}
+        record = {"step": trainer.global_step, "train_time_s": round(self.train_time_s, 4)}
         for name, value in trainer.callback_metrics.items():
             if name.startswith(("train/", "throughput/", "perf/", "memory/", "lr")):
                 record[name] = float(value)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+        _append_json_line(self.path, record)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.val_path is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        record = {"step": trainer.global_step, "train_time_s": round(self.train_time_s, 4),
+                  "tokens_seen": int(getattr(pl_module, "tokens_seen", 0))}
+        for name, value in trainer.callback_metrics.items():
+            if name.startswith("val/"):
+                record[name] = float(value)
+        _append_json_line(self.val_path, record)
+
+    def state_dict(self) -> dict:
+        return {"train_time_s": self.train_time_s}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_time_s = float(state_dict.get("train_time_s", 0.0))
+
+
+def _append_json_line(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(record) + "\n")
 
 
 class StopAtStep(L.Callback):

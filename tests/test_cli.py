@@ -39,7 +39,7 @@ trainer:
                    every_n_train_steps: {every}}}
 {stop}    - class_path: fsa_train.callbacks.ThroughputMonitor
     - class_path: fsa_train.callbacks.MetricsFile
-      init_args: {{path: {root / "metrics.jsonl"}}}
+      init_args: {{path: {root / "metrics.jsonl"}, val_path: {root / "val.jsonl"}}}
     - class_path: fsa_train.callbacks.TrainingSummary
 data:
   corpus: {corpus}
@@ -79,6 +79,12 @@ def test_short_training_run_learns_and_reports(small_corpus, tmp_path, attention
     assert [r["step"] for r in records] == list(range(1, 41))
     assert records[-1]["train/loss"] < records[0]["train/loss"]
     assert records[-1]["train/tokens_seen"] == 40 * 4 * 128
+    times = [r["train_time_s"] for r in records]
+    assert times[0] > 0 and all(b > a for a, b in zip(times, times[1:], strict=False))
+    val = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in val] == [40]  # the sanity check is not recorded
+    assert val[0]["val/loss"] == pytest.approx(float(metrics["val/loss"]))
+    assert val[0]["tokens_seen"] == 40 * 4 * 128 and val[0]["train_time_s"] == times[-1]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     printed = capsys.readouterr().out
