@@ -22,3 +22,62 @@ def test_nsa_core_benchmark_smoke(tmp_path):
     assert expected <= methods
     assert all(row["fwd_ms"] > 0 for row in rows)
     assert "| nsa core |" in (tmp_path / "nsa_core.md").read_text()
+
+
+TINY_PARITY_MODEL = """\
+model:
+  config:
+    n_layer: 1
+    n_head: 2
+    n_kv_head: 1
+    d_model: 32
+    loss_chunk: 64
+    attention: nsa
+    nsa: {cmp_kernel: 8, cmp_stride: 4, sel_block: 16, sel_topk: 3, init_blocks: 1,
+          local_blocks: 2, window: 16}
+  learning_rate: 3.0e-3
+"""
+
+
+def test_loss_parity_runs_dense_and_nsa_from_one_start_and_reports(small_corpus, tmp_path):
+    """The parity experiment end to end on the CPU: two real `fsa-train fit` runs on one
+    dataset, then position loss and passkey on their exports, then the report."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
+
+    def run(*words: str) -> str:
+        result = subprocess.run([sys.executable, *words], cwd=ROOT, capture_output=True,
+                                text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    tok, data, out = tmp_path / "tok", tmp_path / "data", tmp_path / "runs"
+    run("-m", "fsa_train.cli", "train-tokenizer", str(small_corpus), "--output", str(tok),
+        "--vocab_size", "320")
+    run("-m", "fsa_train.cli", "prepare-data", str(small_corpus), "--tokenizer",
+        f"{tok}.model", "--output", str(data), "--val_documents", "2")
+    model = tmp_path / "tiny.yaml"
+    model.write_text(TINY_PARITY_MODEL)
+    parity = ["benchmarks/loss_parity.py"]
+    common = ["--dataset", str(data), "--out", str(out)]
+    run(*parity, "run", *common, "--model_config", str(model), "--tokens", str(8 * 4 * 64),
+        "--seq_len", "64", "--batch_size", "4", "--vocab_size", "320", "--val_every", "4",
+        "--val_batches", "2", "--warmup", "2", "--precision", "32-true")
+    for mode in ("dense", "nsa"):
+        config = (out / f"{mode}-s0" / "run.yaml").read_text()
+        assert f"attention: {mode}" in config
+    run(*parity, "evaluate", *common, "--seq_len", "64", "--batches", "1",
+        "--passkey_lengths", "256", "--passkey_trials", "1")
+    printed = run(*parity, "report", "--out", str(out), "--results", str(tmp_path / "res"))
+    summary = json.loads((tmp_path / "res" / "loss_parity.json").read_text())
+    dense, nsa = summary["runs"]["dense-s0"], summary["runs"]["nsa-s0"]
+    assert [v["step"] for v in dense["val"]] == [4, 8] == [v["step"] for v in nsa["val"]]
+    assert dense["tokens"] == nsa["tokens"] == 8 * 4 * 64
+    assert dense["position_loss"]["buckets"] and nsa["passkey"]["cells"]
+    pair = summary["pairs"][0]
+    assert pair["nsa_minus_dense"] == nsa["final_val_loss"] - dense["final_val_loss"]
+    assert "| dense-s0 |" in printed and "NSA − dense" in printed
+    # a finished run is not trained again
+    again = run(*parity, "run", *common, "--model_config", str(model), "--tokens", str(8 * 4 * 64),
+                "--seq_len", "64", "--batch_size", "4", "--vocab_size", "320", "--val_every", "4",
+                "--val_batches", "2", "--warmup", "2", "--precision", "32-true")
+    assert again.count("finished, skipped") == 2

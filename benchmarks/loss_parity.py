@@ -1,0 +1,310 @@
+"""Loss parity of NSA against dense attention (issue 7): one experiment anyone can rerun.
+
+The same GPT is trained twice per seed, with ``attention: dense`` and ``attention: nsa``, by the
+real trainer (``fsa-train fit``, one process per run): same seed, so the same initial weights for
+every shared parameter (``GPT.init_generator``) and the same token stream (the data seed), the
+same number of tokens and the same schedule. Then:
+
+* ``run``: trains the runs that have not finished yet (a finished run is skipped, a cut-off one
+  continues with ``--resume auto``); each run directory holds its config, ``train.jsonl`` and
+  ``val.jsonl`` (``MetricsFile``: losses with tokens and training seconds) and checkpoints.
+* ``evaluate``: exports each run's last checkpoint and runs ``fsa-train position-loss`` (loss
+  by token position: does NSA keep up late in long documents?) and ``fsa-train passkey``.
+* ``report``: ``{name}.json``, ``{name}.md`` and ``{name}.png`` (validation loss against tokens and
+  against training time): final validation loss per mode (mean and spread over seeds), NSA
+  minus dense, the training time NSA needs to reach the dense run's final validation loss, the
+  position buckets and passkey accuracy when evaluated.
+
+Typical use (``benchmarks/parity_corpus.py`` builds the corpus, ``fsa-train prepare-data`` the
+dataset)::
+
+    python benchmarks/loss_parity.py run --dataset data/parity --out runs/parity --tokens 5e7
+    python benchmarks/loss_parity.py evaluate --dataset data/parity --out runs/parity
+    python benchmarks/loss_parity.py report --out runs/parity --results benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+MODES = ("dense", "nsa")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fsa_train(*words: str) -> None:
+    """Run one ``fsa-train`` command in a child process (the real CLI, its own CUDA context)."""
+    subprocess.run([sys.executable, "-m", "fsa_train.cli", *words], check=True, cwd=REPO)
+
+
+def run_dir(out: Path, mode: str, seed: int) -> Path:
+    return out / f"{mode}-s{seed}"
+
+
+def run_config(args: argparse.Namespace, mode: str, seed: int, steps: int) -> dict:
+    """The per-run YAML, merged after ``--model_config`` (which sets the architecture)."""
+    where = run_dir(Path(args.out), mode, seed).resolve()
+    return {
+        "seed_everything": seed,
+        "trainer": {
+            "accelerator": "auto",
+            "devices": 1,
+            "precision": args.precision,
+            "max_steps": steps,
+            "val_check_interval": args.val_every,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": args.val_batches,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 10,
+            "gradient_clip_val": 1.0,
+            "default_root_dir": str(where),
+            "logger": False,
+            "callbacks": [
+                {"class_path": "fsa_train.checkpointing.SafeModelCheckpoint",
+                 "init_args": {"dirpath": str(where / "checkpoints"), "save_last": True,
+                               "save_top_k": 0, "every_n_train_steps": args.val_every}},
+                {"class_path": "fsa_train.callbacks.ThroughputMonitor"},
+                {"class_path": "fsa_train.callbacks.MetricsFile",
+                 "init_args": {"path": str(where / "train.jsonl"),
+                               "val_path": str(where / "val.jsonl")}},
+            ],
+        },
+        "model": {"config": {"attention": mode}, "warmup_steps": min(args.warmup, steps // 10)},
+        "data": {"dataset": str(Path(args.dataset).resolve()), "vocab_size": args.vocab_size,
+                 "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.data_seed},
+    }
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def finished(where: Path, steps: int) -> bool:
+    val = read_jsonl(where / "val.jsonl")
+    return bool(val) and val[-1]["step"] >= steps
+
+
+def command_run(args: argparse.Namespace) -> None:
+    steps = max(1, int(args.tokens) // (args.seq_len * args.batch_size))
+    if steps % args.val_every:
+        sys.exit(f"loss_parity: error: --val_every {args.val_every} must divide the {steps} steps "
+                 f"that {int(args.tokens)} tokens make at {args.seq_len} x {args.batch_size}")
+    for seed in args.seeds:
+        for mode in args.modes:
+            where = run_dir(Path(args.out), mode, seed)
+            if finished(where, steps):
+                print(f"{where}: finished, skipped", flush=True)
+                continue
+            where.mkdir(parents=True, exist_ok=True)
+            config = where / "run.yaml"
+            config.write_text(yaml.safe_dump(run_config(args, mode, seed, steps), sort_keys=False),
+                              encoding="utf-8")
+            print(f"{where}: {steps} steps of {args.seq_len} x {args.batch_size} tokens",
+                  flush=True)
+            fsa_train("fit", "--config", str(Path(args.model_config).resolve()),
+                      "--config", str(config.resolve()), "--resume", "auto", *args.extra)
+
+
+def command_evaluate(args: argparse.Namespace) -> None:
+    for where in sorted(p for p in Path(args.out).iterdir() if (p / "val.jsonl").is_file()):
+        exported = where / "model.pt"
+        fsa_train("export", str(where / "checkpoints" / "last.ckpt"), str(exported))
+        fsa_train("position-loss", str(exported), str(Path(args.dataset).resolve()),
+                  "--seq_len", str(args.seq_len), "--batches", str(args.batches),
+                  "--out", str(where / "position_loss.json"))
+        fsa_train("passkey", str(exported), "--lengths", *map(str, args.passkey_lengths),
+                  "--trials", str(args.passkey_trials), "--out", str(where / "passkey.json"))
+
+
+def time_to_reach(val: list[dict], target: float) -> float | None:
+    """Training seconds at which the validation loss first reaches ``target`` (linear in time
+    between validations); None if it never does."""
+    prev = None
+    for row in val:
+        if row["val/loss"] <= target:
+            if prev is None:
+                return row["train_time_s"]
+            frac = (prev["val/loss"] - target) / (prev["val/loss"] - row["val/loss"])
+            return prev["train_time_s"] + frac * (row["train_time_s"] - prev["train_time_s"])
+        prev = row
+    return None
+
+
+def summarize(out: Path) -> dict:
+    """Everything the report shows, from the run directories."""
+    runs = {}
+    for where in sorted(p for p in out.iterdir() if (p / "val.jsonl").is_file()):
+        mode, seed = where.name.rsplit("-s", 1)
+        val = read_jsonl(where / "val.jsonl")
+        train = read_jsonl(where / "train.jsonl")
+        rates = [r["throughput/tokens_per_s"] for r in train if "throughput/tokens_per_s" in r]
+        runs[where.name] = {
+            "mode": mode, "seed": int(seed), "val": val,
+            "final_val_loss": val[-1]["val/loss"], "tokens": val[-1]["tokens_seen"],
+            "train_time_s": val[-1]["train_time_s"],
+            "tokens_per_s": statistics.median(rates) if rates else None,
+            "position_loss": _maybe_json(where / "position_loss.json"),
+            "passkey": _maybe_json(where / "passkey.json"),
+        }
+    modes = {}
+    for mode in MODES:
+        finals = [r["final_val_loss"] for r in runs.values() if r["mode"] == mode]
+        if finals:
+            modes[mode] = {"seeds": len(finals), "mean": statistics.fmean(finals),
+                           "spread": max(finals) - min(finals)}
+    pairs = []
+    for seed in sorted({r["seed"] for r in runs.values()}):
+        dense, nsa = runs.get(f"dense-s{seed}"), runs.get(f"nsa-s{seed}")
+        if dense and nsa:
+            reach = time_to_reach(nsa["val"], dense["final_val_loss"])
+            pairs.append({
+                "seed": seed, "nsa_minus_dense": nsa["final_val_loss"] - dense["final_val_loss"],
+                "dense_time_s": dense["train_time_s"], "nsa_time_to_dense_final_s": reach,
+                "speedup_to_dense_final": dense["train_time_s"] / reach if reach else None,
+                "dense_tokens_per_s": dense["tokens_per_s"],
+                "nsa_tokens_per_s": nsa["tokens_per_s"],
+            })
+    return {"runs": runs, "modes": modes, "pairs": pairs}
+
+
+def _maybe_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def markdown(summary: dict, title: str) -> str:
+    lines = [f"# {title}", "", "| run | tokens | final val loss | train time s | tokens/s |",
+             "|---|---|---|---|---|"]
+    for name, r in summary["runs"].items():
+        rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
+        loss = r["final_val_loss"]
+        lines.append(f"| {name} | {r['tokens']:,} | {loss:.4f} | "
+                     f"{r['train_time_s']:.1f} | {rate} |")
+    lines += ["", "| mode | seeds | mean final val loss | spread (max − min) |",
+              "|---|---|---|---|"]
+    for mode, m in summary["modes"].items():
+        lines.append(f"| {mode} | {m['seeds']} | {m['mean']:.4f} | {m['spread']:.4f} |")
+    lines += ["", "| seed | NSA − dense (nats) | dense time s | NSA time to dense's final loss s "
+              "| speed-up |", "|---|---|---|---|---|"]
+    for p in summary["pairs"]:
+        reach = (f"{p['nsa_time_to_dense_final_s']:.1f}"
+                 if p["nsa_time_to_dense_final_s"] is not None else "not reached")
+        speed = f"{p['speedup_to_dense_final']:.2f}×" if p["speedup_to_dense_final"] else "–"
+        lines.append(f"| {p['seed']} | {p['nsa_minus_dense']:+.4f} | {p['dense_time_s']:.1f} | "
+                     f"{reach} | {speed} |")
+    buckets = {n: r["position_loss"]["buckets"] for n, r in summary["runs"].items()
+               if r["position_loss"]}
+    if buckets:
+        names = list(buckets)
+        lines += ["", "Validation loss by token position:", "",
+                  "| positions | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, b in enumerate(next(iter(buckets.values()))):
+            span = f"{b['start']}–{b['end'] - 1}" if b["end"] is not None else f"{b['start']}+"
+            cells = [_fmt(buckets[n][i]["loss"]) for n in names]
+            lines.append(f"| {span} | " + " | ".join(cells) + " |")
+    keys = {n: r["passkey"] for n, r in summary["runs"].items() if r["passkey"]}
+    if keys:
+        lines += ["", "Passkey retrieval (exact-match accuracy by length):", ""]
+        for name, result in keys.items():
+            by_length: dict[int, list[float]] = {}
+            for cell in result["cells"]:
+                by_length.setdefault(cell["length"], []).append(cell["accuracy"])
+            cells = ", ".join(f"{n}: {statistics.fmean(a):.2f}" for n, a in by_length.items())
+            lines.append(f"- {name}: {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def plot(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in summary["runs"].items():
+        style = "-" if r["mode"] == "nsa" else "--"
+        tokens = [v["tokens_seen"] / 1e6 for v in r["val"]]
+        times = [v["train_time_s"] / 60 for v in r["val"]]
+        loss = [v["val/loss"] for v in r["val"]]
+        by_tokens.plot(tokens, loss, style, label=name)
+        by_time.plot(times, loss, style, label=name)
+    by_tokens.set(xlabel="tokens (M)", ylabel="validation loss", title="by tokens")
+    by_time.set(xlabel="training time (min)", title="by training time")
+    for ax in (by_tokens, by_time):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def command_report(args: argparse.Namespace) -> None:
+    summary = summarize(Path(args.out))
+    if not summary["runs"]:
+        sys.exit(f"loss_parity: error: no run with a val.jsonl under {args.out}")
+    results = Path(args.results or args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{args.name}.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    text = markdown(summary, args.title)
+    (results / f"{args.name}.md").write_text(text, encoding="utf-8")
+    plotted = plot(summary, results / f"{args.name}.png")
+    print(text + (f"\nplot: {results / args.name}.png" if plotted else "\n(no matplotlib)"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train the dense and NSA runs")
+    run.add_argument("--dataset", required=True)
+    run.add_argument("--out", required=True)
+    run.add_argument("--model_config", default=str(REPO / "configs/model/gpt-150m-nsa.yaml"))
+    run.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    run.add_argument("--seeds", type=int, nargs="+", default=[0])
+    run.add_argument("--tokens", type=float, default=5e7, help="training tokens per run")
+    run.add_argument("--seq_len", type=int, default=8192)
+    run.add_argument("--batch_size", type=int, default=4)
+    run.add_argument("--vocab_size", type=int, default=32000)
+    run.add_argument("--val_every", type=int, default=100, help="steps between validations")
+    run.add_argument("--val_batches", type=int, default=20)
+    run.add_argument("--warmup", type=int, default=200)
+    run.add_argument("--data_seed", type=int, default=1234, help="the same stream for all runs")
+    run.add_argument("--precision", default="bf16-mixed")
+    run.add_argument("extra", nargs="*", help="more fsa-train fit options (after --)")
+    ev = sub.add_parser("evaluate", help="position loss and passkey of every run")
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--seq_len", type=int, default=8192)
+    ev.add_argument("--batches", type=int, default=16)
+    ev.add_argument("--passkey_lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    ev.add_argument("--passkey_trials", type=int, default=3)
+    rep = sub.add_parser("report", help="JSON, Markdown and PNG of the runs")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--results", default=None, help="where to write (default: --out)")
+    rep.add_argument("--name", default="loss_parity")
+    rep.add_argument("--title", default="Loss parity: NSA vs dense attention")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    {"run": command_run, "evaluate": command_evaluate, "report": command_report}[args.command](
+        args)
+
+
+if __name__ == "__main__":
+    main()
