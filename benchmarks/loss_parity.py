@@ -6,7 +6,8 @@ every shared parameter (``GPT.init_generator``) and the same token stream (the d
 same number of tokens and the same schedule. Then:
 
 * ``run``: trains the runs that have not finished yet (a finished run is skipped, a cut-off one
-  continues with ``--resume auto``); each run directory holds its config, ``train.jsonl`` and
+  continues with ``--resume auto``; ``--stop_at STEP`` ends a job early, for device calls of
+  limited length); each run directory holds its config, ``train.jsonl`` and
   ``val.jsonl`` (``MetricsFile``: losses with tokens and training seconds) and checkpoints.
 * ``evaluate``: exports each run's last checkpoint and runs ``fsa-train position-loss`` (loss
   by token position: does NSA keep up late in long documents?) and ``fsa-train passkey``.
@@ -74,6 +75,8 @@ def run_config(args: argparse.Namespace, mode: str, seed: int, steps: int) -> di
                 {"class_path": "fsa_train.callbacks.MetricsFile",
                  "init_args": {"path": str(where / "train.jsonl"),
                                "val_path": str(where / "val.jsonl")}},
+                *([{"class_path": "fsa_train.callbacks.StopAtStep",
+                    "init_args": {"step": args.stop_at}}] if args.stop_at else []),
             ],
         },
         "model": {"config": {"attention": mode}, "warmup_steps": min(args.warmup, steps // 10)},
@@ -98,10 +101,13 @@ def command_run(args: argparse.Namespace) -> None:
     if steps % args.val_every:
         sys.exit(f"loss_parity: error: --val_every {args.val_every} must divide the {steps} steps "
                  f"that {int(args.tokens)} tokens make at {args.seq_len} x {args.batch_size}")
+    if args.stop_at is not None and args.stop_at % args.val_every:
+        sys.exit(f"loss_parity: error: --stop_at {args.stop_at} must be a multiple of "
+                 f"--val_every {args.val_every} (a checkpoint is written there)")
     for seed in args.seeds:
         for mode in args.modes:
             where = run_dir(Path(args.out), mode, seed)
-            if finished(where, steps):
+            if finished(where, steps) or (args.stop_at and finished(where, args.stop_at)):
                 print(f"{where}: finished, skipped", flush=True)
                 continue
             where.mkdir(parents=True, exist_ok=True)
@@ -284,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--warmup", type=int, default=200)
     run.add_argument("--data_seed", type=int, default=1234, help="the same stream for all runs")
     run.add_argument("--precision", default="bf16-mixed")
+    run.add_argument("--stop_at", type=int, default=None,
+                     help="end this job at this step (a multiple of --val_every); rerun to go on")
     run.add_argument("extra", nargs="*", help="more fsa-train fit options (after --)")
     ev = sub.add_parser("evaluate", help="position loss and passkey of every run")
     ev.add_argument("--dataset", required=True)
