@@ -42,6 +42,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from fsa_train.kernels.reference import check_compress_args, compress_windows, compressed_lengths
+from fsa_train.kernels.triton.compressed_attention import locate_slot
 
 __all__ = ["compress"]
 
@@ -97,24 +98,6 @@ def _load_w(W, hd, j, kernel, d, d_out, offs_d, offs_e, d_ok, e_ok, dtype):
     w = tl.load(base + offs_d[:, None] * d_out + offs_e[None, :],
                 mask=d_ok[:, None] & e_ok[None, :], other=0.0)
     return w.to(dtype)
-
-
-@triton.jit
-def _locate_tile(CU, slot, n_docs, n_iter, block):
-    """(document, its start, its length, first local token of the tile) of a dx tile slot:
-    document ``b`` owns slots ``cu[b] // block + b ..``; a binary search finds the largest ``b``
-    whose first slot is ``<= slot``."""
-    lo = slot * 0
-    hi = lo + n_docs
-    for _ in range(n_iter):
-        mid = (lo + hi) // 2
-        ok = tl.load(CU + mid) // block + mid <= slot
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    bos = tl.load(CU + lo)
-    seqlen = tl.load(CU + lo + 1) - bos
-    start = (slot - (bos // block + lo)) * block
-    return lo, bos, seqlen, start
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,8 +187,8 @@ def _dx_kernel(
 ):
     """``dx`` of BLOCK_U groups of ``stride`` tokens of one document, KV head ``program_id(1)``."""
     hd = tl.program_id(1)
-    doc, bos, seqlen, start = _locate_tile(CU, tl.program_id(0), n_docs, n_iter,
-                                           BLOCK_U * stride)
+    doc, bos, seqlen, start = locate_slot(CU, tl.program_id(0), n_docs, n_iter,
+                                          BLOCK_U * stride)
     if start >= seqlen:
         return
     bos_c = tl.load(CUC + doc)

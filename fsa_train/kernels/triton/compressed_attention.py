@@ -53,22 +53,23 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def locate_slot(CU, slot, n_docs, n_iter, BLOCK: tl.constexpr):
+def locate_slot(CU, slot, n_docs, n_iter, block):
     """(document index, its start, its length, first row of the tile) of a tile slot.
 
-    Document ``b`` owns slots ``cu[b] // BLOCK + b ..`` (strictly increasing starts); a binary
-    search finds the largest ``b`` whose first slot is ``<= slot``.
+    Document ``b`` owns slots ``cu[b] // block + b ..`` (strictly increasing starts); a binary
+    search finds the largest ``b`` whose first slot is ``<= slot``. ``block`` may be a constexpr
+    (attention tiles) or a run-time value (``compress``'s tiles of ``BLOCK_U · stride`` tokens).
     """
     lo = slot * 0
     hi = lo + n_docs
     for _ in range(n_iter):
         mid = (lo + hi) // 2
-        ok = tl.load(CU + mid) // BLOCK + mid <= slot
+        ok = tl.load(CU + mid) // block + mid <= slot
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid)
     bos = tl.load(CU + lo)
     seqlen = tl.load(CU + lo + 1) - bos
-    start = (slot - (bos // BLOCK + lo)) * BLOCK
+    start = (slot - (bos // block + lo)) * block
     return lo, bos, seqlen, start
 
 
