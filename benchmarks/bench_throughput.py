@@ -54,7 +54,8 @@ class SDPAAttention(nn.Module):
         self.inner = inner
 
     def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
+        varlen: None = None,
     ) -> torch.Tensor:
         if cu_seqlens.numel() != 2:
             raise ValueError("the SDPA path needs exactly one document per sequence")

@@ -77,10 +77,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def compress(x, weight, pe, cu_seqlens, kernel, stride, backend: Backend = "auto"):
-    """Compress each document's windows of ``kernel`` tokens (step ``stride``) into one token."""
+def compress(
+    x, weight, pe, cu_seqlens, kernel, stride, backend: Backend = "auto", cu_seqlens_c=None
+):
+    """Compress each document's windows of ``kernel`` tokens (step ``stride``) into one token.
+
+    ``cu_seqlens_c`` (``reference.compressed_lengths``) may be passed when already known."""
     fn = resolve("compress", backend, x)
-    return fn(x, weight, pe, cu_seqlens, kernel, stride)
+    return fn(x, weight, pe, cu_seqlens, kernel, stride, cu_seqlens_c=cu_seqlens_c)
 
 
 def compressed_attention(
@@ -132,15 +136,22 @@ def gate_mix(o_cmp, o_sel, o_win, gates, backend: Backend = "auto"):
     return fn(o_cmp, o_sel, o_win, gates)
 
 
-from fsa_train.kernels.nsa import CompressionParams, nsa_attention  # noqa: E402
+from fsa_train.kernels.nsa import (  # noqa: E402
+    CompressionParams,
+    NSAVarlen,
+    nsa_attention,
+    nsa_varlen,
+)
 
 __all__ = [
     "Backend",
     "CompressionParams",
+    "NSAVarlen",
     "compress",
     "compressed_attention",
     "gate_mix",
     "nsa_attention",
+    "nsa_varlen",
     "resolve",
     "select_blocks",
     "selected_attention",

@@ -26,6 +26,39 @@ keys, whose positions ``i·stride`` exceed their count."""
 
 
 @dataclass
+class NSAVarlen:
+    """Packed-layout indices that depend only on the batch's ``cu_seqlens`` (not on the layer):
+    computed once per forward by the model and shared by all its NSA layers.
+
+    Attributes:
+        positions: each token's position in its document ``[total]`` int64.
+        cu_seqlens_c: compressed-token boundaries ``[n_docs + 1]`` int32.
+        positions_c: each compressed token's RoPE position ``i·stride`` ``[total // stride]``.
+    """
+
+    positions: torch.Tensor
+    cu_seqlens_c: torch.Tensor
+    positions_c: torch.Tensor
+
+
+def nsa_varlen(
+    cu_seqlens: torch.Tensor, total: int, cfg: NSAConfig, positions: torch.Tensor | None = None
+) -> NSAVarlen:
+    """The :class:`NSAVarlen` of a batch (device ops only, no host synchronisation).
+
+    ``positions_c`` has ``total // stride`` rows, the static size of the GPU ``compress`` output
+    (rows past ``cu_seqlens_c[-1]`` are padding; the reference's output is a prefix of it).
+    """
+    from fsa_train.kernels.reference import compressed_lengths
+
+    if positions is None:
+        positions = document_positions(cu_seqlens, total)
+    cu_c = compressed_lengths(cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride)
+    positions_c = document_positions(cu_c, total // cfg.cmp_stride) * cfg.cmp_stride
+    return NSAVarlen(positions, cu_c, positions_c)
+
+
+@dataclass
 class CompressionParams:
     """Learned compression parameters of one NSA layer.
 
@@ -51,7 +84,7 @@ def nsa_attention(
     rope: Rope,
     scale: float | None = None,
     backend: str = "auto",
-    positions: torch.Tensor | None = None,
+    varlen: NSAVarlen | None = None,
 ) -> torch.Tensor:
     """NSA core output ``[total, H, d]``.
 
@@ -65,21 +98,25 @@ def nsa_attention(
         rope: rotary embedding, applied here at per-document positions.
         scale: softmax scale (default ``1/sqrt(d)``).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
-        positions: the tokens' document positions (``varlen.document_positions``), if the caller
-            has them already (the model computes them once for all layers).
+        varlen: the batch's :func:`nsa_varlen`, if the caller has it already (the model computes
+            it once for all layers); computed here otherwise.
     """
     from fsa_train import kernels as ops
 
     total = q.shape[0]
-    if positions is None:
-        positions = document_positions(cu_seqlens, total)
-    k_c, cu_seqlens_c = ops.compress(
-        k, params.w_k, params.pe, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride, backend=backend
+    if varlen is None:
+        varlen = nsa_varlen(cu_seqlens, total, cfg)
+    cu_seqlens_c = varlen.cu_seqlens_c
+    k_c, _ = ops.compress(
+        k, params.w_k, params.pe, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride, backend=backend,
+        cu_seqlens_c=cu_seqlens_c,
     )
     v_c, _ = ops.compress(
-        v, params.w_v, None, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride, backend=backend
+        v, params.w_v, None, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride, backend=backend,
+        cu_seqlens_c=cu_seqlens_c,
     )
-    positions_c = document_positions(cu_seqlens_c, k_c.shape[0]) * cfg.cmp_stride
+    positions = varlen.positions
+    positions_c = varlen.positions_c[: k_c.shape[0]]  # the reference's output has fewer rows
     q = rope(q, positions)
     k = rope(k, positions)
     k_c = rope(k_c, positions_c, max_position=total)

@@ -225,6 +225,7 @@ def compress(
     cu_seqlens: torch.Tensor,
     kernel: int,
     stride: int,
+    cu_seqlens_c: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress every window of ``kernel`` tokens (step ``stride``, inside one document).
 
@@ -235,12 +236,14 @@ def compress(
         weight: ``[h, kernel·d, d_out]``; the concatenation is token-major (index ``j·d + c``).
         pe: intra-window position embedding ``[h, kernel, d]``, or None (values).
         cu_seqlens: document boundaries ``[n_docs + 1]``.
+        cu_seqlens_c: :func:`compressed_lengths` of ``cu_seqlens``, if the caller has it.
 
     Returns:
         ``x_c [total_c, h, d_out]`` and ``cu_seqlens_c`` (int32, ``[n_docs + 1]``).
     """
     check_compress_args(x, weight, pe, kernel, stride)
-    cu_c = compressed_lengths(cu_seqlens, kernel, stride)
+    cu_c = compressed_lengths(cu_seqlens, kernel, stride) if cu_seqlens_c is None \
+        else cu_seqlens_c
     total_c = int(cu_c[-1])  # host synchronisation: sizes the output
     doc = document_ids(cu_c.to(torch.int64), total_c)
     local = torch.arange(total_c, device=x.device) - cu_c.to(torch.int64)[doc]

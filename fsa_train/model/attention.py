@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from fsa_train.config import GPTConfig
-from fsa_train.kernels import CompressionParams, nsa_attention, window_attention
+from fsa_train.kernels import (
+    CompressionParams,
+    NSAVarlen,
+    nsa_attention,
+    nsa_varlen,
+    window_attention,
+)
 from fsa_train.model.rope import Rotary
 
 
@@ -63,9 +69,13 @@ class Attention(nn.Module):
         self.pe.normal_(0.0, self.cfg.init_std, generator=gen("pe", self.pe))
 
     def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
+        varlen: NSAVarlen | None = None,
     ) -> torch.Tensor:
-        """``x [total, D]`` → ``[total, D]``; documents never attend to each other."""
+        """``x [total, D]`` → ``[total, D]``; documents never attend to each other.
+
+        ``varlen`` (NSA only): the batch's :func:`fsa_train.kernels.nsa_varlen`, shared by all
+        layers; computed here when None."""
         total = x.shape[0]
         d, H, h = self.cfg.head_dim, self.cfg.n_head, self.cfg.n_kv_head
         q = self.q_proj(x).view(total, H, d)
@@ -77,7 +87,8 @@ class Attention(nn.Module):
             params = CompressionParams(self.w_ck, self.w_cv, self.pe)
             o = nsa_attention(
                 q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend,
-                positions=positions,
+                varlen=varlen if varlen is not None else nsa_varlen(
+                    cu_seqlens, total, self.cfg.nsa, positions),
             )
         else:
             q = self.rope(q, positions)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fsa_train.config import GPTConfig
+from fsa_train.kernels.nsa import NSAVarlen, nsa_varlen
 from fsa_train.kernels.varlen import document_positions
 from fsa_train.model.attention import Attention
 
@@ -45,9 +46,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
     def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
+        varlen: NSAVarlen | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cu_seqlens, positions)
+        x = x + self.attn(self.attn_norm(x), cu_seqlens, positions, varlen)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -107,14 +109,18 @@ class GPT(nn.Module):
         """Final hidden states ``[total, D]`` (after the last norm) for tokens ``[total]``."""
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be packed 1-D [total], got {tuple(input_ids.shape)}")
-        positions = document_positions(cu_seqlens, input_ids.shape[0])
+        total = input_ids.shape[0]
+        positions = document_positions(cu_seqlens, total)
+        # NSA's compressed-token indices depend on the batch only: once for all layers.
+        varlen = (nsa_varlen(cu_seqlens, total, self.cfg.nsa, positions)
+                  if self.cfg.attention == "nsa" else None)
         x = self.embed(input_ids)
         recompute = self.cfg.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                x = checkpoint(block, x, cu_seqlens, positions, use_reentrant=False)
+                x = checkpoint(block, x, cu_seqlens, positions, varlen, use_reentrant=False)
             else:
-                x = block(x, cu_seqlens, positions)
+                x = block(x, cu_seqlens, positions, varlen)
         return self.norm(x)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

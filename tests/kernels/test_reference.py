@@ -765,3 +765,19 @@ def test_dispatch_reference_backend():
     inp = make_inputs([12], 2, 1, 8, 4, seed=22)
     got = kernels.window_attention(inp["q"], inp["k"], inp["v"], inp["cu"], 4, backend="reference")
     close(got, reference.window_attention(inp["q"], inp["k"], inp["v"], inp["cu"], 4), 0.0)
+
+
+def test_nsa_with_the_models_precomputed_varlen_is_the_same():
+    """The batch indices the model computes once (nsa_varlen) give exactly the per-call result."""
+    cfg = NSAConfig(
+        cmp_kernel=8, cmp_stride=4, sel_block=8, sel_topk=3, init_blocks=1, local_blocks=1, window=6
+    )
+    inp = make_inputs([21, 3, 40], 4, 2, 8, 8, seed=23)
+    total = inp["q"].shape[0]
+    varlen = kernels.nsa_varlen(inp["cu"], total, cfg)
+    assert torch.equal(varlen.cu_seqlens_c, reference.compressed_lengths(inp["cu"], 8, 4))
+    assert varlen.positions_c.shape == (total // 4,)
+    params = CompressionParams(inp["w_k"], inp["w_v"], inp["pe"])
+    shared = kernels.nsa_attention(inp["q"], inp["k"], inp["v"], inp["gates"], params, inp["cu"],
+                                   cfg, rope, backend="reference", varlen=varlen)
+    assert torch.equal(shared, run_nsa(inp, cfg))

@@ -422,6 +422,7 @@ def compress(
     cu_seqlens: torch.Tensor,
     kernel: int,
     stride: int,
+    cu_seqlens_c: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`fsa_train.kernels.reference.compress`, except that ``x_c`` has
     ``total // stride`` rows, of which the first ``cu_seqlens_c[-1]`` are the compressed tokens
@@ -433,7 +434,8 @@ def compress(
     """
     check_compress_args(x, weight, pe, kernel, stride)
     kernel, stride = int(kernel), int(stride)
-    cu_c = compressed_lengths(cu_seqlens, kernel, stride)
+    cu_c = compressed_lengths(cu_seqlens, kernel, stride) if cu_seqlens_c is None \
+        else cu_seqlens_c
     if x.dtype not in KERNEL_DTYPES:
         return _compress_torch(x, weight, pe, cu_seqlens, cu_c, kernel, stride), cu_c
     x = x if x.stride(-1) == 1 else x.contiguous()
