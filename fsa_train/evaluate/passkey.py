@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from fsa_train.config import ConfigError
 from fsa_train.evaluate.runtime import PRECISIONS, pick_device, precision
 
 FILLER = (
@@ -102,8 +103,8 @@ def build_prompt(
     room = length - len(head) - len(needle) - len(question)
     units = [tokenizer.encode(sentence) for sentence in FILLER]
     if room < 0:
-        raise ValueError(f"length {length} is too short for the passkey prompt "
-                         f"({length - room} tokens without filler)")
+        raise ConfigError(f"passkey length {length} is too short for the prompt "
+                          f"({length - room} tokens without filler)")
     filler: list[int] = []
     boundaries = [0]
     index = offset

@@ -91,3 +91,13 @@ def test_cli_writes_results(exported, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert len(result["cells"]) == 2 and all(len(c["trials"]) == 2 for c in result["cells"])
     assert "overall exact match" in capsys.readouterr().out
+
+
+def test_cli_too_short_length_is_one_line(exported, capsys):
+    from fsa_train.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["passkey", str(exported), "--lengths", "16", "--trials", "1", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "passkey length 16 is too short" in err[0], err
