@@ -150,7 +150,10 @@ def summarize(out: Path) -> dict:
     runs = {}
     for where in sorted(p for p in out.iterdir() if (p / "val.jsonl").is_file()):
         mode, seed = where.name.rsplit("-s", 1)
-        val = read_jsonl(where / "val.jsonl")
+        # a job killed after a validation but before its checkpoint repeats those steps on
+        # resume: keep the last record of each step
+        val = sorted({row["step"]: row for row in read_jsonl(where / "val.jsonl")}.values(),
+                     key=lambda row: row["step"])
         train = read_jsonl(where / "train.jsonl")
         rates = [r["throughput/tokens_per_s"] for r in train if "throughput/tokens_per_s" in r]
         runs[where.name] = {

@@ -81,3 +81,26 @@ def test_loss_parity_runs_dense_and_nsa_from_one_start_and_reports(small_corpus,
                 "--seq_len", "64", "--batch_size", "4", "--vocab_size", "320", "--val_every", "4",
                 "--val_batches", "2", "--warmup", "2", "--precision", "32-true")
     assert again.count("finished, skipped") == 2
+
+
+def test_loss_parity_summary_interpolates_time_to_reach_and_drops_repeated_steps(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import loss_parity
+    finally:
+        sys.path.pop(0)
+    for mode, losses, seconds in (("dense", [3.0, 2.5, 2.0], 10.0), ("nsa", [2.9, 2.3, 1.9], 5.0)):
+        rows = [{"step": 100 * (i + 1), "train_time_s": seconds * (i + 1),
+                 "tokens_seen": 1000 * (i + 1), "val/loss": loss} for i, loss in enumerate(losses)]
+        rows.insert(2, dict(rows[1]))  # step 200 again, as after a resume
+        (tmp_path / f"{mode}-s0").mkdir()
+        (tmp_path / f"{mode}-s0" / "val.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in rows))
+    summary = loss_parity.summarize(tmp_path)
+    assert [row["step"] for row in summary["runs"]["nsa-s0"]["val"]] == [100, 200, 300]
+    pair = summary["pairs"][0]
+    # NSA crosses dense's final 2.0 between 2.3 at 10 s and 1.9 at 15 s: at 13.75 s
+    assert abs(pair["nsa_time_to_dense_final_s"] - 13.75) < 1e-9
+    assert abs(pair["speedup_to_dense_final"] - 30.0 / 13.75) < 1e-9
+    assert abs(pair["nsa_minus_dense"] + 0.1) < 1e-9
+    assert summary["modes"]["dense"] == {"seeds": 1, "mean": 2.0, "spread": 0.0}
