@@ -33,6 +33,9 @@ setup_device() {
     export PYTHONPATH=$PWD
   fi
   export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+  # Triton's switch: keep autotuning results on disk, so the second job of a run (and the
+  # later runs, all of one shape) skip the minute of tuning the first NSA step costs.
+  export TRITON_CACHE_AUTOTUNING=1
 }
 
 case "${1:-}" in
