@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fsa_train.kernels.reference import compressed_lengths
 from fsa_train.kernels.varlen import document_positions
 
 if TYPE_CHECKING:
@@ -49,8 +50,6 @@ def nsa_varlen(
     ``positions_c`` has ``total // stride`` rows, the static size of the GPU ``compress`` output
     (rows past ``cu_seqlens_c[-1]`` are padding; the reference's output is a prefix of it).
     """
-    from fsa_train.kernels.reference import compressed_lengths
-
     if positions is None:
         positions = document_positions(cu_seqlens, total)
     cu_c = compressed_lengths(cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride)

@@ -42,6 +42,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from fsa_train.kernels.reference import check_compress_args, compress_windows, compressed_lengths
+from fsa_train.kernels.triton.common import launch, sum_splits
 from fsa_train.kernels.triton.compressed_attention import locate_slot
 
 __all__ = ["compress"]
@@ -213,17 +214,6 @@ def _dx_kernel(
                  acc.to(DX.dtype.element_ty), mask=(p < seqlen)[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _sum_splits_kernel(PART, OUT, numel, n_split, BLOCK: tl.constexpr):
-    """``out = Σ_s part[s]`` in fp32, in split order, stored in out's dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(n_split):
-        acc += tl.load(PART + s * numel + offs, mask=ok, other=0.0)
-    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
-
-
 # ------------------------------------------------------------------------------------------------
 # configurations
 # ------------------------------------------------------------------------------------------------
@@ -257,15 +247,6 @@ _DX_INTERP = {"BLOCK_U": 16}
 _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY_PE)(_fwd_kernel)
 _dw_tuned = triton.autotune(configs=_DW_CONFIGS, key=_KEY_PE)(_dw_kernel)
 _dx_tuned = triton.autotune(configs=_DX_CONFIGS, key=_KEY)(_dx_kernel)
-
-
-def _launch(kernel, tuned, fixed_fp32: dict, fixed_interp: dict, grid, args, dtype) -> None:
-    if _interpreting():
-        kernel[grid](*args, **fixed_interp)
-    elif dtype == torch.float32:
-        kernel[grid](*args, **fixed_fp32)
-    else:
-        tuned[grid](*args)
 
 
 def _dw_splits(rows_out: int, programs: int) -> int:
@@ -313,14 +294,8 @@ def _forward(x, weight, pe, cu, cu_c, kernel: int, stride: int) -> torch.Tensor:
     def grid(meta):
         return (triton.cdiv(rows_out, meta["BLOCK_R"]), h)
 
-    _launch(_fwd_kernel, _fwd_tuned, _FWD_FP32, _FWD_INTERP, grid, args, x.dtype)
+    launch(_fwd_kernel, _fwd_tuned, _FWD_FP32, _FWD_INTERP, grid, args, x.dtype)
     return out
-
-
-def _sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
-    numel = out.numel()
-    block = 1024
-    _sum_splits_kernel[(triton.cdiv(numel, block),)](part, out, numel, part.shape[0], BLOCK=block)
 
 
 def _grad_weight_pe(dout, x, weight, pe, cu, cu_c, kernel: int, stride: int):
@@ -342,11 +317,11 @@ def _grad_weight_pe(dout, x, weight, pe, cu, cu_c, kernel: int, stride: int):
         dw_out.stride(0), dpe_out.stride(0), cu.numel() - 1, _n_iter(cu), kernel, stride,
         d, d_out, pe is not None, D, D_OUT, _prec(x.dtype),
     )
-    _launch(_dw_kernel, _dw_tuned, _DW_FP32, _DW_INTERP, (h * kernel, n_split), args, x.dtype)
+    launch(_dw_kernel, _dw_tuned, _DW_FP32, _DW_INTERP, (h * kernel, n_split), args, x.dtype)
     if n_split > 1:
-        _sum_splits(dw_out, dw)
+        sum_splits(dw_out, dw)
         if pe is not None:
-            _sum_splits(dpe_out, dpe)
+            sum_splits(dpe_out, dpe)
     return dw, dpe
 
 
@@ -363,7 +338,7 @@ def _grad_x(dout, x, weight, cu, cu_c, kernel: int, stride: int) -> torch.Tensor
     def grid(meta):
         return (total // (meta["BLOCK_U"] * stride) + n_docs, h)
 
-    _launch(_dx_kernel, _dx_tuned, _DX_FP32, _DX_INTERP, grid, args, x.dtype)
+    launch(_dx_kernel, _dx_tuned, _DX_FP32, _DX_INTERP, grid, args, x.dtype)
     return dx
 
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fsa_train.kernels.triton.common import attention_delta
+from fsa_train.kernels.triton.common import attention_delta, launch, sum_splits
 
 __all__ = ["compressed_attention"]
 
@@ -377,15 +377,6 @@ _dq_tuned = _tuned(_DQ_CONFIGS, _bwd_dq_kernel)
 _dkdv_tuned = _tuned(_DKDV_CONFIGS, _bwd_dkdv_kernel)
 
 
-def _launch(kernel, tuned, fixed_fp32, fixed_interp, grid, args, dtype):
-    if _interpreting():
-        kernel[grid](*args, **fixed_interp)
-    elif dtype == torch.float32:
-        kernel[grid](*args, **fixed_fp32)
-    else:
-        tuned[grid](*args)
-
-
 # ------------------------------------------------------------------------------------------------
 # host side
 # ------------------------------------------------------------------------------------------------
@@ -441,7 +432,7 @@ def _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale):
         total, n_docs, n_iter, H, H // h, kernel, stride, scale * _LOG2E,
         d, prec,
     )
-    _launch(_fwd_kernel, _fwd_tuned, _FWD_FP32, _FWD_INTERP, grid, args, q.dtype)
+    launch(_fwd_kernel, _fwd_tuned, _FWD_FP32, _FWD_INTERP, grid, args, q.dtype)
     return o, lse
 
 
@@ -468,7 +459,7 @@ def _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale):
     def grid_q(meta):
         return (H * (total // meta["BLOCK_M"] + n_docs),)
 
-    _launch(_bwd_dq_kernel, _dq_tuned, _DQ_FP32, _DQ_INTERP, grid_q, dq_args, q.dtype)
+    launch(_bwd_dq_kernel, _dq_tuned, _DQ_FP32, _DQ_INTERP, grid_q, dq_args, q.dtype)
     if total_c == 0:
         return dq, dk, dv
     n_split = dkdv_splits(total_c, h)
@@ -489,10 +480,10 @@ def _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale):
     def grid_kv(meta):
         return (h * (total_c // meta["BLOCK_N"] + n_docs), n_split)
 
-    _launch(_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_FP32, _DKDV_INTERP, grid_kv, kv_args, q.dtype)
+    launch(_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_FP32, _DKDV_INTERP, grid_kv, kv_args, q.dtype)
     if n_split > 1:
-        dk.copy_(dk_out.sum(0))
-        dv.copy_(dv_out.sum(0))
+        sum_splits(dk_out, dk)
+        sum_splits(dv_out, dv)
     return dq, dk, dv
 
 

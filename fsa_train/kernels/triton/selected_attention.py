@@ -415,6 +415,22 @@ def _dq_query_kernel(
 
 
 @triton.jit
+def _count_at_most(ENDS, x, n, n_iter, mask):
+    """For each ``x``: how many of the ascending ``ENDS[0..n)`` are ``<= x`` (binary search,
+    ``n_iter >= bit_length(n)`` steps). With ``ENDS = cu[1:]`` that is the document of token x."""
+    lo = x * 0
+    hi = lo + n
+    for _ in range(n_iter):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        end = tl.load(ENDS + tl.minimum(mid, n - 1), mask=mask, other=0)
+        right = active & (end <= x)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
 def _plan_keys_kernel(
     IDX, CU, BOFF, IDXC, KEYS, START,
     s_ih, s_it, s_ik, total, n_docs, n_iter, block, nbmax, nkeys,
@@ -430,17 +446,7 @@ def _plan_keys_kernel(
     tt = tl.program_id(0) * BT + tl.arange(0, BT)
     head = tl.program_id(1)
     tv = tt < total
-    # document of each token: the number of document ends <= token (binary search)
-    lo = tt * 0
-    hi = lo + n_docs
-    for _ in range(n_iter):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        end = tl.load(CU + 1 + tl.minimum(mid, n_docs - 1), mask=tv, other=0)
-        right = active & (end <= tt)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
-    doc = tl.minimum(lo, n_docs - 1)
+    doc = tl.minimum(_count_at_most(CU + 1, tt, n_docs, n_iter, tv), n_docs - 1)
     start = tl.load(CU + doc, mask=tv, other=0)
     own = (tt - start) // block
     slots = tl.arange(0, TP)
@@ -468,16 +474,7 @@ def _plan_blocks_kernel(
     """Token range ``[tok0, tok1)`` of each global block row (0, 0 past the last block)."""
     gb = tl.program_id(0) * BR + tl.arange(0, BR)
     gv = gb < nbmax
-    lo = gb * 0
-    hi = lo + n_docs
-    for _ in range(n_iter):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        end = tl.load(BOFF + 1 + tl.minimum(mid, n_docs - 1), mask=gv, other=0)
-        right = active & (end <= gb)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
-    doc = tl.minimum(lo, n_docs - 1)
+    doc = tl.minimum(_count_at_most(BOFF + 1, gb, n_docs, n_iter, gv), n_docs - 1)
     doc_start = tl.load(CU + doc, mask=gv, other=0)
     doc_end = tl.load(CU + doc + 1, mask=gv, other=0)
     tok0 = doc_start + (gb - tl.load(BOFF + doc, mask=gv, other=0)) * block
