@@ -19,7 +19,7 @@ from fsa_train.kernels.varlen import document_positions
 if TYPE_CHECKING:
     from fsa_train.config import NSAConfig
 
-Rope = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Rope = Callable[..., torch.Tensor]
 """``rope(x [n, heads, d], positions [n] int64, max_position=None) -> x rotated``.
 
 ``max_position`` is an exclusive bound on the positions (default: n); passed for the compressed
