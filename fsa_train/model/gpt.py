@@ -61,8 +61,9 @@ class GPT(nn.Module):
         self.cfg = cfg
         # One draw of the global RNG before any module exists (module construction consumes a
         # different amount for dense and NSA): every parameter is then initialised from its own
-        # generator seeded by this and its name (init_generator).
-        self.init_seed = int(torch.randint(0, 2**62, (1,)).item())
+        # generator seeded by this and its name (init_generator). Drawn on the CPU, so that a
+        # model built under a device context (``with torch.device("meta")``) works too.
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)

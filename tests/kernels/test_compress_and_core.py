@@ -96,3 +96,32 @@ def test_nsa_core_on_triton_kernels_matches_reference(group):
                                strict=True):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_nsa_core_on_triton_kernels_is_causal():
+    """Changing the key and value of token p (inside a compression window, a selection block and
+    the sliding window of the rows after it) leaves every earlier output bit-identical."""
+    nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=2, init_blocks=1,
+                    local_blocks=1, window=8)
+    h, group, d, total = 1, 2, 16, 72
+    q, cu = packed([total], h * group, d, torch.float32, seed=2)
+    k, _ = packed([total], h, d, torch.float32, seed=3)
+    v, _ = packed([total], h, d, torch.float32, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    gates = torch.rand(total, h * group, 3, generator=gen).to(DEVICE)
+    pooling = torch.eye(d).repeat(nsa.cmp_kernel, 1) / nsa.cmp_kernel
+    params = CompressionParams(
+        (pooling + 0.1 * torch.randn(h, nsa.cmp_kernel * d, d, generator=gen)).to(DEVICE),
+        (pooling + 0.1 * torch.randn(h, nsa.cmp_kernel * d, d, generator=gen)).to(DEVICE),
+        (0.1 * torch.randn(h, nsa.cmp_kernel, d, generator=gen)).to(DEVICE),
+    )
+    rope = Rotary(d)
+    with torch.no_grad():
+        base = nsa_attention(q, k, v, gates, params, cu, nsa, rope, backend="triton")
+        for p in (7, 21, 35, 50, 63):
+            k2, v2 = k.clone(), v.clone()
+            k2[p] += 3.0
+            v2[p] -= 3.0
+            out = nsa_attention(q, k2, v2, gates, params, cu, nsa, rope, backend="triton")
+            torch.testing.assert_close(out[:p], base[:p], rtol=0, atol=0, msg=f"p={p}")
+            assert not torch.allclose(out[p:], base[p:]), p

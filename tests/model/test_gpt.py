@@ -57,6 +57,31 @@ def test_documents_do_not_attend_to_each_other(attention):
 
 
 @pytest.mark.parametrize("attention", ["dense", "nsa"])
+def test_no_position_sees_a_later_token(attention):
+    """Causality end to end: changing token p changes no output before p. The positions straddle
+    NSA's compression windows (8, stride 4), selection blocks (8) and sliding window (8)."""
+    torch.manual_seed(0)
+    model = GPT(small_config(attention, n_layer=3)).double()
+    ids, cu = packed_batch([61], 64)
+    base = model(ids, cu)
+    for p in (1, 3, 7, 8, 9, 12, 16, 31, 60):
+        changed = ids.clone()
+        changed[p] = (changed[p] + 5) % 64
+        out = model(changed, cu)
+        torch.testing.assert_close(out[:p], base[:p], rtol=0, atol=0)
+        assert not torch.allclose(out[p], base[p]), p
+
+
+def test_builds_on_the_meta_device():
+    """A model built under ``torch.device("meta")`` (to count or shard parameters before
+    allocating them) works, and has the parameter count of a real one."""
+    with torch.device("meta"):
+        meta = GPT(small_config("nsa"))
+    assert all(p.is_meta for p in meta.parameters())
+    assert meta.num_parameters(False) == GPT(small_config("nsa")).num_parameters(False)
+
+
+@pytest.mark.parametrize("attention", ["dense", "nsa"])
 def test_packed_equals_separate_documents(attention):
     torch.manual_seed(0)
     model = GPT(small_config(attention)).double()
