@@ -6,14 +6,17 @@ Modes (issue 7):
 * ``nsa``: NSA with the default parameters (``NSAConfig()``);
 * ``sdpa``: the dense model with each attention's core replaced by PyTorch's causal
   ``scaled_dot_product_attention`` (cuDNN preferred, then flash, efficient, math). Valid only for
-  one document per sequence, which is what this benchmark feeds every mode.
+  one document per sequence (several equal-length sequences form its batch), which is what
+  this benchmark feeds every mode.
 
 Each (mode, context) row times forward + backward + AdamW step over ``--steps`` steps after
-``--warmup`` steps (CUDA events on the GPU, wall clock on the CPU) on one sequence of random
-tokens, and records tokens/s, MFU (actual and dense-equivalent, ``fsa_train.flops``) and peak
-memory. Out of memory is recorded as ``OOM`` for that row; with ``--activation_checkpointing
-auto`` a row that runs out of memory is retried with checkpointing first. Writes
-``{name}.json``, ``{name}.md`` and ``{name}.png`` (matplotlib permitting) to ``--out``.
+``--warmup`` steps (CUDA events on the GPU, wall clock on the CPU) on random tokens: one
+sequence per step, or ``--tokens_per_step N``: N // context sequences of ``context`` tokens (at
+least one), as a trainer with a fixed token budget per step feeds them. It records tokens/s,
+MFU (actual and dense-equivalent, ``fsa_train.flops``) and peak memory. Out of memory is
+recorded as ``OOM`` for that row; with ``--activation_checkpointing auto`` a row that runs out
+of memory is retried with checkpointing first. Writes ``{name}.json``, ``{name}.md`` and
+``{name}.png`` (matplotlib permitting) to ``--out``.
 
 GPU: ``PYTHONPATH=$PWD python benchmarks/bench_throughput.py --out benchmarks/results``.
 CPU smoke test: ``--device cpu --contexts 256 512 --n_layer 1 --d_model 64 --steps 2``.
@@ -47,29 +50,32 @@ class SDPAAttention(nn.Module):
     """The projections, RoPE and output of a dense :class:`Attention`, with PyTorch's causal SDPA
     as the core. K/V heads are expanded to the query heads (as MHA), which cuDNN requires."""
 
-    def __init__(self, inner: Attention) -> None:
+    def __init__(self, inner: Attention, sequences: int = 1) -> None:
         super().__init__()
         if inner.sparse:
             raise ValueError("SDPAAttention wraps a dense Attention")
         self.inner = inner
+        self.sequences = sequences  # equal-length sequences per step: SDPA's batch dimension
 
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
         varlen: None = None,
     ) -> torch.Tensor:
-        if cu_seqlens.numel() != 2:
-            raise ValueError("the SDPA path needs exactly one document per sequence")
+        if cu_seqlens.numel() != self.sequences + 1:
+            raise ValueError(f"the SDPA path takes {self.sequences} equal-length documents, "
+                             f"got {cu_seqlens.numel() - 1}")
         a, cfg, total = self.inner, self.inner.cfg, x.shape[0]
+        n = self.sequences
         d, H, h = cfg.head_dim, cfg.n_head, cfg.n_kv_head
         q = a.rope(a.q_proj(x).view(total, H, d), positions)
         k = a.rope(a.k_proj(x).view(total, h, d), positions)
         v = a.v_proj(x).view(total, h, d)
         k = k.repeat_interleave(H // h, dim=1)
         v = v.repeat_interleave(H // h, dim=1)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, d]
+        q, k, v = (t.view(n, total // n, H, d).transpose(1, 2) for t in (q, k, v))  # [n,H,T,d]
         with sdpa_backends():
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return a.o_proj(o.squeeze(0).transpose(0, 1).reshape(total, H * d))
+        return a.o_proj(o.transpose(1, 2).reshape(total, H * d))
 
 
 def sdpa_backends():
@@ -93,13 +99,17 @@ def model_config(args: argparse.Namespace, mode: str, checkpointing: bool) -> GP
     )
 
 
-def build_model(cfg: GPTConfig, mode: str, device: torch.device) -> GPT:
+def sequences_per_step(args: argparse.Namespace, context: int) -> int:
+    return max(1, args.tokens_per_step // context) if args.tokens_per_step else 1
+
+
+def build_model(cfg: GPTConfig, mode: str, device: torch.device, sequences: int = 1) -> GPT:
     """A GPT on ``device``; ``sdpa`` swaps every attention for :class:`SDPAAttention`."""
     torch.manual_seed(0)
     model = GPT(cfg)
     if mode == "sdpa":
         for block in model.blocks:
-            block.attn = SDPAAttention(block.attn)
+            block.attn = SDPAAttention(block.attn, sequences)
     return model.to(device)
 
 
@@ -129,12 +139,14 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
                   device: torch.device) -> dict:
     """Seconds per training step and peak memory of one (mode, context, checkpointing)."""
     cfg = model_config(args, mode, checkpointing)
-    model = build_model(cfg, mode, device)
+    sequences = sequences_per_step(args, context)
+    model = build_model(cfg, mode, device, sequences)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(context)
-    tokens = torch.randint(0, cfg.vocab_size, (context + 1,), generator=generator).to(device)
+    total = sequences * context
+    tokens = torch.randint(0, cfg.vocab_size, (total + 1,), generator=generator).to(device)
     ids, targets = tokens[:-1], tokens[1:]
-    cu_seqlens = torch.tensor([0, context], dtype=torch.int32, device=device)
+    cu_seqlens = torch.arange(0, total + 1, context, dtype=torch.int32, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def step() -> None:
@@ -168,7 +180,8 @@ def free_memory(device: torch.device) -> None:
 def run_row(args: argparse.Namespace, mode: str, context: int, device: torch.device,
             peak_flops: float | None) -> dict:
     """One benchmark row; ``status`` is ``ok`` or ``OOM``."""
-    row: dict = {"mode": mode, "context": context}
+    sequences = sequences_per_step(args, context)
+    row: dict = {"mode": mode, "context": context, "sequences": sequences}
     plans = {"off": [False], "on": [True], "auto": [False, True]}[args.activation_checkpointing]
     for checkpointing in plans:
         try:
@@ -179,11 +192,12 @@ def run_row(args: argparse.Namespace, mode: str, context: int, device: torch.dev
         if timing is None:
             row.update(status="OOM", activation_checkpointing=checkpointing)
             continue
-        flops = batch_flops(timing["cfg"], [context])
+        flops = batch_flops(timing["cfg"], [context] * sequences)
         step_s = timing["step_s"]
         row.update(
             status="ok", activation_checkpointing=checkpointing, params=timing["params"],
-            step_ms=step_s * 1e3, tokens_per_s=context / step_s, peak_gib=timing["peak_gib"],
+            step_ms=step_s * 1e3, tokens_per_s=sequences * context / step_s,
+            peak_gib=timing["peak_gib"],
             tflops_actual=flops.actual / step_s / 1e12,
             mfu=flops.actual / step_s / peak_flops if peak_flops else None,
             mfu_dense_equiv=flops.dense_equivalent / step_s / peak_flops if peak_flops else None,
@@ -210,6 +224,13 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def _per_step(report: dict) -> str:
+    budget = report["args"].get("tokens_per_step") or 0
+    if not budget:
+        return "one sequence per step"
+    return f"{budget:,} tokens per step (context × {budget} // context sequences, at least one)"
+
+
 def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -223,7 +244,8 @@ def markdown(report: dict) -> str:
         "",
         f"GPT: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {cfg['n_head']} query / "
         f"{cfg['n_kv_head']} KV heads, d = {cfg['head_dim']}, vocab {cfg['vocab_size']}; "
-        f"{'bf16 autocast' if report['bf16'] else 'fp32'}; one document per sequence; "
+        f"{'bf16 autocast' if report['bf16'] else 'fp32'}; one document per sequence, "
+        f"{_per_step(report)}; "
         f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW).",
         "",
         "| mode | context | tokens/s | step ms | MFU | MFU dense-equiv | peak GiB | ckpt |",
@@ -297,6 +319,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=4, help="query heads per KV head (G)")
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--tokens_per_step", type=int, default=0,
+                   help="tokens per step: tokens_per_step // context sequences of context "
+                        "tokens each (0: one sequence per step)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--activation_checkpointing", choices=["off", "on", "auto"], default="auto")

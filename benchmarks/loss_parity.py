@@ -27,6 +27,7 @@ dataset)::
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import statistics
@@ -43,6 +44,31 @@ REPO = Path(__file__).resolve().parent.parent
 def fsa_train(*words: str) -> None:
     """Run one ``fsa-train`` command in a child process (the real CLI, its own CUDA context)."""
     subprocess.run([sys.executable, "-m", "fsa_train.cli", *words], check=True, cwd=REPO)
+
+
+ENV_PROBE = """
+import datetime, json, platform, torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+print(json.dumps({
+    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    or "cpu",
+    "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+}))
+"""
+
+
+def record_job(where: Path) -> None:
+    """Append this job's device and versions to ``jobs.jsonl`` (probed in a child process, so
+    this one holds no CUDA context while the run trains)."""
+    probe = subprocess.run([sys.executable, "-c", ENV_PROBE], check=True, capture_output=True,
+                           text=True)
+    with (where / "jobs.jsonl").open("a", encoding="utf-8") as jobs:
+        jobs.write(probe.stdout.strip() + "\n")
 
 
 def run_dir(out: Path, mode: str, seed: int) -> Path:
@@ -86,9 +112,16 @@ def run_config(args: argparse.Namespace, mode: str, seed: int, steps: int) -> di
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
+    """Records of a JSON-lines file, or of its gzipped copy ``path.gz`` (committed results);
+    none if neither exists."""
+    packed = path.with_name(path.name + ".gz")
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif packed.is_file():
+        text = gzip.decompress(packed.read_bytes()).decode("utf-8")
+    else:
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [json.loads(line) for line in text.splitlines() if line]
 
 
 def finished(where: Path, steps: int) -> bool:
@@ -116,6 +149,7 @@ def command_run(args: argparse.Namespace) -> None:
                               encoding="utf-8")
             print(f"{where}: {steps} steps of {args.seq_len} x {args.batch_size} tokens",
                   flush=True)
+            record_job(where)
             fsa_train("fit", "--config", str(Path(args.model_config).resolve()),
                       "--config", str(config.resolve()), "--resume", "auto", *args.extra)
 
@@ -145,10 +179,62 @@ def time_to_reach(val: list[dict], target: float) -> float | None:
     return None
 
 
+def one_off_seconds(train: list[dict], slow: float = 3.0) -> dict[int, float]:
+    """Cumulative one-off time by step: the excess over the median step of every step that took
+    more than ``slow`` medians (compilation and autotuning on the first steps, and again after a
+    resume). Subtracting it gives the steady-state training time."""
+    times = {row["step"]: row["train_time_s"] for row in train}
+    if not times:
+        return {}
+    steps = sorted(times)
+    durations = [(s, times[s] - (times[p] if p is not None else 0.0))
+                 for p, s in zip([None, *steps[:-1]], steps, strict=True)]
+    median = statistics.median(d for _, d in durations)
+    total, cumulative = 0.0, {}
+    for step, d in durations:
+        if d > slow * median:
+            total += d - median
+        cumulative[step] = total
+    return cumulative
+
+
+def _one_off_at(cumulative: dict[int, float], step: int) -> float:
+    earlier = [s for s in cumulative if s <= step]
+    return cumulative[max(earlier)] if earlier else 0.0
+
+
+def model_setup(where: Path) -> dict | None:
+    """Architecture, data and parameter counts of a run, from the config its job saved."""
+    path = where / "config.yaml"
+    if not path.is_file():
+        return None
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    import torch
+
+    from fsa_train.config import GPTConfig, NSAConfig
+    from fsa_train.model import GPT
+
+    fields = dict(config["model"]["config"])
+    fields["nsa"] = NSAConfig(**fields["nsa"]) if fields.get("nsa") else NSAConfig()
+    fields["vocab_size"] = config["data"]["vocab_size"]
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**fields))
+    data = config["data"]
+    return {
+        "n_layer": fields["n_layer"], "d_model": fields["d_model"], "n_head": fields["n_head"],
+        "n_kv_head": fields["n_kv_head"], "head_dim": fields["head_dim"],
+        "attention": fields["attention"], "nsa": vars(fields["nsa"]),
+        "parameters": model.num_parameters(exclude_embeddings=False),
+        "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+        "seq_len": data["seq_len"], "batch_size": data["batch_size"],
+        "precision": config["trainer"]["precision"],
+    }
+
+
 def summarize(out: Path) -> dict:
     """Everything the report shows, from the run directories."""
     runs = {}
-    for where in sorted(p for p in out.iterdir() if (p / "val.jsonl").is_file()):
+    for where in sorted(p for p in out.iterdir() if read_jsonl(p / "val.jsonl")):
         mode, seed = where.name.rsplit("-s", 1)
         # a job killed after a validation but before its checkpoint repeats those steps on
         # resume: keep the last record of each step
@@ -156,10 +242,15 @@ def summarize(out: Path) -> dict:
                      key=lambda row: row["step"])
         train = read_jsonl(where / "train.jsonl")
         rates = [r["throughput/tokens_per_s"] for r in train if "throughput/tokens_per_s" in r]
+        one_off = one_off_seconds(train)
+        for row in val:
+            row["steady_time_s"] = row["train_time_s"] - _one_off_at(one_off, row["step"])
         runs[where.name] = {
             "mode": mode, "seed": int(seed), "val": val,
             "final_val_loss": val[-1]["val/loss"], "tokens": val[-1]["tokens_seen"],
             "train_time_s": val[-1]["train_time_s"],
+            "steady_time_s": val[-1]["steady_time_s"],
+            "setup": model_setup(where), "jobs": read_jsonl(where / "jobs.jsonl"),
             "tokens_per_s": statistics.median(rates) if rates else None,
             "position_loss": _maybe_json(where / "position_loss.json"),
             "passkey": _maybe_json(where / "passkey.json"),
@@ -175,10 +266,16 @@ def summarize(out: Path) -> dict:
         dense, nsa = runs.get(f"dense-s{seed}"), runs.get(f"nsa-s{seed}")
         if dense and nsa:
             reach = time_to_reach(nsa["val"], dense["final_val_loss"])
+            steady = [dict(row, train_time_s=row["steady_time_s"]) for row in nsa["val"]]
+            steady_reach = time_to_reach(steady, dense["final_val_loss"])
             pairs.append({
                 "seed": seed, "nsa_minus_dense": nsa["final_val_loss"] - dense["final_val_loss"],
                 "dense_time_s": dense["train_time_s"], "nsa_time_to_dense_final_s": reach,
                 "speedup_to_dense_final": dense["train_time_s"] / reach if reach else None,
+                "dense_steady_time_s": dense["steady_time_s"],
+                "nsa_steady_time_to_dense_final_s": steady_reach,
+                "steady_speedup_to_dense_final":
+                    dense["steady_time_s"] / steady_reach if steady_reach else None,
                 "dense_tokens_per_s": dense["tokens_per_s"],
                 "nsa_tokens_per_s": nsa["tokens_per_s"],
             })
@@ -189,26 +286,57 @@ def _maybe_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _setup_lines(summary: dict) -> list[str]:
+    """Where and what: devices and versions of the jobs, the model and the data shape."""
+    lines = []
+    jobs = [job for r in summary["runs"].values() for job in r.get("jobs") or []]
+    if jobs:
+        envs = sorted({f"{j['device']}, torch {j['torch']}, Triton {j['triton']}, "
+                       f"Python {j['python']}" for j in jobs})
+        dates = sorted(j["started"][:10] for j in jobs)
+        span = dates[0] if dates[0] == dates[-1] else f"{dates[0]} – {dates[-1]}"
+        lines += [f"Measured {span} on {'; '.join(envs)}.", ""]
+    setups = {n: r["setup"] for n, r in summary["runs"].items() if r.get("setup")}
+    if setups:
+        first = next(iter(setups.values()))
+        lines.append(f"Model: {first['n_layer']} layers, d_model {first['d_model']}, "
+                     f"{first['n_head']} query / {first['n_kv_head']} KV heads of "
+                     f"{first['head_dim']}; {first['seq_len']} tokens x {first['batch_size']} "
+                     f"per step, {first['precision']}.")
+        for name, setup in setups.items():
+            lines.append(f"- {name}: {setup['attention']}, {setup['parameters'] / 1e6:.1f}M "
+                         f"parameters ({setup['non_embedding_parameters'] / 1e6:.1f}M without "
+                         f"the embedding)")
+        lines.append("")
+    return lines
+
+
 def markdown(summary: dict, title: str) -> str:
-    lines = [f"# {title}", "", "| run | tokens | final val loss | train time s | tokens/s |",
-             "|---|---|---|---|---|"]
+    lines = [f"# {title}", "", *_setup_lines(summary),
+             "| run | tokens | final val loss | train time s | steady time s | tokens/s |",
+             "|---|---|---|---|---|---|"]
     for name, r in summary["runs"].items():
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
         loss = r["final_val_loss"]
         lines.append(f"| {name} | {r['tokens']:,} | {loss:.4f} | "
-                     f"{r['train_time_s']:.1f} | {rate} |")
+                     f"{r['train_time_s']:.1f} | {r['steady_time_s']:.1f} | {rate} |")
+    lines += ["", "Steady time: training time less the one-off excess of steps slower than 3× "
+              "the median (compilation, autotuning)."]
     lines += ["", "| mode | seeds | mean final val loss | spread (max − min) |",
               "|---|---|---|---|"]
     for mode, m in summary["modes"].items():
         lines.append(f"| {mode} | {m['seeds']} | {m['mean']:.4f} | {m['spread']:.4f} |")
     lines += ["", "| seed | NSA − dense (nats) | dense time s | NSA time to dense's final loss s "
-              "| speed-up |", "|---|---|---|---|---|"]
+              "| speed-up | same, steady times |", "|---|---|---|---|---|---|"]
     for p in summary["pairs"]:
         reach = (f"{p['nsa_time_to_dense_final_s']:.1f}"
                  if p["nsa_time_to_dense_final_s"] is not None else "not reached")
         speed = f"{p['speedup_to_dense_final']:.2f}×" if p["speedup_to_dense_final"] else "–"
+        steady = (f"{p['nsa_steady_time_to_dense_final_s']:.1f} of "
+                  f"{p['dense_steady_time_s']:.1f} s: {p['steady_speedup_to_dense_final']:.2f}×"
+                  if p["steady_speedup_to_dense_final"] else "–")
         lines.append(f"| {p['seed']} | {p['nsa_minus_dense']:+.4f} | {p['dense_time_s']:.1f} | "
-                     f"{reach} | {speed} |")
+                     f"{reach} | {speed} | {steady} |")
     buckets = {n: r["position_loss"]["buckets"] for n, r in summary["runs"].items()
                if r["position_loss"]}
     if buckets:

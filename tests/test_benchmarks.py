@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,6 +78,11 @@ def test_loss_parity_runs_dense_and_nsa_from_one_start_and_reports(small_corpus,
     pair = summary["pairs"][0]
     assert pair["nsa_minus_dense"] == nsa["final_val_loss"] - dense["final_val_loss"]
     assert "| dense-s0 |" in printed and "NSA − dense" in printed
+    # each job's device and versions, and the parameter counts from the saved configs
+    assert [job["torch"] for job in dense["jobs"]] == [torch.__version__]
+    assert nsa["setup"]["parameters"] > dense["setup"]["parameters"] > 0
+    assert dense["setup"]["seq_len"] == 64 and nsa["setup"]["attention"] == "nsa"
+    assert 0 < dense["steady_time_s"] <= dense["train_time_s"]
     # a finished run is not trained again
     again = run(*parity, "run", *common, "--model_config", str(model), "--tokens", str(8 * 4 * 64),
                 "--seq_len", "64", "--batch_size", "4", "--vocab_size", "320", "--val_every", "4",
@@ -104,3 +111,21 @@ def test_loss_parity_summary_interpolates_time_to_reach_and_drops_repeated_steps
     assert abs(pair["speedup_to_dense_final"] - 30.0 / 13.75) < 1e-9
     assert abs(pair["nsa_minus_dense"] + 0.1) < 1e-9
     assert summary["modes"]["dense"] == {"seeds": 1, "mean": 2.0, "spread": 0.0}
+
+
+def test_loss_parity_one_off_time_is_the_excess_of_slow_steps():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import loss_parity
+    finally:
+        sys.path.pop(0)
+    # steps of 1 s, except step 1 (autotuning: 31 s) and step 6 (after a resume: 5 s)
+    durations = [31.0, 1.0, 1.0, 1.0, 1.0, 5.0, 1.0, 1.0]
+    times, clock = [], 0.0
+    for step, seconds in enumerate(durations, start=1):
+        clock += seconds
+        times.append({"step": step, "train_time_s": clock})
+    one_off = loss_parity.one_off_seconds(times)
+    assert one_off[1] == one_off[5] == 30.0
+    assert one_off[6] == one_off[8] == 34.0
+    assert loss_parity._one_off_at(one_off, 7) == 34.0 and loss_parity._one_off_at(one_off, 0) == 0

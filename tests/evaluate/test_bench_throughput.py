@@ -33,8 +33,29 @@ def test_sdpa_path_matches_the_dense_model(bench):
     cu = torch.tensor([0, 96], dtype=torch.int32)
     with torch.no_grad():
         torch.testing.assert_close(sdpa(ids, cu), dense(ids, cu), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="one document"):
+    with pytest.raises(ValueError, match="takes 1 equal-length"):
         sdpa(ids, torch.tensor([0, 40, 96], dtype=torch.int32))
+
+
+def test_sdpa_path_batches_equal_length_sequences(bench):
+    """With several sequences per step the SDPA path runs them as its batch dimension and
+    equals the dense model on the same packed documents."""
+    args = bench.parse_args([*TINY, "--contexts", "48"])
+    cfg = bench.model_config(args, "dense", False)
+    cpu = torch.device("cpu")
+    dense, sdpa = bench.build_model(cfg, "dense", cpu), bench.build_model(cfg, "sdpa", cpu, 3)
+    ids = torch.randint(0, cfg.vocab_size, (144,), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 48, 96, 144], dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(ids, cu), dense(ids, cu), rtol=1e-4, atol=1e-5)
+
+
+def test_tokens_per_step_packs_whole_sequences(bench, tmp_path):
+    report = bench.main([*TINY, "--contexts", "128", "512", "--tokens_per_step", "384",
+                         "--modes", "dense", "sdpa", "--out", str(tmp_path)])
+    assert [(r["context"], r["sequences"]) for r in report["rows"]] == [
+        (128, 3), (128, 3), (512, 1), (512, 1)]
+    assert "384 tokens per step" in (tmp_path / "throughput.md").read_text()
 
 
 def test_tiny_cpu_run_writes_json_and_markdown(bench, tmp_path, capsys):
