@@ -12,10 +12,17 @@
 #   bash benchmarks/loss_parity_device.sh run dense 0     # the rest (resumes)
 #   bash benchmarks/loss_parity_device.sh run nsa 0
 #   bash benchmarks/loss_parity_device.sh finish          # position loss, passkey, report → $OUT
+# or the same command in every call until it prints "finish rc=0" (each call goes as far as its
+# BUDGET seconds allow, then stops at the last checkpoint; the next call resumes):
+#   BUDGET=570 SEEDS="0 1" bash benchmarks/loss_parity_device.sh advance
 # Runs live under runs/parity (ignored by git; kept between calls while the machine stays warm).
-# Knobs: SEQ_LEN (8192), BATCH (4), STEPS (1600: 52.4M tokens at 8192 x 4), VAL_EVERY (100).
+# Knobs: SEQ_LEN (8192), BATCH (4), STEPS (1600: 52.4M tokens at 8192 x 4), VAL_EVERY (100);
+# MODEL_CONFIG, VOCAB, PRECISION, VAL_BATCHES (loss_parity.py's defaults);
+# advance: BUDGET (570 s), SEEDS ("0"), MODES ("dense nsa"). $OUT gets each job's log and the run
+# records (runs_jsonl.tgz), and the report once every run has finished.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
 SEQ_LEN=${SEQ_LEN:-8192}
 BATCH=${BATCH:-4}
 STEPS=${STEPS:-1600}
@@ -70,15 +77,47 @@ case "${1:-}" in
     seed=${3:-0}
     "$PY" benchmarks/loss_parity.py run --dataset "$DATA" --out "$RUNS" --modes "$mode" \
       --seeds "$seed" --tokens $((STEPS * SEQ_LEN * BATCH)) --seq_len "$SEQ_LEN" \
-      --batch_size "$BATCH" --val_every "$VAL_EVERY" ${STOP_AT:+--stop_at "$STOP_AT"}
+      --batch_size "$BATCH" --val_every "$VAL_EVERY" ${STOP_AT:+--stop_at "$STOP_AT"} \
+      ${MODEL_CONFIG:+--model_config "$MODEL_CONFIG"} ${VOCAB:+--vocab_size "$VOCAB"} \
+      ${PRECISION:+--precision "$PRECISION"} ${VAL_BATCHES:+--val_batches "$VAL_BATCHES"}
     ;;
   finish)
     setup_device
     "$PY" benchmarks/loss_parity.py evaluate --dataset "$DATA" --out "$RUNS" --seq_len "$SEQ_LEN"
     "$PY" benchmarks/loss_parity.py report --out "$RUNS" --results "${OUT:-$RUNS}"
     ;;
+  advance)
+    deadline=$((SECONDS + ${BUDGET:-570}))
+    out=${OUT:-$RUNS}
+    mkdir -p "$out"
+    save() {  # the small run records, so a call that loses the machine still returns its curves
+      find "$RUNS" \( -name '*.jsonl' -o -name '*.yaml' -o -name '*.json' \) -print0 \
+        2>/dev/null | tar czf "$out/runs_jsonl.tgz" --null -T - 2>/dev/null || true
+    }
+    # step LOG STEP...: one step of this script within the time left; 124 when it ran out
+    step() {
+      local log=$1 left=$((deadline - SECONDS)) rc=0
+      shift
+      if [ "$left" -lt 30 ]; then echo "$*: in the next call ($left s left)"; return 124; fi
+      timeout "$left" bash "$SELF" "$@" > "$out/$log" 2>&1 || rc=$?
+      echo "$* rc=$rc, $((deadline - SECONDS)) s left"
+      tail -c 600 "$out/$log" | tr '\r' '\n' | tail -4
+      return "$rc"
+    }
+    step data.log data || exit 1
+    for seed in ${SEEDS:-0}; do
+      for mode in ${MODES:-dense nsa}; do
+        step "$mode-s$seed.log" run "$mode" "$seed" || { save; exit 0; }  # next call resumes
+      done
+    done
+    save
+    if [ $((deadline - SECONDS)) -lt 90 ]; then echo "finish: in the next call"; exit 0; fi
+    step finish.log finish || true
+    tail -25 "$out/finish.log"
+    save
+    ;;
   *)
-    sed -n '2,21p' "$0"
+    sed -n '2,22p' "$SELF"
     exit 2
     ;;
 esac
