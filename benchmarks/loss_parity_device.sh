@@ -17,7 +17,7 @@
 #   BUDGET=570 SEEDS="0 1" bash benchmarks/loss_parity_device.sh advance
 # Runs live under runs/parity (ignored by git; kept between calls while the machine stays warm).
 # Knobs: SEQ_LEN (8192), BATCH (4), STEPS (1600: 52.4M tokens at 8192 x 4), VAL_EVERY (100);
-# MODEL_CONFIG, VOCAB, PRECISION, VAL_BATCHES (loss_parity.py's defaults);
+# MODEL_CONFIG, VOCAB, PRECISION, VAL_BATCHES, PASSKEY_LENGTHS (loss_parity.py's defaults);
 # advance: BUDGET (570 s), SEEDS ("0"), MODES ("dense nsa"). $OUT gets each job's log and the run
 # records (runs_jsonl.tgz), and the report once every run has finished.
 set -euo pipefail
@@ -83,7 +83,9 @@ case "${1:-}" in
     ;;
   finish)
     setup_device
-    "$PY" benchmarks/loss_parity.py evaluate --dataset "$DATA" --out "$RUNS" --seq_len "$SEQ_LEN"
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/loss_parity.py evaluate --dataset "$DATA" --out "$RUNS" --seq_len "$SEQ_LEN" \
+      ${PASSKEY_LENGTHS:+--passkey_lengths $PASSKEY_LENGTHS}
     "$PY" benchmarks/loss_parity.py report --out "$RUNS" --results "${OUT:-$RUNS}"
     ;;
   advance)

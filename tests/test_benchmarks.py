@@ -90,6 +90,34 @@ def test_loss_parity_runs_dense_and_nsa_from_one_start_and_reports(small_corpus,
     assert again.count("finished, skipped") == 2
 
 
+def test_loss_parity_device_advance_trains_evaluates_and_reports(small_corpus, tmp_path):
+    """`loss_parity_device.sh advance`, the one command of every device call, on the CPU: with
+    the dataset in place it trains the run, then evaluates it and writes the report to $OUT."""
+    python = Path(sys.executable)
+    env = dict(os.environ, WANDB_MODE="disabled")
+    tok, data = tmp_path / "tok", tmp_path / "data"
+    for words in (["train-tokenizer", str(small_corpus), "--output", str(tok), "--vocab_size",
+                   "320"],
+                  ["prepare-data", str(small_corpus), "--tokenizer", f"{tok}.model", "--output",
+                   str(data), "--val_documents", "2"]):
+        subprocess.run([str(python), "-m", "fsa_train.cli", *words], cwd=ROOT, check=True,
+                       capture_output=True, env=dict(env, PYTHONPATH=str(ROOT)))
+    model = tmp_path / "tiny.yaml"
+    model.write_text(TINY_PARITY_MODEL)
+    out = tmp_path / "out"
+    env.update(PY=str(python), OUT=str(out), DATA=str(data), RUNS=str(tmp_path / "runs"),
+               MODEL_CONFIG=str(model), VOCAB="320", PRECISION="32-true", VAL_BATCHES="1",
+               SEQ_LEN="64", BATCH="2", STEPS="4", VAL_EVERY="2", MODES="dense",
+               PASSKEY_LENGTHS="256", BUDGET="400")
+    result = subprocess.run(["bash", "benchmarks/loss_parity_device.sh", "advance"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=500, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "run dense 0 rc=0" in result.stdout and "finish rc=0" in result.stdout
+    summary = json.loads((out / "loss_parity.json").read_text())
+    assert [v["step"] for v in summary["runs"]["dense-s0"]["val"]] == [2, 4]
+    assert (out / "runs_jsonl.tgz").stat().st_size > 0
+
+
 def test_loss_parity_summary_interpolates_time_to_reach_and_drops_repeated_steps(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
