@@ -347,16 +347,35 @@ def markdown(summary: dict, title: str) -> str:
             span = f"{b['start']}–{b['end'] - 1}" if b["end"] is not None else f"{b['start']}+"
             cells = [_fmt(buckets[n][i]["loss"]) for n in names]
             lines.append(f"| {span} | " + " | ".join(cells) + " |")
-    keys = {n: r["passkey"] for n, r in summary["runs"].items() if r["passkey"]}
+    keys = {n: passkey_by_length(r["passkey"]) for n, r in summary["runs"].items()
+            if r["passkey"]}
     if keys:
-        lines += ["", "Passkey retrieval (exact-match accuracy by length):", ""]
-        for name, result in keys.items():
-            by_length: dict[int, list[float]] = {}
-            for cell in result["cells"]:
-                by_length.setdefault(cell["length"], []).append(cell["accuracy"])
-            cells = ", ".join(f"{n}: {statistics.fmean(a):.2f}" for n, a in by_length.items())
-            lines.append(f"- {name}: {cells}")
+        names = list(keys)
+        lines += ["", "Passkey retrieval by prompt length: exact match / per-token accuracy / "
+                  "mean log-likelihood of the key (nats; a continuous signal before a model "
+                  "retrieves at all):", "",
+                  "| length | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for length in sorted({n for by in keys.values() for n in by}):
+            cells = []
+            for name in names:
+                cell = keys[name].get(length)
+                cells.append("–" if cell is None else
+                             f"{cell['accuracy']:.2f} / {cell['token_accuracy']:.2f} / "
+                             f"{cell['key_logprob']:.1f}")
+            lines.append(f"| {length} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def passkey_by_length(result: dict) -> dict[int, dict[str, float]]:
+    """Mean exact match, per-token accuracy and key log-likelihood per prompt length (over the
+    depths and trials of ``fsa-train passkey``)."""
+    by_length: dict[int, list[dict]] = {}
+    for cell in result["cells"]:
+        by_length.setdefault(cell["length"], []).append(cell)
+    return {length: {"accuracy": statistics.fmean(c["accuracy"] for c in cells),
+                     "token_accuracy": statistics.fmean(c["token_accuracy"] for c in cells),
+                     "key_logprob": statistics.fmean(c["mean_key_logprob"] for c in cells)}
+            for length, cells in by_length.items()}
 
 
 def _fmt(value: float | None) -> str:
