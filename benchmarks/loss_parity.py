@@ -159,7 +159,8 @@ def command_evaluate(args: argparse.Namespace) -> None:
         exported = where / "model.pt"
         fsa_train("export", str(where / "checkpoints" / "last.ckpt"), str(exported))
         fsa_train("position-loss", str(exported), str(Path(args.dataset).resolve()),
-                  "--seq_len", str(args.seq_len), "--batches", str(args.batches),
+                  "--seq_len", str(args.seq_len),
+                  *(["--batches", str(args.batches)] if args.batches else []),
                   "--out", str(where / "position_loss.json"))
         fsa_train("passkey", str(exported), "--lengths", *map(str, args.passkey_lengths),
                   "--trials", str(args.passkey_trials), "--out", str(where / "passkey.json"))
@@ -447,7 +448,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--out", required=True)
     ev.add_argument("--seq_len", type=int, default=8192)
-    ev.add_argument("--batches", type=int, default=16)
+    ev.add_argument("--batches", type=int, default=None,
+                    help="position-loss sequences (default: the whole validation split)")
     ev.add_argument("--passkey_lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ev.add_argument("--passkey_trials", type=int, default=3)
     rep = sub.add_parser("report", help="JSON, Markdown and PNG of the runs")
