@@ -164,6 +164,13 @@ def command_evaluate(args: argparse.Namespace) -> None:
                   "--out", str(where / "position_loss.json"))
         fsa_train("passkey", str(exported), "--lengths", *map(str, args.passkey_lengths),
                   "--trials", str(args.passkey_trials), "--out", str(where / "passkey.json"))
+        if where.name.startswith("nsa-") and args.overlap_batches:
+            # how much neighbouring queries' selections overlap: the selected kernel's design
+            subprocess.run([sys.executable, str(REPO / "benchmarks" / "selection_overlap.py"),
+                            str(exported), str(Path(args.dataset).resolve()), "--seq_len",
+                            str(args.seq_len), "--batches", str(args.overlap_batches),
+                            "--out", str(where / "selection_overlap.json")],
+                           check=True, cwd=REPO)
 
 
 def time_to_reach(val: list[dict], target: float) -> float | None:
@@ -255,6 +262,7 @@ def summarize(out: Path) -> dict:
             "tokens_per_s": statistics.median(rates) if rates else None,
             "position_loss": _maybe_json(where / "position_loss.json"),
             "passkey": _maybe_json(where / "passkey.json"),
+            "selection_overlap": _maybe_json(where / "selection_overlap.json"),
         }
     modes = {}
     for mode in MODES:
@@ -364,6 +372,18 @@ def markdown(summary: dict, title: str) -> str:
                              f"{cell['accuracy']:.2f} / {cell['token_accuracy']:.2f} / "
                              f"{cell['key_logprob']:.1f}")
             lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    overlaps = {n: r["selection_overlap"] for n, r in summary["runs"].items()
+                if r.get("selection_overlap")}
+    for name, result in overlaps.items():
+        lines += ["", f"Block selections of {name} (`selection_overlap.py`, mean over layers "
+                  f"and KV heads, top-{result['topk']}): distinct blocks per tile of M queries "
+                  "/ query-major work over sparse work; adjacent-token Jaccard "
+                  f"{next(iter(result['overall'].values()))['adjacent_jaccard']:.2f}.", "",
+                  "| M | " + " | ".join(result["overall"]) + " |",
+                  "|---" * (len(result["overall"]) + 1) + "|",
+                  "| union / inflation | " + " | ".join(
+                      f"{v['union']:.1f} / {v['inflation']:.2f}"
+                      for v in result["overall"].values()) + " |"]
     return "\n".join(lines) + "\n"
 
 
@@ -452,6 +472,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="position-loss sequences (default: the whole validation split)")
     ev.add_argument("--passkey_lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ev.add_argument("--passkey_trials", type=int, default=3)
+    ev.add_argument("--overlap_batches", type=int, default=8,
+                    help="validation windows for selection_overlap.py on NSA runs (0: skip)")
     rep = sub.add_parser("report", help="JSON, Markdown and PNG of the runs")
     rep.add_argument("--out", required=True)
     rep.add_argument("--results", default=None, help="where to write (default: --out)")

@@ -75,6 +75,8 @@ def test_loss_parity_runs_dense_and_nsa_from_one_start_and_reports(small_corpus,
     assert [v["step"] for v in dense["val"]] == [4, 8] == [v["step"] for v in nsa["val"]]
     assert dense["tokens"] == nsa["tokens"] == 8 * 4 * 64
     assert dense["position_loss"]["buckets"] and nsa["passkey"]["cells"]
+    assert nsa["selection_overlap"]["layers"] and dense["selection_overlap"] is None
+    assert "Block selections of nsa-s0" in printed
     pair = summary["pairs"][0]
     assert pair["nsa_minus_dense"] == nsa["final_val_loss"] - dense["final_val_loss"]
     assert "| dense-s0 |" in printed and "NSA − dense" in printed
