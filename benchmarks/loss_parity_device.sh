@@ -5,7 +5,8 @@
 # Here, on the CPU machine, once per checkout (needs apt-get and the project's .venv):
 #   bash benchmarks/loss_parity_device.sh local
 #     → .parity/natural.jsonl.gz (Debian docs, dictionary, KJV) and .parity/spm32k.model (a 32K
-#       BPE trained on it and this machine's Python standard library), .whl/ (jsonargparse)
+#       BPE trained on it and this machine's Python standard library), .whl/ (jsonargparse;
+#       pytest-xdist for benchmarks/gpu_tests.sh)
 # On the device, carry [".parity", ".whl"], one call per line:
 #   bash benchmarks/loss_parity_device.sh data            # + Python code of that machine → dataset
 #   STOP_AT=800 bash benchmarks/loss_parity_device.sh run dense 0   # first half of one run
@@ -58,7 +59,7 @@ case "${1:-}" in
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp -d .whl jsonargparse docstring-parser typeshed-client \
-      typing-extensions 2>&1 | grep -v 'is ignored' || true
+      typing-extensions pytest-xdist execnet 2>&1 | grep -v 'is ignored' || true
     du -sh .parity .whl
     ;;
   data)
@@ -119,7 +120,7 @@ case "${1:-}" in
     save
     ;;
   *)
-    sed -n '2,22p' "$SELF"
+    sed -n '2,23p' "$SELF"
     exit 2
     ;;
 esac
