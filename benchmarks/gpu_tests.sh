@@ -9,13 +9,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-if [ -d .whl ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+# shellcheck source=benchmarks/device_wheels.sh
+source benchmarks/device_wheels.sh
+install_carried_wheels
 parallel=()
 if "$PY" -c 'import xdist' 2>/dev/null; then parallel=(-n "${WORKERS:-8}"); fi
 log=${OUT:-.}/gpu_tests.log

@@ -32,14 +32,11 @@ RUNS=${RUNS:-runs/parity}
 DATA=${DATA:-runs/parity-data}
 PY=${PY:-python3}
 
+# shellcheck source=benchmarks/device_wheels.sh
+source benchmarks/device_wheels.sh
+
 setup_device() {
-  if [ -d .whl ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-  else
-    export PYTHONPATH=$PWD
-  fi
+  install_carried_wheels
   export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
   # Triton's switch: keep autotuning results on disk, so the second job of a run (and the
   # later runs, all of one shape) skip the minute of tuning the first NSA step costs.
