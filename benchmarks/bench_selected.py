@@ -8,6 +8,13 @@ local blocks, the rest random among earlier blocks), generated on the GPU. Dense
 cannot mask documents, so they are reported once per (tokens, G) for one document; FlexAttention
 gets a document-causal block mask.
 
+``--modes`` picks our paths: ``auto``, ``block``, ``query``, ``fwd/dq`` pairs, and ``tiles:M``
+(the experimental tile-union kernels, ``fsa_train.kernels.triton.selected_tiles``, tiles of M
+queries). ``--selections coherent:S`` gives every span of S tokens (S dividing the block) the
+selection of its first token, the regime where neighbouring queries share their blocks (what a
+trained model does is measured by ``selection_overlap.py``); ``random`` (default) shares only
+the forced blocks.
+
 Writes ``selected_attention.json`` and ``selected_attention.md`` to ``--out`` (default
 ``benchmarks/results``). ``--deadline`` (seconds) skips what is left once it passes (marked
 "skipped: time"), so the run fits a device lease.
@@ -103,6 +110,43 @@ def make(n, G, dtype=torch.bfloat16, h=4, d=128, seed=0):
     return q, k, v, do
 
 
+def coherent_selection(idx: torch.Tensor, cu: torch.Tensor, span: int, block: int) -> torch.Tensor:
+    """``idx`` with every document-aligned span of ``span`` tokens given its first token's
+    selection. ``span`` divides ``block``, so a span never crosses a block and the first
+    token's selection (forced blocks included) is valid for the whole span."""
+    if block % span:
+        raise SystemExit(f"bench_selected: error: coherent span {span} must divide the block "
+                         f"{block}")
+    total = idx.shape[1]
+    cu64 = cu.to(torch.int64)
+    tok = torch.arange(total, device=idx.device)
+    doc = torch.searchsorted(cu64[1:].contiguous(), tok, right=True)
+    local = tok - cu64[doc]
+    return idx[:, cu64[doc] + local // span * span].contiguous()
+
+
+def selections(args, cu, topk, block, gen):
+    """(name, idx) for every ``--selections`` kind."""
+    base = sa.random_selection(cu, 4, topk, block, gen)
+    for kind in args.selections:
+        if kind == "random":
+            yield kind, base
+        else:
+            yield kind, coherent_selection(base, cu, int(kind.split(":")[1]), block)
+
+
+def ours_fn(modes: str):
+    """The call that runs our kernels on one ``--modes`` entry."""
+    if modes.startswith("tiles"):
+        tiles = importlib.import_module("fsa_train.kernels.triton.selected_tiles")
+        tile = int(modes.split(":")[1]) if ":" in modes else 16
+        return lambda q, k, v, idx, cu, block: tiles.selected_attention_tiles(
+            q, k, v, idx, cu, block, tile=tile)
+    fm, qm = modes.split("/") if "/" in modes else (modes, modes)
+    return lambda q, k, v, idx, cu, block: sa.selected_attention(
+        q, k, v, idx, cu, block, fwd_mode=fm, dq_mode=qm)
+
+
 def run_ours(args, results):
     for n in args.tokens:
         for G in args.groups:
@@ -112,26 +156,26 @@ def run_ours(args, results):
                     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()],
                                       dtype=torch.int32, device="cuda")
                     gen = torch.Generator(device="cuda").manual_seed(n + G + block)
-                    idx = sa.random_selection(cu, 4, topk, block, gen)
-                    for modes in args.modes:
-                        key = dict(tokens=n, G=G, block=block, topk=topk, layout=lname,
-                                   impl="ours", modes=modes)
-                        if elapsed() > args.deadline:
-                            results.append({**key, "error": "skipped: time"})
-                            continue
-                        fm, qm = modes.split("/") if "/" in modes else (modes, modes)
+                    for kind, idx in selections(args, cu, topk, block, gen):
+                        for modes in args.modes:
+                            label = modes if kind == "random" else f"{modes} @{kind}"
+                            key = dict(tokens=n, G=G, block=block, topk=topk, layout=lname,
+                                       impl="ours", modes=label)
+                            if elapsed() > args.deadline:
+                                results.append({**key, "error": "skipped: time"})
+                                continue
+                            call = ours_fn(modes)
 
-                        def fwd(q=q, k=k, v=v, fm=fm, qm=qm, cu=cu, idx=idx, block=block):
-                            return sa.selected_attention(q, k, v, idx, cu, block, fwd_mode=fm,
-                                                         dq_mode=qm)
+                            def fwd(q=q, k=k, v=v, call=call, cu=cu, idx=idx, block=block):
+                                return call(q, k, v, idx, cu, block)
 
-                        def fwdbwd(fwd=fwd, do=do):
-                            fwd().backward(do)
+                            def fwdbwd(fwd=fwd, do=do):
+                                fwd().backward(do)
 
-                        r = timed_pair(fwd, fwdbwd, [q, k, v])
-                        results.append({**key, **r})
-                        print(json.dumps(results[-1]), flush=True)
-                    del idx
+                            r = timed_pair(fwd, fwdbwd, [q, k, v])
+                            results.append({**key, **r})
+                            print(json.dumps(results[-1]), flush=True)
+                        del idx
             del q, k, v, do
             torch.cuda.empty_cache()
 
@@ -397,7 +441,9 @@ def main():
     p.add_argument("--configs", nargs="+", default=["64:16", "128:8"])
     p.add_argument("--layouts", nargs="+", default=["one", "4k", "1k"])
     p.add_argument("--modes", nargs="+", default=["auto"],
-                   help="ours' paths: auto, block, query, or fwd/dq like block/query")
+                   help="ours' paths: auto, block, query, fwd/dq like block/query, or tiles:M")
+    p.add_argument("--selections", nargs="+", default=["random"],
+                   help="random, or coherent:S (spans of S tokens share one selection)")
     p.add_argument("--parts", nargs="+", default=["ours", "dense", "flex", "reference"])
     p.add_argument("--flex-groups", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--ref-tokens", type=int, nargs="+", default=[16384])

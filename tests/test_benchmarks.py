@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,3 +160,19 @@ def test_loss_parity_one_off_time_is_the_excess_of_slow_steps():
     assert one_off[1] == one_off[5] == 30.0
     assert one_off[6] == one_off[8] == 34.0
     assert loss_parity._one_off_at(one_off, 7) == 34.0 and loss_parity._one_off_at(one_off, 0) == 0
+
+
+def test_bench_selected_coherent_selection_repeats_each_span_start():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_selected
+    finally:
+        sys.path.pop(0)
+    idx = torch.arange(2 * 20 * 2, dtype=torch.int32).view(2, 20, 2)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    out = bench_selected.coherent_selection(idx, cu, 4, 8)
+    # spans of 4 start at 0 and 4 in the first document, at 7, 11, 15, 19 in the second
+    starts = [0] * 4 + [4] * 3 + [7] * 4 + [11] * 4 + [15] * 4 + [19]
+    assert torch.equal(out, idx[:, starts])
+    with pytest.raises(SystemExit, match="must divide the block"):
+        bench_selected.coherent_selection(idx, cu, 3, 8)
