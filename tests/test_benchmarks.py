@@ -43,63 +43,14 @@ model:
 """
 
 
-def test_loss_parity_runs_dense_and_nsa_from_one_start_and_reports(small_corpus, tmp_path):
-    """The parity experiment end to end on the CPU: two real `fsa-train fit` runs on one
-    dataset, then position loss and passkey on their exports, then the report."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
-
-    def run(*words: str) -> str:
-        result = subprocess.run([sys.executable, *words], cwd=ROOT, capture_output=True,
-                                text=True, timeout=600, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
-
-    tok, data, out = tmp_path / "tok", tmp_path / "data", tmp_path / "runs"
-    run("-m", "fsa_train.cli", "train-tokenizer", str(small_corpus), "--output", str(tok),
-        "--vocab_size", "320")
-    run("-m", "fsa_train.cli", "prepare-data", str(small_corpus), "--tokenizer",
-        f"{tok}.model", "--output", str(data), "--val_documents", "2")
-    model = tmp_path / "tiny.yaml"
-    model.write_text(TINY_PARITY_MODEL)
-    parity = ["benchmarks/loss_parity.py"]
-    common = ["--dataset", str(data), "--out", str(out)]
-    run(*parity, "run", *common, "--model_config", str(model), "--tokens", str(8 * 4 * 64),
-        "--seq_len", "64", "--batch_size", "4", "--vocab_size", "320", "--val_every", "4",
-        "--val_batches", "2", "--warmup", "2", "--precision", "32-true")
-    for mode in ("dense", "nsa"):
-        config = (out / f"{mode}-s0" / "run.yaml").read_text()
-        assert f"attention: {mode}" in config
-    run(*parity, "evaluate", *common, "--seq_len", "64", "--batches", "1",
-        "--passkey_lengths", "256", "--passkey_trials", "1")
-    printed = run(*parity, "report", "--out", str(out), "--results", str(tmp_path / "res"))
-    summary = json.loads((tmp_path / "res" / "loss_parity.json").read_text())
-    dense, nsa = summary["runs"]["dense-s0"], summary["runs"]["nsa-s0"]
-    assert [v["step"] for v in dense["val"]] == [4, 8] == [v["step"] for v in nsa["val"]]
-    assert dense["tokens"] == nsa["tokens"] == 8 * 4 * 64
-    assert dense["position_loss"]["buckets"] and nsa["passkey"]["cells"]
-    assert nsa["selection_overlap"]["layers"] and dense["selection_overlap"] is None
-    assert "Block selections of nsa-s0" in printed
-    pair = summary["pairs"][0]
-    assert pair["nsa_minus_dense"] == nsa["final_val_loss"] - dense["final_val_loss"]
-    assert "| dense-s0 |" in printed and "NSA − dense" in printed
-    # each job's device and versions, and the parameter counts from the saved configs
-    assert [job["torch"] for job in dense["jobs"]] == [torch.__version__]
-    assert nsa["setup"]["parameters"] > dense["setup"]["parameters"] > 0
-    assert dense["setup"]["seq_len"] == 64 and nsa["setup"]["attention"] == "nsa"
-    assert 0 < dense["steady_time_s"] <= dense["train_time_s"]
-    # a finished run is not trained again
-    again = run(*parity, "run", *common, "--model_config", str(model), "--tokens", str(8 * 4 * 64),
-                "--seq_len", "64", "--batch_size", "4", "--vocab_size", "320", "--val_every", "4",
-                "--val_batches", "2", "--warmup", "2", "--precision", "32-true")
-    assert again.count("finished, skipped") == 2
-
-
-def test_loss_parity_device_advance_trains_evaluates_and_reports(small_corpus, tmp_path):
-    """`loss_parity_device.sh advance`, the one command of every device call, on the CPU: with
-    the dataset in place it trains the run, then evaluates it and writes the report to $OUT."""
+def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_path):
+    """The parity experiment end to end on the CPU, driven by `loss_parity_device.sh advance`
+    (the one command of every device call): two real `fsa-train fit` runs on one dataset, then
+    position loss, passkey and selection overlap on their exports, then the report in $OUT;
+    a second call trains nothing again."""
     python = Path(sys.executable)
     env = dict(os.environ, WANDB_MODE="disabled")
-    tok, data = tmp_path / "tok", tmp_path / "data"
+    tok, data, runs, out = (tmp_path / name for name in ("tok", "data", "runs", "out"))
     for words in (["train-tokenizer", str(small_corpus), "--output", str(tok), "--vocab_size",
                    "320"],
                   ["prepare-data", str(small_corpus), "--tokenizer", f"{tok}.model", "--output",
@@ -108,18 +59,42 @@ def test_loss_parity_device_advance_trains_evaluates_and_reports(small_corpus, t
                        capture_output=True, env=dict(env, PYTHONPATH=str(ROOT)))
     model = tmp_path / "tiny.yaml"
     model.write_text(TINY_PARITY_MODEL)
-    out = tmp_path / "out"
-    env.update(PY=str(python), OUT=str(out), DATA=str(data), RUNS=str(tmp_path / "runs"),
+    env.update(PY=str(python), OUT=str(out), DATA=str(data), RUNS=str(runs),
                MODEL_CONFIG=str(model), VOCAB="320", PRECISION="32-true", VAL_BATCHES="1",
-               SEQ_LEN="64", BATCH="2", STEPS="4", VAL_EVERY="2", MODES="dense",
-               PASSKEY_LENGTHS="256", BUDGET="400")
-    result = subprocess.run(["bash", "benchmarks/loss_parity_device.sh", "advance"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=500, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "run dense 0 rc=0" in result.stdout and "finish rc=0" in result.stdout
+               SEQ_LEN="64", BATCH="2", STEPS="4", VAL_EVERY="2", PASSKEY_LENGTHS="256",
+               BUDGET="400")
+
+    def device_step(*words: str) -> str:
+        result = subprocess.run(["bash", "benchmarks/loss_parity_device.sh", *words],
+                                cwd=ROOT, capture_output=True, text=True, timeout=500, env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result.stdout
+
+    printed = device_step("advance")
+    assert "run dense 0 rc=0" in printed and "run nsa 0 rc=0" in printed
+    assert "finish rc=0" in printed
+    report = (out / "loss_parity.md").read_text()
+    assert "| dense-s0 |" in report and "NSA − dense" in report
+    assert "Block selections of nsa-s0" in report
+    for mode in ("dense", "nsa"):
+        assert f"attention: {mode}" in (runs / f"{mode}-s0" / "run.yaml").read_text()
     summary = json.loads((out / "loss_parity.json").read_text())
-    assert [v["step"] for v in summary["runs"]["dense-s0"]["val"]] == [2, 4]
+    dense, nsa = summary["runs"]["dense-s0"], summary["runs"]["nsa-s0"]
+    assert [v["step"] for v in dense["val"]] == [2, 4] == [v["step"] for v in nsa["val"]]
+    assert dense["tokens"] == nsa["tokens"] == 4 * 2 * 64
+    assert dense["position_loss"]["buckets"] and nsa["passkey"]["cells"]
+    assert nsa["selection_overlap"]["layers"] and dense["selection_overlap"] is None
+    pair = summary["pairs"][0]
+    assert pair["nsa_minus_dense"] == nsa["final_val_loss"] - dense["final_val_loss"]
+    # each job's device and versions, and the parameter counts from the saved configs
+    assert [job["torch"] for job in dense["jobs"]] == [torch.__version__]
+    assert nsa["setup"]["parameters"] > dense["setup"]["parameters"] > 0
+    assert dense["setup"]["seq_len"] == 64 and nsa["setup"]["attention"] == "nsa"
+    assert 0 < dense["steady_time_s"] <= dense["train_time_s"]
     assert (out / "runs_jsonl.tgz").stat().st_size > 0
+    # a finished run is not trained again
+    for mode in ("dense", "nsa"):
+        assert "finished, skipped" in device_step("run", mode, "0")
 
 
 def test_loss_parity_summary_interpolates_time_to_reach_and_drops_repeated_steps(tmp_path):
