@@ -87,14 +87,13 @@ def selected_branch(
 
     if kernel not in ("block", "tiles"):
         raise ValueError(f"selected_kernel must be 'block' or 'tiles', got {kernel!r}")
-    on_triton = ops.resolve("selected_attention", backend, q) is not \
-        ops.reference.selected_attention
-    if kernel == "tiles" and on_triton:
+    fn = ops.resolve("selected_attention", backend, q)  # once: this runs in every NSA layer
+    if kernel == "tiles" and fn is not ops.reference.selected_attention:
         from fsa_train.kernels.triton.selected_tiles import selected_attention_tiles
 
         return selected_attention_tiles(q, k, v, idx, cu_seqlens, block, scale,
                                         tile=selected_tile(q.shape[1] // k.shape[1]))
-    return ops.selected_attention(q, k, v, idx, cu_seqlens, block, scale, backend=backend)
+    return fn(q, k, v, idx, cu_seqlens, block, scale)
 
 
 def nsa_attention(
