@@ -33,7 +33,6 @@ import torch
 from fsa_train import kernels as ops
 from fsa_train.config import NSAConfig
 from fsa_train.kernels import CompressionParams, nsa_attention
-from fsa_train.kernels.nsa import selected_branch
 from fsa_train.model.rope import Rotary
 
 PACKED_DOC = 4096
@@ -108,10 +107,8 @@ def fwd_bwd(fn: Callable[[], torch.Tensor], grad: torch.Tensor,
     return run
 
 
-def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool,
-                tiles: bool = False) -> list[dict]:
-    """Rows for one shape: the NSA core, its branches, and the dense baselines; with ``tiles``
-    also the core and the selected branch on the experimental tile-union kernels."""
+def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool) -> list[dict]:
+    """Rows for one shape: the NSA core, its branches, and the dense baselines."""
     time_ms = timer(device)
     rope = Rotary(inp["q"].shape[-1])
     leaves = [inp[name].requires_grad_() for name in ("q", "k", "v", "gates", "w_k", "w_v", "pe")]
@@ -137,9 +134,6 @@ def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool,
         rows.append(row)
 
     record("nsa core", lambda: nsa_attention(q, k, v, gates, params, cu, nsa, rope))
-    if tiles:
-        record("nsa core (selected: tiles)", lambda: nsa_attention(
-            q, k, v, gates, params, cu, nsa, rope, selected_kernel="tiles"))
 
     # branches; the attention ops take the raw leaves (same cost as RoPE'd inputs, and gradients)
     with torch.no_grad():
@@ -163,9 +157,6 @@ def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool,
         nsa.init_blocks, nsa.local_blocks), backward=False)
     record("branch: selected_attention",
            lambda: ops.selected_attention(q, k, v, idx, cu, nsa.sel_block))
-    if tiles:
-        record("branch: selected_attention (tiles)", lambda: selected_branch(
-            q, k, v, idx, cu, nsa.sel_block, None, "auto", "tiles"))
     record("branch: window_attention", lambda: ops.window_attention(q, k, v, cu, nsa.window))
     record("dense: ours (window_attention None)",
            lambda: ops.window_attention(q, k, v, cu, None))
@@ -238,8 +229,6 @@ def main() -> None:
     parser.add_argument("--tiny_nsa", action="store_true",
                         help="small NSA parameters (8/4/16, top-3, window 32) for CPU smoke runs")
     parser.add_argument("--no_flex", action="store_true")
-    parser.add_argument("--tiles", action="store_true",
-                        help="also time the experimental tile-union selected kernels")
     parser.add_argument("--name", default="nsa_core", help="output file stem")
     args = parser.parse_args()
     nsa = (NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, window=32)
@@ -256,7 +245,7 @@ def main() -> None:
                                   args.device, dtype)
                 layout = "1 doc" if doc is None else f"{tokens // doc}x{doc // 1024}K"
                 start = time.perf_counter()
-                for row in bench_shape(inp, nsa, args.device, not args.no_flex, args.tiles):
+                for row in bench_shape(inp, nsa, args.device, not args.no_flex):
                     row.update(tokens=tokens, G=groups, doc=doc, layout=layout)
                     results.append(row)
                     print(f"  {row['method']}: fwd {_cell(row, 'fwd_ms')} ms, "

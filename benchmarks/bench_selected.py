@@ -8,12 +8,11 @@ local blocks, the rest random among earlier blocks), generated on the GPU. Dense
 cannot mask documents, so they are reported once per (tokens, G) for one document; FlexAttention
 gets a document-causal block mask.
 
-``--modes`` picks our paths: ``auto``, ``block``, ``query``, ``fwd/dq`` pairs, and ``tiles:M``
-(the experimental tile-union kernels, ``fsa_train.kernels.triton.selected_tiles``, tiles of M
-queries). ``--selections coherent:S`` gives every span of S tokens (S dividing the block) the
-selection of its first token, the regime where neighbouring queries share their blocks (what a
-trained model does is measured by ``selection_overlap.py``); ``random`` (default) shares only
-the forced blocks.
+``--modes`` picks our paths: ``auto``, ``block``, ``query`` and ``fwd/dq`` pairs.
+``--selections coherent:S`` gives every span of S tokens (S dividing the block) the selection of
+its first token, the regime where neighbouring queries share their blocks (what a trained model
+does is measured by ``selection_overlap.py``); ``random`` (default) shares only the forced
+blocks.
 
 Writes ``selected_attention.json`` and ``selected_attention.md`` to ``--out`` (default
 ``benchmarks/results``). ``--deadline`` (seconds) skips what is left once it passes (marked
@@ -137,11 +136,6 @@ def selections(args, cu, topk, block, gen):
 
 def ours_fn(modes: str):
     """The call that runs our kernels on one ``--modes`` entry."""
-    if modes.startswith("tiles"):
-        tiles = importlib.import_module("fsa_train.kernels.triton.selected_tiles")
-        tile = int(modes.split(":")[1]) if ":" in modes else 16
-        return lambda q, k, v, idx, cu, block: tiles.selected_attention_tiles(
-            q, k, v, idx, cu, block, tile=tile)
     fm, qm = modes.split("/") if "/" in modes else (modes, modes)
     return lambda q, k, v, idx, cu, block: sa.selected_attention(
         q, k, v, idx, cu, block, fwd_mode=fm, dq_mode=qm)
@@ -441,7 +435,7 @@ def main():
     p.add_argument("--configs", nargs="+", default=["64:16", "128:8"])
     p.add_argument("--layouts", nargs="+", default=["one", "4k", "1k"])
     p.add_argument("--modes", nargs="+", default=["auto"],
-                   help="ours' paths: auto, block, query, fwd/dq like block/query, or tiles:M")
+                   help="ours' paths: auto, block, query, or fwd/dq like block/query")
     p.add_argument("--selections", nargs="+", default=["random"],
                    help="random, or coherent:S (spans of S tokens share one selection)")
     p.add_argument("--parts", nargs="+", default=["ours", "dense", "flex", "reference"])

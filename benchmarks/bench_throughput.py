@@ -95,7 +95,7 @@ def model_config(args: argparse.Namespace, mode: str, checkpointing: bool) -> GP
         vocab_size=args.vocab, n_layer=args.n_layer, n_head=n_head,
         n_kv_head=n_head // args.group, d_model=args.d_model, head_dim=args.head_dim,
         attention="nsa" if mode == "nsa" else "dense", nsa=NSAConfig(),
-        kernel_backend=args.kernel_backend, selected_kernel=args.selected_kernel,
+        kernel_backend=args.kernel_backend,
         activation_checkpointing=checkpointing,
     )
 
@@ -327,8 +327,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--activation_checkpointing", choices=["off", "on", "auto"], default="auto")
     p.add_argument("--kernel_backend", choices=["auto", "reference", "triton"], default="auto")
-    p.add_argument("--selected_kernel", choices=["block", "tiles"], default="block",
-                   help="NSA's selected-branch kernels (tiles: the experimental tile-union ones)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on the CPU)")

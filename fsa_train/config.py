@@ -93,9 +93,6 @@ class GPTConfig:
         loss_chunk: tokens per chunk of the chunked cross-entropy (bounds logits memory).
         kernel_backend: ``"auto"`` (Triton on CUDA, reference otherwise), ``"reference"`` or
             ``"triton"``.
-        selected_kernel: the Triton kernels of NSA's selected branch: ``"block"`` (block-major,
-            FSA's order; the default) or ``"tiles"`` (experimental tile-union kernels,
-            :mod:`fsa_train.kernels.triton.selected_tiles`). The reference ignores it.
         activation_checkpointing: recompute each block in backward instead of storing its
             activations (less memory, about a third more compute).
     """
@@ -115,7 +112,6 @@ class GPTConfig:
     init_std: float = 0.02
     loss_chunk: int = 4096
     kernel_backend: Literal["auto", "reference", "triton"] = "auto"
-    selected_kernel: Literal["block", "tiles"] = "block"
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -162,10 +158,6 @@ class GPTConfig:
             self.kernel_backend in ("auto", "reference", "triton"),
             f"model.kernel_backend must be 'auto', 'reference' or 'triton', "
             f"got {self.kernel_backend!r}",
-        )
-        _require(
-            self.selected_kernel in ("block", "tiles"),
-            f"model.selected_kernel must be 'block' or 'tiles', got {self.selected_kernel!r}",
         )
         _require(self.rope_base > 0, f"model.rope_base must be > 0, got {self.rope_base!r}")
         _require(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps!r}")

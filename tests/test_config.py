@@ -39,7 +39,6 @@ def test_nsa_violations_name_the_field(kwargs, field):
         ({"vocab_size": 0}, "vocab_size"),
         ({"attention": "linear"}, "attention"),
         ({"kernel_backend": "cuda"}, "kernel_backend"),
-        ({"selected_kernel": "rows"}, "selected_kernel must be .block. or .tiles."),
     ],
 )
 def test_gpt_violations_name_the_field(kwargs, field):

@@ -72,30 +72,6 @@ class CompressionParams:
     pe: torch.Tensor
 
 
-def selected_tile(group: int) -> int:
-    """Queries per tile of the tile-union kernels: 64 stacked rows (tile × G) whatever G."""
-    return max(1, 64 // group)
-
-
-def selected_branch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-    cu_seqlens: torch.Tensor, block: int, scale: float | None, backend: str, kernel: str,
-) -> torch.Tensor:
-    """The selected branch on the op's backend; ``kernel="tiles"`` swaps its Triton kernels for
-    the experimental tile-union ones wherever the op would run on Triton."""
-    from fsa_train import kernels as ops
-
-    if kernel not in ("block", "tiles"):
-        raise ValueError(f"selected_kernel must be 'block' or 'tiles', got {kernel!r}")
-    fn = ops.resolve("selected_attention", backend, q)  # once: this runs in every NSA layer
-    if kernel == "tiles" and fn is not ops.reference.selected_attention:
-        from fsa_train.kernels.triton.selected_tiles import selected_attention_tiles
-
-        return selected_attention_tiles(q, k, v, idx, cu_seqlens, block, scale,
-                                        tile=selected_tile(q.shape[1] // k.shape[1]))
-    return fn(q, k, v, idx, cu_seqlens, block, scale)
-
-
 def nsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,7 +84,6 @@ def nsa_attention(
     scale: float | None = None,
     backend: str = "auto",
     varlen: NSAVarlen | None = None,
-    selected_kernel: str = "block",
 ) -> torch.Tensor:
     """NSA core output ``[total, H, d]``.
 
@@ -124,8 +99,6 @@ def nsa_attention(
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         varlen: the batch's :func:`nsa_varlen`, if the caller has it already (the model computes
             it once for all layers); computed here otherwise.
-        selected_kernel: ``"block"`` or ``"tiles"``: which Triton kernels run the selected branch
-            when it runs on Triton (:func:`selected_branch`).
     """
     from fsa_train import kernels as ops
 
@@ -157,7 +130,7 @@ def nsa_attention(
             cfg.cmp_kernel, cfg.cmp_stride, cfg.sel_block, cfg.sel_topk,
             cfg.init_blocks, cfg.local_blocks, scale, backend=backend,
         )
-    o_sel = selected_branch(q, k, v, idx, cu_seqlens, cfg.sel_block, scale, backend,
-                            selected_kernel)
+    o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale,
+                                   backend=backend)
     o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, backend=backend)
     return ops.gate_mix(o_cmp, o_sel, o_win, gates, backend=backend)

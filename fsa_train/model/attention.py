@@ -89,7 +89,7 @@ class Attention(nn.Module):
                 varlen = nsa_varlen(cu_seqlens, total, self.cfg.nsa, positions)
             o = nsa_attention(
                 q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend,
-                varlen=varlen, selected_kernel=self.cfg.selected_kernel,
+                varlen=varlen,
             )
         else:
             q = self.rope(q, positions)

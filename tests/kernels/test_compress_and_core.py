@@ -126,39 +126,3 @@ def test_nsa_core_on_triton_kernels_is_causal():
             torch.testing.assert_close(out[:p], base[:p], rtol=0, atol=0, msg=f"p={p}")
             assert not torch.allclose(out[p:], base[p:]), p
 
-
-def test_nsa_core_with_tile_union_selected_kernels_matches_block_major(monkeypatch):
-    """``selected_kernel="tiles"`` swaps only the selected branch's kernels: same output and
-    gradients as the default block-major ones (fp32, Triton's interpreter on CPU)."""
-    nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=2, init_blocks=1,
-                    local_blocks=1, window=8)
-    h, group, d = 1, 4, 16
-    lengths = [40, 9]
-    q, cu = packed(lengths, h * group, d, torch.float32, seed=2)
-    k, _ = packed(lengths, h, d, torch.float32, seed=3)
-    v, _ = packed(lengths, h, d, torch.float32, seed=4)
-    total = sum(lengths)
-    gen = torch.Generator().manual_seed(5)
-    gates = torch.rand(total, h * group, 3, generator=gen).to(DEVICE)
-    pooling = torch.eye(d).repeat(nsa.cmp_kernel, 1) / nsa.cmp_kernel
-    params = CompressionParams(pooling[None].to(DEVICE), pooling[None].to(DEVICE), None)
-    rope = Rotary(d)
-    grad_out = torch.randn(total, h * group, d, generator=gen).to(DEVICE)
-    tiles_mod = importlib.import_module("fsa_train.kernels.triton.selected_tiles")
-    plans = []
-    real_plan = tiles_mod.tile_plan
-    results = {}
-    for kernel in ("block", "tiles"):
-        monkeypatch.setattr(tiles_mod, "tile_plan",
-                            lambda *a, k=kernel, **kw: plans.append(k) or real_plan(*a, **kw))
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        out = nsa_attention(*leaves, gates, params, cu, nsa, rope, backend="triton",
-                            selected_kernel=kernel)
-        out.backward(grad_out)
-        results[kernel] = [out.detach(), *(leaf.grad for leaf in leaves)]
-    assert plans == ["tiles"]  # the tile-union kernels ran, and only when asked for
-    for name, a, b in zip(("o", "dq", "dk", "dv"), results["tiles"], results["block"],
-                          strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
-    with pytest.raises(ValueError, match="selected_kernel must be"):
-        nsa_attention(q, k, v, gates, params, cu, nsa, rope, selected_kernel="rows")
