@@ -117,6 +117,25 @@ def test_matches_reference(lengths, H, h, d, params):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("lengths,H,h,d,params", [
+    CASES[2], CASES[0], CASES[3],  # T = 2, 4, 8: one, two, three merge stages
+    ([300], 2, 1, 16, (8, 4, 16, 16, 1, 2)),  # T = 16: four
+])
+def test_bitonic_merge_matches_reference(monkeypatch, lengths, H, h, d, params):
+    """``MERGE = "bitonic"`` keeps the same top-k keys as the full sort: the reference's indices."""
+    q, k, lse, cu, cuc = _inputs(lengths, H, h, d, params[0], params[1], torch.float32, H + d)
+    monkeypatch.setattr(tk, "MERGE", "bitonic")
+    ours, ref = _both(q, k, lse, cu, cuc, params)
+    assert torch.equal(ours, ref)
+
+
+def test_unknown_merge_is_named(monkeypatch):
+    q, k, lse, cu, cuc = _inputs([40], 2, 1, 16, 8, 4, torch.float32, 1)
+    monkeypatch.setattr(tk, "MERGE", "heap")
+    with pytest.raises(ValueError, match="FSA_TOPK_MERGE must be"):
+        tk.select_blocks(q, k, lse, cu, cuc, 8, 4, 16, 2, 1, 1)
+
+
 def test_gpu_tile_width_and_kernel_lse(monkeypatch):
     """The GPU's key tiles (16 blocks), the Triton compressed attention's LSE, strided q."""
     monkeypatch.setattr(tk, "MIN_NBT", 16)
@@ -211,6 +230,21 @@ def test_gpu_half_large_logits(monkeypatch, configs, dtype, G, d, params):
     # half inputs: the mapping dot runs in tf32, so near-ties may flip more often
     n_rows = ours.shape[0] * ours.shape[1]
     _assert_same_or_near_tie(q, k, lse, cu, cuc, params, ours, ref, n_rows // 20, 1e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,G", [(torch.bfloat16, 1), (torch.bfloat16, 4), (torch.float16, 16)])
+def test_gpu_bitonic_merge_gives_the_sorts_indices(monkeypatch, dtype, G):
+    """Real sizes, top-16: both merges rank the same keys, so the indices are identical."""
+    q, k, _, cu, cuc = _inputs([65536] if G == 4 else GPU_PACKED, G * 2, 2, 128, 32, 16, dtype,
+                               30 + G)
+    _, lse = ca.compressed_attention(q, k, k, cu, cuc, 32, 16)
+    results = {}
+    for merge in ("sort", "bitonic"):
+        monkeypatch.setattr(tk, "MERGE", merge)
+        results[merge] = tk.select_blocks(q, k, lse, cu, cuc, *DEFAULTS)
+    assert torch.equal(results["sort"], results["bitonic"])
 
 
 @gpu

@@ -24,7 +24,9 @@ aligned on block boundaries):
    prefers the lower id, exactly the reference's tie rule.
 4. Streaming top-``TP`` (``TP`` = next power of two >= topk): the running set is kept sorted
    descending, the tile's candidates sorted ascending; the elementwise maximum of the two is the
-   top ``TP`` of their union (a bitonic sequence), sorted again. Only ``[h, total, topk]`` int32 is
+   top ``TP`` of their union (a bitonic sequence), sorted again: by a full ``tl.sort`` (default)
+   or, with ``MERGE = "bitonic"``, by Batcher's bitonic merge (``log2 TP`` compare-exchange stages
+   instead of a sort's ``log2 TP · (log2 TP + 1) / 2``). Only ``[h, total, topk]`` int32 is
    written, never a score matrix.
 """
 
@@ -57,6 +59,33 @@ def _overlap(m, A: tl.constexpr, BS: tl.constexpr):
     return tl.where(ok, w, 0).to(tl.float32)
 
 
+@triton.jit
+def _half_clean(x, ROWS: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr):
+    """One bitonic stage: inside every group of ``2·HALF``, element ``j`` against ``j + HALF``,
+    the larger first."""
+    pairs = tl.permute(tl.reshape(x, [ROWS, N // (2 * HALF), 2, HALF]), [0, 1, 3, 2])
+    a, b = tl.split(pairs)
+    merged = tl.permute(tl.join(tl.maximum(a, b), tl.minimum(a, b)), [0, 1, 3, 2])
+    return tl.reshape(merged, [ROWS, N])
+
+
+@triton.jit
+def _bitonic_merge_desc(x, ROWS: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
+    """Sort each row of a bitonic ``[ROWS, N]`` tensor descending (N = 2^LOG_N ≤ 32): the
+    half-cleaners of Batcher's bitonic merger, unrolled."""
+    if LOG_N >= 1:
+        x = _half_clean(x, ROWS, N, N // 2)
+    if LOG_N >= 2:
+        x = _half_clean(x, ROWS, N, N // 4)
+    if LOG_N >= 3:
+        x = _half_clean(x, ROWS, N, N // 8)
+    if LOG_N >= 4:
+        x = _half_clean(x, ROWS, N, N // 16)
+    if LOG_N >= 5:
+        x = _half_clean(x, ROWS, N, N // 32)
+    return x
+
+
 @triton.jit(do_not_specialize=["n_docs", "n_iter", "G", "kernel", "stride", "block", "topk",
                                "init_blocks", "local_blocks"])
 def _select_kernel(
@@ -66,7 +95,7 @@ def _select_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
     A: tl.constexpr, BS: tl.constexpr, NBT: tl.constexpr, TP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BITONIC: tl.constexpr, LOG_TP: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     BN: tl.constexpr = NBT * BS
     pid = tl.program_id(0)
@@ -141,7 +170,10 @@ def _select_kernel(
             cand = tl.max(tl.reshape(cand, [BLOCK_M, NBT // TP, TP]), 1)  # top TP, ascending
         else:
             cand = tl.sort(key, descending=False)
-        best = tl.sort(tl.maximum(best, cand), descending=True)
+        if BITONIC:
+            best = _bitonic_merge_desc(tl.maximum(best, cand), BLOCK_M, TP, LOG_TP)
+        else:
+            best = tl.sort(tl.maximum(best, cand), descending=True)
 
     pos = tl.arange(0, TP)
     keep = (pos[None, :] < topk) & (best > 0)
@@ -157,10 +189,14 @@ def _select_kernel(
 # host side
 # ------------------------------------------------------------------------------------------------
 
+# Offline sm_90 compiles (Triton 3.9's ptxas, d = 128, defaults, bf16; NOTES_compressed.md):
+# 8 rows per warp (64/8, 32/4) fit in 255 registers, 16 rows per warp (64/4, 128/8) spill
+# 0.4-0.6 KB per thread to the stack.
 _CONFIGS = [
     triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=2),
 ]
 # The fixed configuration validated on the GPU (H200, Triton 3.6) with fp32 inputs. fp16/bf16 are
 # autotuned over _CONFIGS (validated on the H200 with bf16/fp16 after the tf32 mapping dot was
@@ -175,15 +211,24 @@ MIN_NBT = 4 if _interpreting() else 16
 tiles so that tiny documents span several tiles)."""
 CONFIGS = os.environ.get("FSA_TOPK_CONFIGS", "tuned")
 """fp16/bf16 launch configurations: "tuned" (autotune) or "safe" (the fixed fp32-validated one)."""
+MERGE = os.environ.get("FSA_TOPK_MERGE", "sort")
+"""How the running top-k absorbs each key tile: "sort" (a full ``tl.sort``, GPU-validated) or
+"bitonic" (a bitonic merge, fewer stages; interpreter-tested, not yet timed on a GPU)."""
 
 _tuned = triton.autotune(
     configs=_CONFIGS if AUTOTUNE else _CONFIGS[:1],
-    key=["HEAD_DIM", "A", "BS", "NBT", "TP", "DOT_PREC"],
+    key=["HEAD_DIM", "A", "BS", "NBT", "TP", "DOT_PREC", "BITONIC"],
 )(_select_kernel)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _merge_is_bitonic() -> bool:
+    if MERGE not in ("sort", "bitonic"):
+        raise ValueError(f"FSA_TOPK_MERGE must be 'sort' or 'bitonic', got {MERGE!r}")
+    return MERGE == "bitonic"
 
 
 def supported(kernel: int, stride: int, block: int) -> bool:
@@ -264,6 +309,8 @@ def select_blocks(
         "BS": block // stride,
         "NBT": nbt,
         "TP": tp,
+        "BITONIC": _merge_is_bitonic(),
+        "LOG_TP": tp.bit_length() - 1,
     }
 
     def grid(m):
