@@ -189,14 +189,10 @@ def _select_kernel(
 # host side
 # ------------------------------------------------------------------------------------------------
 
-# Offline sm_90 compiles (Triton 3.9's ptxas, d = 128, defaults, bf16; NOTES_compressed.md):
-# 8 rows per warp (64/8, 32/4) fit in 255 registers, 16 rows per warp (64/4, 128/8) spill
-# 0.4-0.6 KB per thread to the stack.
 _CONFIGS = [
     triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=2),
 ]
 # The fixed configuration validated on the GPU (H200, Triton 3.6) with fp32 inputs. fp16/bf16 are
 # autotuned over _CONFIGS (validated on the H200 with bf16/fp16 after the tf32 mapping dot was

@@ -1,0 +1,249 @@
+"""Registers, stack (spills), shared memory and SASS size of our hot Triton kernels, compiled
+offline for Hopper (sm_90) on a machine without a GPU.
+
+Spills are the recurring suspect in our slow kernels (``NOTES_window.md``,
+``NOTES_compressed.md``), and a GPU session is short: this checks each launch configuration in
+the autotune lists, and candidates for them, before any device time is spent. It needs the
+NVIDIA backend of the local Triton (its bundled ``cuobjdump``); the GPU image's Triton may
+allocate registers differently, so treat it as a guide, not a measurement.
+
+    python benchmarks/kernel_resources.py [--kernels select selected_fwd ...] [--out FILE.md]
+
+Every kernel runs at the benchmark shape: bf16, d = 128, G = 4 and default NSA parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+SMALL_INTS = ("n_docs", "n_iter", "G", "h", "h_kv", "kernel", "stride", "block", "topk",
+              "init_blocks", "local_blocks", "window", "segq", "nbmax", "nkeys", "s_split")
+"""Scalar arguments whose values are not multiples of 16 at the benchmark shape; every other
+integer (strides, token counts) gets the 16-divisibility hint Triton's launcher would give it."""
+
+
+@dataclass
+class Spec:
+    """One kernel: its JIT function, pointer element types, constexprs, and configurations
+    given as ``(constexpr overrides, num_warps, num_stages)``."""
+
+    load: Callable[[], object]
+    pointers: dict[str, str]
+    constexprs: dict[str, object]
+    configs: list[tuple[dict, int, int]]
+    floats: tuple[str, ...] = ()
+    note: str = ""
+    small: tuple[str, ...] = SMALL_INTS
+
+
+def signature(fn, spec: Spec, constexprs: dict) -> tuple[dict, dict]:
+    """Triton types of every argument (pointers by name, floats listed, other scalars i32) and
+    the 16-divisibility hints of a real launch (pointers, strides, token counts)."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in spec.pointers:
+            sig[name] = spec.pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in spec.floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name not in spec.small:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def resources(fn, spec: Spec, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    sig, attrs = signature(fn, spec, constexprs)
+    kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=TARGET,
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return {"registers": int(found[1]), "stack_bytes": int(found[2]),
+            "shared_bytes": kernel.metadata.shared,
+            "sass_instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M))}
+
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(f"fsa_train.kernels.triton.{name}")
+
+
+BF16 = "*bf16"
+F32 = "*fp32"
+I32 = "*i32"
+
+SPECS: dict[str, Spec] = {
+    "select": Spec(
+        load=lambda: _module("topk")._select_kernel,
+        pointers={"Q": BF16, "K": BF16, "LSE": F32, "IDX": I32, "CU": I32, "CUC": I32},
+        floats=("qk_scale",),
+        constexprs={"HEAD_DIM": 128, "DOT_PREC": "tf32", "A": 2, "BS": 4, "NBT": 16, "TP": 16,
+                    "BITONIC": False, "LOG_TP": 4, "BLOCK_M": 64},
+        configs=[({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 2), ({"BLOCK_M": 64}, 8, 2),
+                 ({"BLOCK_M": 64, "BITONIC": True}, 4, 2),
+                 ({"BLOCK_M": 64, "BITONIC": True}, 8, 2)],
+        note="select_blocks: the tuned list, then FSA_TOPK_MERGE=bitonic",
+    ),
+    "selected_fwd": Spec(
+        load=lambda: _module("selected_attention")._fwd_block_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "OP": F32, "LP": F32, "PAIRS": I32,
+                  "BLK_START": I32, "SEG_KEY": I32, "SEG_OFF": I32, "TOK0": I32, "TOK1": I32},
+        floats=("scale_log2",),
+        constexprs={"T": 16, "G": 4, "H": 16, "D": 128, "BLOCK_N": 64, "BLOCK_M": 64,
+                    "IEEE": False, "PREFETCH": False},
+        configs=[({}, 4, 3), ({"BLOCK_M": 128}, 8, 3), ({"BLOCK_M": 128}, 8, 2),
+                 ({"BLOCK_M": 64}, 8, 3)],
+        note="selected attention forward, block-major (table: 64 rows / 4 warps / 3 stages)",
+    ),
+    "selected_bwd": Spec(
+        load=lambda: _module("selected_attention")._bwd_block_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "DO": BF16, "LSE": F32, "DELTA": F32,
+                  "DKP": F32, "DVP": F32, "DQP": F32, "PAIRS": I32, "BLK_START": I32,
+                  "SEG_KEY": I32, "SEG_OFF": I32, "TOK0": I32, "TOK1": I32},
+        floats=("scale", "scale_log2"),
+        constexprs={"T": 16, "G": 4, "H": 16, "D": 128, "BLOCK_N": 64, "BLOCK_M": 128,
+                    "WRITE_DQ": True, "IEEE": False, "PREFETCH": False},
+        configs=[({}, 8, 3), ({"BLOCK_M": 64}, 8, 3), ({"BLOCK_M": 64}, 4, 3),
+                 ({"BLOCK_M": 128}, 8, 2)],
+        note="selected attention backward, block-major (table: 128 rows / 8 warps / 3 stages)",
+    ),
+    "compressed_dkdv": Spec(
+        load=lambda: _module("compressed_attention")._bwd_dkdv_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "DO": BF16, "DK": F32, "DV": F32,
+                  "LSE": F32, "DELTA": F32, "CU": I32, "CUC": I32},
+        floats=("scale", "qk_scale"),
+        constexprs={"HEAD_DIM": 128, "DOT_PREC": "tf32", "BLOCK_N": 64, "BLOCK_M": 64},
+        configs=[({"BLOCK_N": 64, "BLOCK_M": 64}, 8, 2), ({"BLOCK_N": 64, "BLOCK_M": 128}, 8, 2),
+                 ({"BLOCK_N": 32, "BLOCK_M": 64}, 4, 2), ({"BLOCK_N": 128, "BLOCK_M": 32}, 8, 2),
+                 ({"BLOCK_N": 128, "BLOCK_M": 64}, 8, 2), ({"BLOCK_N": 64, "BLOCK_M": 64}, 4, 3),
+                 ({"BLOCK_N": 32, "BLOCK_M": 64}, 8, 2), ({"BLOCK_N": 32, "BLOCK_M": 32}, 4, 2)],
+        note="compressed attention dK/dV (the tuned list)",
+    ),
+    "window_bwd": Spec(
+        load=lambda: _module("window_attention")._bwd_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "DO": BF16, "DQ": BF16, "DK": BF16,
+                  "DV": BF16, "LSE": F32, "DELTA": F32, "CU": I32},
+        floats=("scale", "qk_scale"),
+        constexprs={"HEAD_DIM": 128, "HAS_WINDOW": False, "DOT_PREC": "tf32", "BLOCK": 128,
+                    "BLOCK_M1": 64, "BLOCK_N2": 64, "DKDV": True, "DQ_PART": True,
+                    "ATOMIC_DQ": False},
+        configs=[({}, 8, 2), ({"BLOCK_M1": 32}, 8, 2), ({"BLOCK_M1": 32, "BLOCK_N2": 32}, 8, 3),
+                 ({"BLOCK_M1": 16, "BLOCK_N2": 32}, 8, 3),
+                 ({"BLOCK": 64, "BLOCK_M1": 16, "BLOCK_N2": 32}, 4, 2)],
+        note="dense/window backward, fused mode, no window (the tuned list, then BLOCK = 64)",
+    ),
+}
+
+
+def validate(name: str) -> None:
+    """The spec still matches its kernel: every constexpr given, only real arguments named, and
+    every upper-case runtime argument (``G`` aside) declared a pointer (kernels change; specs
+    must follow)."""
+    spec = SPECS[name]
+    fn = spec.load()
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    named = set(spec.pointers) | set(spec.floats) | set(spec.constexprs)
+    for overrides, _, _ in spec.configs:
+        named |= set(overrides)
+    problems = []
+    if constexprs - set(spec.constexprs):
+        problems.append(f"constexprs not given: {sorted(constexprs - set(spec.constexprs))}")
+    if named - set(fn.arg_names):
+        problems.append(f"not arguments of the kernel: {sorted(named - set(fn.arg_names))}")
+    pointers = {n for n in fn.arg_names
+                if n not in constexprs and n.isupper() and n not in spec.small}
+    if pointers != set(spec.pointers):
+        problems.append(f"pointers {sorted(pointers)} != declared {sorted(spec.pointers)}")
+    if problems:
+        raise SystemExit(f"kernel_resources: spec {name!r} is out of date: {'; '.join(problems)}")
+
+
+def survey(names: list[str], max_configs: int | None = None) -> list[dict]:
+    rows = []
+    for name in names:
+        validate(name)
+    for name in names:
+        spec = SPECS[name]
+        fn = spec.load()
+        for overrides, warps, stages in spec.configs[:max_configs]:
+            constexprs = {**spec.constexprs, **overrides}
+            row = {"kernel": name, "config": overrides, "num_warps": warps, "num_stages": stages}
+            try:
+                row.update(resources(fn, spec, constexprs, warps, stages))
+            except Exception as error:  # noqa: BLE001 - a config that does not compile is a row
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"# Kernel resources, offline sm_90 compile (Triton {triton.__version__}, "
+             f"{datetime.date.today()})", "",
+             "bf16, d = 128, G = 4, default NSA parameters. Stack > 0 means register spills.", "",
+             "| kernel | config | warps | stages | registers | stack B | shared KB | SASS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "as listed"
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {cfg} | {r['num_warps']} | {r['num_stages']} | "
+                         f"{r['error']} | | | |")
+            continue
+        lines.append(f"| {r['kernel']} | {cfg} | {r['num_warps']} | {r['num_stages']} | "
+                     f"{r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
+                     f"{r['sass_instructions']} |")
+    lines += ["", *(f"- {name}: {SPECS[name].note}" for name in dict.fromkeys(
+        r["kernel"] for r in rows))]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", nargs="+", choices=sorted(SPECS), default=list(SPECS))
+    parser.add_argument("--max_configs", type=int, help="compile only the first N of each list")
+    parser.add_argument("--validate_only", action="store_true",
+                        help="check the specs against the kernels' signatures, compile nothing")
+    parser.add_argument("--out", help="Markdown file to write")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernel_resources: unset TRITON_INTERPRET (it needs compiled kernels)")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.validate_only:
+        for name in args.kernels:
+            validate(name)
+        print(f"{len(args.kernels)} specs match their kernels")
+        return
+    text = table(survey(args.kernels, args.max_configs))
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
