@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -33,6 +34,7 @@ import torch
 from fsa_train import kernels as ops
 from fsa_train.config import NSAConfig
 from fsa_train.kernels import CompressionParams, nsa_attention
+from fsa_train.kernels.triton.tuning import autotune_choices, choices_markdown
 from fsa_train.model.rope import Rotary
 
 PACKED_DOC = 4096
@@ -274,6 +276,8 @@ def write(results: list[dict], args, nsa: NSAConfig, out: Path) -> None:
         "kv_heads": args.kv_heads,
         "head_dim": args.head_dim,
         "nsa": vars(nsa),
+        "merge": os.environ.get("FSA_TOPK_MERGE", "sort"),
+        "autotune": autotune_choices(),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2),
@@ -283,7 +287,8 @@ def write(results: list[dict], args, nsa: NSAConfig, out: Path) -> None:
         "",
         f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, {meta['date']}; "
         f"{meta['dtype']}, d = {args.head_dim}, {args.kv_heads} KV heads, NSA {vars(nsa)}. "
-        "Median ms; speedup = dense cuDNN (else our dense kernel) fwd+bwd over NSA fwd+bwd.",
+        f"Top-k merge: {meta['merge']}. Median ms; speedup = dense cuDNN (else our dense kernel) "
+        "fwd+bwd over NSA fwd+bwd.",
         "",
         "| tokens | G | layout | method | fwd ms | fwd+bwd ms | peak MiB | speedup |",
         "|---|---|---|---|---|---|---|---|",
@@ -301,6 +306,7 @@ def write(results: list[dict], args, nsa: NSAConfig, out: Path) -> None:
         lines.append(f"| {row['tokens']} | {row['G']} | {row['layout']} | {row['method']} | "
                      f"{_cell(row, 'fwd_ms')} | {_cell(row, 'fwd_bwd_ms')} | "
                      f"{_cell(row, 'peak_mib')} | {speedup} |")
+    lines += choices_markdown(meta["autotune"])
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

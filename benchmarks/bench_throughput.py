@@ -39,6 +39,7 @@ from torch import nn
 
 from fsa_train.config import GPTConfig, NSAConfig
 from fsa_train.flops import batch_flops, device_peak_flops
+from fsa_train.kernels.triton.tuning import autotune_choices, choices_markdown
 from fsa_train.model import GPT
 from fsa_train.model.attention import Attention
 
@@ -266,6 +267,7 @@ def markdown(report: dict) -> str:
         lines += ["", "| context | NSA / dense (ours) | NSA / SDPA |", "|---|---|---|"]
         for context, vs_dense, vs_sdpa in speedups:
             lines.append(f"| {context} | {_fmt(vs_dense, '.2f')} | {_fmt(vs_sdpa, '.2f')} |")
+    lines += choices_markdown(report.get("autotune", {}))
     return "\n".join(lines) + "\n"
 
 
@@ -362,6 +364,7 @@ def write_report(args: argparse.Namespace, env: dict, peak: float | None, rows: 
         "environment": env, "peak_flops": peak, "bf16": args.bf16, "steps": args.steps,
         "warmup": args.warmup, "model": dataclasses.asdict(model_config(args, "dense", False)),
         "nsa": dataclasses.asdict(NSAConfig()), "args": vars(args), "rows": rows,
+        "autotune": autotune_choices(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
