@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from fsa_train.kernels.triton.common import attention_delta, launch, sum_splits
+from fsa_train.kernels.triton.tuning import bucketed_autotune
 
 __all__ = ["compressed_attention"]
 
@@ -373,7 +374,7 @@ AUTOTUNE = os.environ.get("FSA_COMPRESSED_AUTOTUNE", "1") != "0"
 
 
 def _tuned(configs, kernel):
-    return triton.autotune(configs=configs if AUTOTUNE else configs[:1], key=_KEY)(kernel)
+    return bucketed_autotune(configs if AUTOTUNE else configs[:1], _KEY)(kernel)
 
 
 _fwd_tuned = _tuned(_FWD_CONFIGS, _fwd_kernel)

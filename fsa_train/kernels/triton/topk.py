@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from fsa_train.kernels.triton.compressed_attention import locate_slot, n_visible
+from fsa_train.kernels.triton.tuning import bucketed_autotune
 
 __all__ = ["select_blocks"]
 
@@ -211,9 +212,9 @@ MERGE = os.environ.get("FSA_TOPK_MERGE", "sort")
 """How the running top-k absorbs each key tile: "sort" (a full ``tl.sort``, GPU-validated) or
 "bitonic" (a bitonic merge, fewer stages; interpreter-tested, not yet timed on a GPU)."""
 
-_tuned = triton.autotune(
-    configs=_CONFIGS if AUTOTUNE else _CONFIGS[:1],
-    key=["HEAD_DIM", "A", "BS", "NBT", "TP", "DOT_PREC", "BITONIC"],
+_tuned = bucketed_autotune(
+    _CONFIGS if AUTOTUNE else _CONFIGS[:1],
+    ["HEAD_DIM", "A", "BS", "NBT", "TP", "DOT_PREC", "BITONIC"],
 )(_select_kernel)
 
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from fsa_train.kernels.triton.common import attention_delta
+from fsa_train.kernels.triton.tuning import bucketed_autotune
 
 __all__ = ["window_attention", "window_attention_with_lse"]
 
@@ -491,9 +492,8 @@ AUTOTUNE = os.environ.get("FSA_WINDOW_AUTOTUNE", "1") != "0"
 
 
 def _tuned(configs, kernel, reset_to_zero=None):
-    return triton.autotune(
-        configs=configs if AUTOTUNE else configs[:1], key=_KEY, reset_to_zero=reset_to_zero
-    )(kernel)
+    return bucketed_autotune(configs if AUTOTUNE else configs[:1], _KEY,
+                             reset_to_zero=reset_to_zero)(kernel)
 
 
 _fwd_tuned = _tuned(_FWD_CONFIGS, _fwd_kernel)
