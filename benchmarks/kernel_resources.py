@@ -48,6 +48,8 @@ class Spec:
     floats: tuple[str, ...] = ()
     note: str = ""
     small: tuple[str, ...] = SMALL_INTS
+    upper_ints: tuple[str, ...] = ()
+    """Upper-case integer arguments that are not pointers (``H``)."""
 
 
 def signature(fn, spec: Spec, constexprs: dict) -> tuple[dict, dict]:
@@ -144,6 +146,32 @@ SPECS: dict[str, Spec] = {
                  ({"BLOCK_N": 32, "BLOCK_M": 64}, 8, 2), ({"BLOCK_N": 32, "BLOCK_M": 32}, 4, 2)],
         note="compressed attention dK/dV (the tuned list)",
     ),
+    "compressed_fwd": Spec(
+        load=lambda: _module("compressed_attention")._fwd_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "O": BF16, "LSE": F32, "CU": I32, "CUC": I32},
+        floats=("qk_scale",), upper_ints=("H",),
+        constexprs={"HEAD_DIM": 128, "DOT_PREC": "tf32", "BLOCK_M": 128, "BLOCK_N": 64},
+        configs=[({}, 8, 3), ({"BLOCK_N": 128}, 8, 2), ({"BLOCK_M": 64}, 4, 3)],
+        note="compressed attention forward (the tuned list)",
+    ),
+    "compressed_dq": Spec(
+        load=lambda: _module("compressed_attention")._bwd_dq_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "DO": BF16, "DQ": BF16, "LSE": F32,
+                  "DELTA": F32, "CU": I32, "CUC": I32},
+        floats=("scale", "qk_scale"), upper_ints=("H",),
+        constexprs={"HEAD_DIM": 128, "DOT_PREC": "tf32", "BLOCK_M": 128, "BLOCK_N": 64},
+        configs=[({}, 8, 2), ({"BLOCK_M": 64}, 4, 2)],
+        note="compressed attention dQ (the tuned list)",
+    ),
+    "window_fwd": Spec(
+        load=lambda: _module("window_attention")._fwd_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "O": BF16, "LSE": F32, "CU": I32},
+        floats=("qk_scale",), upper_ints=("H",),
+        constexprs={"HEAD_DIM": 128, "HAS_WINDOW": False, "DOT_PREC": "tf32", "BLOCK_M": 128,
+                    "BLOCK_N": 64},
+        configs=[({}, 8, 3), ({"BLOCK_N": 128}, 8, 2), ({"BLOCK_N": 128}, 8, 3)],
+        note="dense/window forward, no window (the tuned list)",
+    ),
     "window_bwd": Spec(
         load=lambda: _module("window_attention")._bwd_kernel,
         pointers={"Q": BF16, "K": BF16, "V": BF16, "DO": BF16, "DQ": BF16, "DK": BF16,
@@ -176,7 +204,8 @@ def validate(name: str) -> None:
     if named - set(fn.arg_names):
         problems.append(f"not arguments of the kernel: {sorted(named - set(fn.arg_names))}")
     pointers = {n for n in fn.arg_names
-                if n not in constexprs and n.isupper() and n not in spec.small}
+                if n not in constexprs and n.isupper() and n not in spec.small
+                and n not in spec.upper_ints}
     if pointers != set(spec.pointers):
         problems.append(f"pointers {sorted(pointers)} != declared {sorted(spec.pointers)}")
     if problems:
