@@ -63,11 +63,13 @@ def _overlap(m, A: tl.constexpr, BS: tl.constexpr):
 @triton.jit
 def _half_clean(x, ROWS: tl.constexpr, N: tl.constexpr, HALF: tl.constexpr):
     """One bitonic stage: inside every group of ``2·HALF``, element ``j`` against ``j + HALF``,
-    the larger first."""
-    pairs = tl.permute(tl.reshape(x, [ROWS, N // (2 * HALF), 2, HALF]), [0, 1, 3, 2])
-    a, b = tl.split(pairs)
-    merged = tl.permute(tl.join(tl.maximum(a, b), tl.minimum(a, b)), [0, 1, 3, 2])
-    return tl.reshape(merged, [ROWS, N])
+    the larger first. Written as a reduction over the pair axis and a select (no permute or
+    join), which keeps the tensor's layout: no extra trips through shared memory."""
+    pairs = tl.reshape(x, [ROWS, N // (2 * HALF), 2, HALF])
+    hi = tl.max(pairs, axis=2)[:, :, None, :]
+    lo = tl.min(pairs, axis=2)[:, :, None, :]
+    first = tl.arange(0, 2)[None, None, :, None] == 0  # the pair's first element gets the max
+    return tl.reshape(tl.where(first, hi, lo), [ROWS, N])
 
 
 @triton.jit
