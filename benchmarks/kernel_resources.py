@@ -4,10 +4,15 @@ offline for Hopper (sm_90) on a machine without a GPU.
 Spills are the recurring suspect in our slow kernels (``NOTES_window.md``,
 ``NOTES_compressed.md``), and a GPU session is short: this checks each launch configuration in
 the autotune lists, and candidates for them, before any device time is spent. It needs the
-NVIDIA backend of the local Triton (its bundled ``cuobjdump``); the GPU image's Triton may
-allocate registers differently, so treat it as a guide, not a measurement.
+NVIDIA backend of the local Triton (its bundled ``cuobjdump``). The GPU image's Triton (3.6)
+allocates registers differently from a newer one, so check with that version too; it installs
+beside the project's without touching it:
 
     python benchmarks/kernel_resources.py [--kernels select selected_fwd ...] [--out FILE.md]
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36:. python benchmarks/kernel_resources.py --out FILE.md
+
+It is a guide, not a measurement: the autotuner and the benchmarks decide.
 
 Every kernel runs at the benchmark shape: bf16, d = 128, G = 4 and default NSA parameters.
 """
