@@ -139,7 +139,7 @@ def test_unknown_merge_is_named(monkeypatch):
 def test_gpu_tile_width_and_kernel_lse(monkeypatch):
     """The GPU's key tiles (16 blocks), the Triton compressed attention's LSE, strided q."""
     monkeypatch.setattr(tk, "MIN_NBT", 16)
-    lengths, params = [600, 45], (8, 4, 16, 4, 1, 1)
+    lengths, params = [300, 45], (8, 4, 16, 4, 1, 1)  # 300 tokens: two key tiles
     g = torch.Generator().manual_seed(4)
     cu = _cu(lengths)
     cuc = reference.compressed_lengths(cu, 8, 4)
