@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -276,7 +276,7 @@ def write(results: list[dict], args, nsa: NSAConfig, out: Path) -> None:
         "kv_heads": args.kv_heads,
         "head_dim": args.head_dim,
         "nsa": vars(nsa),
-        "merge": os.environ.get("FSA_TOPK_MERGE", "sort"),
+        "merge": importlib.import_module("fsa_train.kernels.triton.topk").MERGE,
         "autotune": autotune_choices(),
     }
     out.mkdir(parents=True, exist_ok=True)

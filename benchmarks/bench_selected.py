@@ -134,13 +134,6 @@ def selections(args, cu, topk, block, gen):
             yield kind, coherent_selection(base, cu, int(kind.split(":")[1]), block)
 
 
-def ours_fn(modes: str):
-    """The call that runs our kernels on one ``--modes`` entry."""
-    fm, qm = modes.split("/") if "/" in modes else (modes, modes)
-    return lambda q, k, v, idx, cu, block: sa.selected_attention(
-        q, k, v, idx, cu, block, fwd_mode=fm, dq_mode=qm)
-
-
 def run_ours(args, results):
     for n in args.tokens:
         for G in args.groups:
@@ -158,10 +151,11 @@ def run_ours(args, results):
                             if elapsed() > args.deadline:
                                 results.append({**key, "error": "skipped: time"})
                                 continue
-                            call = ours_fn(modes)
+                            fm, qm = modes.split("/") if "/" in modes else (modes, modes)
 
-                            def fwd(q=q, k=k, v=v, call=call, cu=cu, idx=idx, block=block):
-                                return call(q, k, v, idx, cu, block)
+                            def fwd(q=q, k=k, v=v, fm=fm, qm=qm, cu=cu, idx=idx, block=block):
+                                return sa.selected_attention(q, k, v, idx, cu, block,
+                                                             fwd_mode=fm, dq_mode=qm)
 
                             def fwdbwd(fwd=fwd, do=do):
                                 fwd().backward(do)

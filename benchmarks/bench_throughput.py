@@ -96,8 +96,7 @@ def model_config(args: argparse.Namespace, mode: str, checkpointing: bool) -> GP
         vocab_size=args.vocab, n_layer=args.n_layer, n_head=n_head,
         n_kv_head=n_head // args.group, d_model=args.d_model, head_dim=args.head_dim,
         attention="nsa" if mode == "nsa" else "dense", nsa=NSAConfig(),
-        kernel_backend=args.kernel_backend,
-        activation_checkpointing=checkpointing,
+        kernel_backend=args.kernel_backend, activation_checkpointing=checkpointing,
     )
 
 

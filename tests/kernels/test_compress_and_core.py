@@ -125,4 +125,3 @@ def test_nsa_core_on_triton_kernels_is_causal():
             out = nsa_attention(q, k2, v2, gates, params, cu, nsa, rope, backend="triton")
             torch.testing.assert_close(out[:p], base[:p], rtol=0, atol=0, msg=f"p={p}")
             assert not torch.allclose(out[p:], base[p:]), p
-
