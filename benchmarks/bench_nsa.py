@@ -158,7 +158,8 @@ def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool) -> list[dict
         q_r, k_cr, lse, cu, cu_c, nsa.cmp_kernel, nsa.cmp_stride, nsa.sel_block, nsa.sel_topk,
         nsa.init_blocks, nsa.local_blocks), backward=False)
     record("branch: selected_attention",
-           lambda: ops.selected_attention(q, k, v, idx, cu, nsa.sel_block))
+           lambda: ops.selected_attention(q, k, v, idx, cu, nsa.sel_block,
+                                          partials=nsa.selected_partials))
     record("branch: window_attention", lambda: ops.window_attention(q, k, v, cu, nsa.window))
     record("dense: ours (window_attention None)",
            lambda: ops.window_attention(q, k, v, cu, None))
@@ -231,10 +232,13 @@ def main() -> None:
     parser.add_argument("--tiny_nsa", action="store_true",
                         help="small NSA parameters (8/4/16, top-3, window 32) for CPU smoke runs")
     parser.add_argument("--no_flex", action="store_true")
+    parser.add_argument("--selected_partials", choices=["fp32", "half"], default="fp32",
+                        help="the selected branch's O/dQ partials (nsa.selected_partials)")
     parser.add_argument("--name", default="nsa_core", help="output file stem")
     args = parser.parse_args()
-    nsa = (NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, window=32)
-           if args.tiny_nsa else NSAConfig())
+    nsa = (NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, window=32,
+                     selected_partials=args.selected_partials)
+           if args.tiny_nsa else NSAConfig(selected_partials=args.selected_partials))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     results = []
     for tokens in args.tokens:

@@ -151,3 +151,20 @@ def test_bench_selected_coherent_selection_repeats_each_span_start():
     assert torch.equal(out, idx[:, starts])
     with pytest.raises(SystemExit, match="must divide the block"):
         bench_selected.coherent_selection(idx, cu, 3, 8)
+
+
+@pytest.mark.parametrize("script,result", [
+    ("sweep_topk", "topk_sweep_2026-12-02"),
+    ("sweep_partials", "partials_sweep_2026-12-02"),
+])
+def test_sweep_tables_are_rendered_from_their_committed_json(script, result):
+    """The committed Markdown tables of the GPU sweeps are what the scripts make of the committed
+    JSON (no hand-edited figures)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        module = __import__(script)
+    finally:
+        sys.path.pop(0)
+    results = ROOT / "benchmarks" / "results"
+    data = json.loads((results / f"{result}.json").read_text())
+    assert module.markdown(data) == (results / f"{result}.md").read_text()

@@ -21,6 +21,7 @@ def test_defaults_are_valid():
         ({"init_blocks": -1}, "init_blocks"),
         ({"window": 0}, "window"),
         ({"cmp_stride": 2.5}, "cmp_stride"),
+        ({"selected_partials": "bf16"}, "selected_partials"),
     ],
 )
 def test_nsa_violations_name_the_field(kwargs, field):

@@ -118,10 +118,20 @@ def select_blocks(
     )
 
 
-def selected_attention(q, k, v, idx, cu_seqlens, block, scale=None, backend: Backend = "auto"):
-    """Attention over the union of each query's selected blocks (causal in its own block)."""
+def selected_attention(
+    q, k, v, idx, cu_seqlens, block, scale=None, backend: Backend = "auto", partials: str = "fp32"
+):
+    """Attention over the union of each query's selected blocks (causal in its own block).
+
+    ``partials`` ("fp32" or "half") is the Triton kernels' precision for their per-slot partial
+    outputs and dQ; the reference computes exactly and takes only "fp32" or "half" as given."""
     fn = resolve("selected_attention", backend, q)
-    return fn(q, k, v, idx, cu_seqlens, block, scale)
+    if fn is reference.selected_attention:
+        if partials not in ("fp32", "half"):
+            raise ValueError(f"selected-attention partials must be 'fp32' or 'half', "
+                             f"got {partials!r}")
+        return fn(q, k, v, idx, cu_seqlens, block, scale)
+    return fn(q, k, v, idx, cu_seqlens, block, scale, partials=partials)
 
 
 def window_attention(q, k, v, cu_seqlens, window=None, scale=None, backend: Backend = "auto"):

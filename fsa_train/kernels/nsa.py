@@ -130,6 +130,7 @@ def nsa_attention(
             cfg.cmp_kernel, cfg.cmp_stride, cfg.sel_block, cfg.sel_topk,
             cfg.init_blocks, cfg.local_blocks, scale, backend=backend,
         )
-    o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale, backend=backend)
+    o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale, backend=backend,
+                                   partials=cfg.selected_partials)
     o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, backend=backend)
     return ops.gate_mix(o_cmp, o_sel, o_win, gates, backend=backend)

@@ -125,3 +125,30 @@ def test_nsa_core_on_triton_kernels_is_causal():
             out = nsa_attention(q, k2, v2, gates, params, cu, nsa, rope, backend="triton")
             torch.testing.assert_close(out[:p], base[:p], rtol=0, atol=0, msg=f"p={p}")
             assert not torch.allclose(out[p:], base[p:]), p
+
+
+def test_nsa_core_passes_the_partials_setting_to_the_selected_kernel(monkeypatch):
+    """``nsa.selected_partials`` reaches the selected-attention kernels (the only place it acts)."""
+    selected = importlib.import_module("fsa_train.kernels.triton.selected_attention")
+    seen = []
+    real = selected.partial_dtype
+
+    def recording(dtype, partials):
+        seen.append(partials)
+        return real(dtype, partials)
+
+    monkeypatch.setattr(selected, "partial_dtype", recording)
+    nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, window=24,
+                    selected_partials="half")
+    h, d, lengths = 1, 16, [40]
+    q, cu = packed(lengths, 2 * h, d, torch.float16, seed=6)
+    k, _ = packed(lengths, h, d, torch.float16, seed=7)
+    v, _ = packed(lengths, h, d, torch.float16, seed=8)
+    gates = torch.rand(40, 2 * h, 3).to(DEVICE, torch.float16)
+    w = (torch.eye(d).repeat(nsa.cmp_kernel, 1) / nsa.cmp_kernel).expand(h, -1, -1)
+    params = CompressionParams(w.to(DEVICE, torch.float16), w.to(DEVICE, torch.float16),
+                               torch.zeros(h, nsa.cmp_kernel, d, device=DEVICE,
+                                           dtype=torch.float16))
+    out = nsa_attention(q, k, v, gates, params, cu, nsa, Rotary(d), backend="triton")
+    assert torch.isfinite(out).all()
+    assert seen and set(seen) == {"half"}

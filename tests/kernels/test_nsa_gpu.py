@@ -24,11 +24,11 @@ def test_auto_dispatch_reaches_the_triton_kernels():
     assert callable(ops.selected_attention) and callable(ops.window_attention)
 
 
-@pytest.mark.parametrize("group", [1, 4, 16])
-def test_nsa_core_auto_matches_reference(group):
+@pytest.mark.parametrize("group,partials", [(1, "fp32"), (4, "fp32"), (16, "fp32"), (4, "half")])
+def test_nsa_core_auto_matches_reference(group, partials):
     torch.manual_seed(0)
     device, dtype, h, d = "cuda", torch.bfloat16, 2, 128
-    cfg = NSAConfig()
+    cfg = NSAConfig(selected_partials=partials)
     lengths = [3000, 37, 1100, 4096]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
                       device=device)

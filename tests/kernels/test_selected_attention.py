@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():  # before any @triton.jit runs (tests/conftest.py does it too)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import fsa_train.kernels as ops  # noqa: E402
 from fsa_train.kernels import reference  # noqa: E402
 
 # the package's function `selected_attention` shadows the submodule's name: import it by path
@@ -111,6 +112,25 @@ def test_matches_reference_fp16_large_logits(G, d, block, modes):
     ours = run_ours(q, k, v, do, idx, cu, block, fwd_mode=modes[0], dq_mode=modes[1])
     assert ours[0].dtype == torch.float16
     check(ours, ref, 5e-3, f"fp16 G={G} {modes}")
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_half_partials_match_reference_fp16(G):
+    """``partials="half"``: fp16 O/dQ partials (fp32 LSEs), within fp16 accuracy."""
+    assert sa.partial_dtype(torch.float16, "half") == torch.float16
+    assert sa.partial_dtype(torch.float32, "half") == torch.float32  # fp32 inputs: fp32 partials
+    q, k, v, do, cu = make_inputs([61, 90, 17], 2, G, 32, torch.float16, seed=40 + G)
+    idx = sa.random_selection(cu, 2, 4, 16, torch.Generator(device=DEV).manual_seed(G))
+    ours = run_ours(q, k, v, do, idx, cu, 16, fwd_mode="block", dq_mode="block", partials="half")
+    check(ours, run_ref(q, k, v, do, idx, cu, 16), 5e-3, f"half partials G={G}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_unknown_partials_is_named(backend):
+    q, k, v, _, cu = make_inputs([40], 1, 2, 16, torch.float32, seed=1)
+    idx = sa.random_selection(cu, 1, 2, 16, torch.Generator(device=DEV).manual_seed(1))
+    with pytest.raises(ValueError, match="partials must be"):
+        ops.selected_attention(q, k, v, idx, cu, 16, backend=backend, partials="fp8")
 
 
 def test_popular_block():
@@ -233,6 +253,23 @@ def test_gpu_real_sizes(lengths, G, d, block, topk, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_large_logits(dtype):
     _gpu_case([8192, 8000], 2, 8, 128, 64, 16, dtype, 2, q_scale=8.0)
+
+
+@pytest.mark.gpu
+def test_gpu_half_partials_stay_near_fp32_partials():
+    """bf16 partials at a real size: each gradient's error against fp64 at most 2x that of the
+    fp32 partials (plus bf16's output rounding)."""
+    q, k, v, do, cu = make_inputs([8192, 8000], 2, 4, 128, torch.bfloat16, 7)
+    idx = sa.random_selection(cu, 2, 16, 64, torch.Generator(device=DEV).manual_seed(7))
+    ref = run_ref(q, k, v, do, idx, cu, 64, dtype=torch.float32)
+    errors = {}
+    for partials in ("fp32", "half"):
+        ours = run_ours(q, k, v, do, idx, cu, 64, fwd_mode="block", dq_mode="block",
+                        partials=partials)
+        errors[partials] = [rel(a, b) for a, b in zip(ours, ref, strict=True)]
+    for name, e32, e16 in zip(("o", "dq", "dk", "dv"), errors["fp32"], errors["half"],
+                              strict=True):
+        assert e16 <= 2 * e32 + 2e-3, (name, e32, e16)
 
 
 @pytest.mark.gpu

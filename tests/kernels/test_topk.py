@@ -118,15 +118,47 @@ def test_matches_reference(lengths, H, h, d, params):
 
 
 @pytest.mark.parametrize("lengths,H,h,d,params", [
-    CASES[2], CASES[0], CASES[3],  # T = 2, 4, 8: one, two, three merge stages
-    ([300], 2, 1, 16, (8, 4, 16, 16, 1, 2)),  # T = 16: four
+    CASES[2], CASES[0], CASES[3],  # T = 2, 4, 8
+    ([300], 2, 1, 16, (8, 4, 16, 16, 1, 2)),  # T = 16
 ])
-def test_bitonic_merge_matches_reference(monkeypatch, lengths, H, h, d, params):
-    """``MERGE = "bitonic"`` keeps the same top-k keys as the full sort: the reference's indices."""
+def test_sort_merge_matches_reference(monkeypatch, lengths, H, h, d, params):
+    """``MERGE = "sort"`` (the full-sort alternative to the default bitonic merge) keeps the same
+    top-k keys: the reference's indices."""
     q, k, lse, cu, cuc = _inputs(lengths, H, h, d, params[0], params[1], torch.float32, H + d)
-    monkeypatch.setattr(tk, "MERGE", "bitonic")
+    monkeypatch.setattr(tk, "MERGE", "sort")
     ours, ref = _both(q, k, lse, cu, cuc, params)
     assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("merge", ["bitonic", "sort"])
+def test_wide_key_tiles_match_reference(monkeypatch, merge):
+    """``TILE_BLOCKS`` wider than the running set (8 blocks per tile for a top-4): the tile's
+    candidates are cut to their top TP before the merge."""
+    lengths, H, h, d, params = CASES[0]
+    q, k, lse, cu, cuc = _inputs(lengths, H, h, d, params[0], params[1], torch.float32, H + d)
+    monkeypatch.setattr(tk, "MERGE", merge)
+    monkeypatch.setattr(tk, "TILE_BLOCKS", 8)
+    ours, ref = _both(q, k, lse, cu, cuc, params)
+    assert torch.equal(ours, ref)
+
+
+def test_tile_width_by_group_size(monkeypatch):
+    """On the GPU, ``TILE_BLOCKS = 0`` means 32-block tiles from G = 16 (measured faster there)
+    and the fewest (16) below; a set width wins, and the width never drops below TP."""
+    monkeypatch.setattr(tk, "_interpreting", lambda: False)
+    monkeypatch.setattr(tk, "MIN_NBT", 16)
+    monkeypatch.setattr(tk, "TILE_BLOCKS", 0)
+    assert [tk._tile_blocks(16, G) for G in (1, 4, 8, 16)] == [16, 16, 16, 32]
+    assert tk._tile_blocks(32, 1) == 32
+    monkeypatch.setattr(tk, "TILE_BLOCKS", 64)
+    assert tk._tile_blocks(16, 1) == 64
+
+
+def test_bad_tile_blocks_is_named(monkeypatch):
+    q, k, lse, cu, cuc = _inputs([40], 2, 1, 16, 8, 4, torch.float32, 1)
+    monkeypatch.setattr(tk, "TILE_BLOCKS", 24)
+    with pytest.raises(ValueError, match="FSA_TOPK_TILE_BLOCKS must be"):
+        tk.select_blocks(q, k, lse, cu, cuc, 8, 4, 16, 2, 1, 1)
 
 
 def test_unknown_merge_is_named(monkeypatch):
@@ -235,16 +267,19 @@ def test_gpu_half_large_logits(monkeypatch, configs, dtype, G, d, params):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,G", [(torch.bfloat16, 1), (torch.bfloat16, 4), (torch.float16, 16)])
-def test_gpu_bitonic_merge_gives_the_sorts_indices(monkeypatch, dtype, G):
-    """Real sizes, top-16: both merges rank the same keys, so the indices are identical."""
+def test_gpu_merges_and_tile_widths_give_the_same_indices(monkeypatch, dtype, G):
+    """Real sizes, top-16: both merges, with key tiles of 16 and 32 blocks, rank the same keys,
+    so the indices are identical."""
     q, k, _, cu, cuc = _inputs([65536] if G == 4 else GPU_PACKED, G * 2, 2, 128, 32, 16, dtype,
                                30 + G)
     _, lse = ca.compressed_attention(q, k, k, cu, cuc, 32, 16)
     results = {}
-    for merge in ("sort", "bitonic"):
+    for merge, tile_blocks in (("sort", 16), ("bitonic", 16), ("bitonic", 32), ("sort", 32)):
         monkeypatch.setattr(tk, "MERGE", merge)
-        results[merge] = tk.select_blocks(q, k, lse, cu, cuc, *DEFAULTS)
-    assert torch.equal(results["sort"], results["bitonic"])
+        monkeypatch.setattr(tk, "TILE_BLOCKS", tile_blocks)
+        results[merge, tile_blocks] = tk.select_blocks(q, k, lse, cu, cuc, *DEFAULTS)
+    for variant, idx in results.items():
+        assert torch.equal(results["sort", 16], idx), variant
 
 
 @gpu

@@ -17,7 +17,8 @@ Design (FSA's block-major order, with the G query heads of a token stacked as ma
 * **Forward, block-major** (:func:`_fwd_block_kernel`): one program per segment loads its K/V block
   once and walks the segment in chunks of ``BLOCK_M // G`` queries, the G heads of each query
   stacked as rows (``M = BLOCK_M`` rows for any G). Each (query, slot, head) gets an fp32 partial
-  output and a natural-log LSE (true row maximum), merged per token by :func:`_merge_kernel`.
+  output (``partials="half"``: in the inputs' dtype) and a natural-log LSE (true row
+  maximum), merged per token by :func:`_merge_kernel`.
 * **Forward, query-major** (:func:`_fwd_query_kernel`): one program per (token, KV head), rows =
   the G heads, online softmax over the token's blocks. No partials: the choice for large G.
 * **Backward**: dK/dV always block-major (:func:`_bwd_block_kernel`, fp32 accumulators in
@@ -131,7 +132,8 @@ def _fwd_block_kernel(
         o = _dot(p.to(v.dtype), v, IEEE) / tl.where(seen, lsum, 1.0)[:, None]
         lse = tl.where(seen, (m + tl.log2(lsum)) * 0.6931471805599453, float("-inf"))
         row = pair.to(tl.int64) * H + head
-        tl.store(OP + row[:, None] * D + offs_d[None, :], o, mask=rv[:, None])
+        tl.store(OP + row[:, None] * D + offs_d[None, :], o.to(OP.dtype.element_ty),
+                 mask=rv[:, None])
         tl.store(LP + row, lse, mask=rv)
 
 
@@ -161,7 +163,8 @@ def _merge_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
         w = tl.exp(lse_j - m_safe)
-        o_j = tl.load(OP + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        o_j = tl.load(OP + row[:, None] * D + offs_d[None, :], mask=valid[:, None],
+                      other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + w[:, None] * o_j
         wsum = wsum * alpha + w
         m = m_new
@@ -304,7 +307,8 @@ def _bwd_block_kernel(
         if WRITE_DQ:
             dq = _dot(dsl, k, IEEE) * scale
             row = pair.to(tl.int64) * H + head
-            tl.store(DQP + row[:, None] * D + offs_d[None, :], dq, mask=rv[:, None])
+            tl.store(DQP + row[:, None] * D + offs_d[None, :], dq.to(DQP.dtype.element_ty),
+                     mask=rv[:, None])
     out = pid.to(tl.int64) * (BLOCK_N * D) + tl.arange(0, BLOCK_N)[:, None] * D + offs_d[None, :]
     tl.store(DKP + out, dk * scale)
     tl.store(DVP + out, dv)
@@ -363,7 +367,8 @@ def _reduce_dq_kernel(
     for j in range(T):
         valid = rv & (tl.load(IDX + ibase + j, mask=rv, other=-1) >= 0)
         row = (tt.to(tl.int64) * T + j) * H + head
-        acc += tl.load(DQP + row[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        acc += tl.load(DQP + row[:, None] * D + offs_d[None, :], mask=valid[:, None],
+                       other=0.0).to(tl.float32)
     tl.store(DQ + tt[:, None] * sdqt + head[:, None] * sdqh + offs_d[None, :],
              acc.to(DQ.dtype.element_ty), mask=rv[:, None])
 
@@ -595,10 +600,24 @@ def _block_cfg(G: int, d: int, block: int, bwd: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _launch_fwd_block(q, k, v, plan, T, G, block, scale):
+PARTIALS = ("fp32", "half")
+"""Precisions of the block-major paths' per-(token, slot, head) O and dQ partials: "fp32" (the
+default, what issue 3 asks for) or "half" (the inputs' fp16/bf16; the partial LSEs stay fp32).
+The partials are most of the branch's memory traffic; "half" halves it at the cost of one
+rounding of each partial (benchmarks/results/partials_sweep_2026-12-02.md)."""
+
+
+def partial_dtype(dtype: torch.dtype, partials: str) -> torch.dtype:
+    """The O/dQ partials' dtype for inputs of ``dtype`` and ``partials`` ("fp32" or "half")."""
+    if partials not in PARTIALS:
+        raise ValueError(f"selected-attention partials must be one of {PARTIALS}, got {partials!r}")
+    return dtype if partials == "half" and dtype != torch.float32 else torch.float32
+
+
+def _launch_fwd_block(q, k, v, plan, T, G, block, scale, partials):
     total, H, D = q.shape
     ieee = q.dtype == torch.float32
-    op = torch.empty(total * T * H * D, dtype=torch.float32, device=q.device)
+    op = torch.empty(total * T * H * D, dtype=partial_dtype(q.dtype, partials), device=q.device)
     lp = torch.empty(total * T * H, dtype=torch.float32, device=q.device)
     cfg = _block_cfg(G, D, block, False)
     _fwd_block_kernel[(plan["maxseg"],)](
@@ -638,20 +657,20 @@ def _launch_fwd_query(q, k, v, idx_c, start, G, block, scale):
     return o, lse
 
 
-def _forward(q, k, v, idx, cu_seqlens, block, scale, fwd_mode):
+def _forward(q, k, v, idx, cu_seqlens, block, scale, fwd_mode, partials):
     total, H, D = q.shape
     h = k.shape[1]
     G = H // h
     T = idx.shape[2]
     plan = _plan(idx, cu_seqlens, total, block, _segment_queries(T, block))
     if fwd_mode == "block":
-        o, lse = _launch_fwd_block(q, k, v, plan, T, G, block, scale)
+        o, lse = _launch_fwd_block(q, k, v, plan, T, G, block, scale, partials)
     else:
         o, lse = _launch_fwd_query(q, k, v, plan["idx_c"], plan["start"], G, block, scale)
     return o, lse, plan
 
 
-def _backward(q, k, v, o, lse, do, plan, block, scale, dq_mode):
+def _backward(q, k, v, o, lse, do, plan, block, scale, dq_mode, partials):
     total, H, D = q.shape
     h = k.shape[1]
     G = H // h
@@ -664,7 +683,7 @@ def _backward(q, k, v, o, lse, do, plan, block, scale, dq_mode):
     dvp = torch.empty(maxseg * block * D, dtype=torch.float32, device=q.device)
     write_dq = dq_mode == "block"
     dqp = (
-        torch.empty(total * T * H * D, dtype=torch.float32, device=q.device)
+        torch.empty(total * T * H * D, dtype=partial_dtype(q.dtype, partials), device=q.device)
         if write_dq
         else dkp
     )
@@ -706,13 +725,13 @@ def _backward(q, k, v, o, lse, do, plan, block, scale, dq_mode):
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, cu_seqlens, block, scale, fwd_mode, dq_mode):
-        o, lse, plan = _forward(q, k, v, idx, cu_seqlens, block, scale, fwd_mode)
+    def forward(ctx, q, k, v, idx, cu_seqlens, block, scale, fwd_mode, dq_mode, partials):
+        o, lse, plan = _forward(q, k, v, idx, cu_seqlens, block, scale, fwd_mode, partials)
         names = [n for n, x in plan.items() if isinstance(x, torch.Tensor)]
         ctx.plan_names = names
         ctx.plan_ints = {n: x for n, x in plan.items() if not isinstance(x, torch.Tensor)}
         ctx.save_for_backward(q, k, v, o, lse, *(plan[n] for n in names))
-        ctx.block, ctx.scale, ctx.dq_mode = block, scale, dq_mode
+        ctx.block, ctx.scale, ctx.dq_mode, ctx.partials = block, scale, dq_mode, partials
         return o
 
     @staticmethod
@@ -720,8 +739,9 @@ class _SelectedAttention(torch.autograd.Function):
         q, k, v, o, lse, *tensors = ctx.saved_tensors
         plan = dict(zip(ctx.plan_names, tensors, strict=True))
         plan.update(ctx.plan_ints)
-        dq, dk, dv = _backward(q, k, v, o, lse, do, plan, ctx.block, ctx.scale, ctx.dq_mode)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = _backward(q, k, v, o, lse, do, plan, ctx.block, ctx.scale, ctx.dq_mode,
+                               ctx.partials)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def selected_attention(
@@ -735,6 +755,7 @@ def selected_attention(
     *,
     fwd_mode: str = "auto",
     dq_mode: str = "auto",
+    partials: str = "fp32",
 ) -> torch.Tensor:
     """Selected-block attention ``o [total, H, d]`` in q's dtype (differentiable in q, k, v).
 
@@ -745,6 +766,7 @@ def selected_attention(
         block: selection block size B (a power of two >= 16).
         scale: softmax scale, default ``1/sqrt(d)``.
         fwd_mode, dq_mode: "block", "query" or "auto" (the measured choice per shape).
+        partials: precision of the block-major paths' O and dQ partials, :data:`PARTIALS`.
     """
     total, H, D = q.shape
     h = k.shape[1]
@@ -755,12 +777,14 @@ def selected_attention(
     if D & (D - 1) or D < 16 or block & (block - 1) or block < 16 or v.shape[2] != D:
         raise ValueError(f"head dim ({D}) and block ({block}) must be powers of two >= 16")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    partial_dtype(q.dtype, partials)  # a bad value fails here, before any launch
     auto_fwd, auto_dq = _modes(H // h, D, block, total)
     fwd_mode = auto_fwd if fwd_mode == "auto" else fwd_mode
     dq_mode = auto_dq if dq_mode == "auto" else dq_mode
     if total == 0:
         return q.new_zeros(0, H, D)
-    return _SelectedAttention.apply(q, k, v, idx, cu_seqlens, block, scale, fwd_mode, dq_mode)
+    return _SelectedAttention.apply(q, k, v, idx, cu_seqlens, block, scale, fwd_mode, dq_mode,
+                                    partials)
 
 
 def random_selection(

@@ -24,10 +24,10 @@ aligned on block boundaries):
    prefers the lower id, exactly the reference's tie rule.
 4. Streaming top-``TP`` (``TP`` = next power of two >= topk): the running set is kept sorted
    descending, the tile's candidates sorted ascending; the elementwise maximum of the two is the
-   top ``TP`` of their union (a bitonic sequence), sorted again: by a full ``tl.sort`` (default)
-   or, with ``MERGE = "bitonic"``, by Batcher's bitonic merge (``log2 TP`` compare-exchange stages
-   instead of a sort's ``log2 TP · (log2 TP + 1) / 2``). Only ``[h, total, topk]`` int32 is
-   written, never a score matrix.
+   top ``TP`` of their union (a bitonic sequence), sorted again: by Batcher's bitonic merge
+   (default: ``log2 TP`` compare-exchange stages instead of a sort's
+   ``log2 TP · (log2 TP + 1) / 2``) or, with ``MERGE = "sort"``, by a full ``tl.sort``.
+   Only ``[h, total, topk]`` int32 is written, never a score matrix.
 """
 
 from __future__ import annotations
@@ -210,9 +210,17 @@ MIN_NBT = 4 if _interpreting() else 16
 tiles so that tiny documents span several tiles)."""
 CONFIGS = os.environ.get("FSA_TOPK_CONFIGS", "tuned")
 """fp16/bf16 launch configurations: "tuned" (autotune) or "safe" (the fixed fp32-validated one)."""
-MERGE = os.environ.get("FSA_TOPK_MERGE", "sort")
-"""How the running top-k absorbs each key tile: "sort" (a full ``tl.sort``, GPU-validated) or
-"bitonic" (a bitonic merge, fewer stages; interpreter-tested, not yet timed on a GPU)."""
+MERGE = os.environ.get("FSA_TOPK_MERGE", "bitonic")
+"""How the running top-k absorbs each key tile: "bitonic" (Batcher's merge, the default: same
+indices as the sort on the GPU and 6-11 % faster, H200 2026-12-02) or "sort" (a full
+``tl.sort``)."""
+TILE_BLOCKS = int(os.environ.get("FSA_TOPK_TILE_BLOCKS", "0"))
+"""Selection blocks per key tile (a power of two, at least ``max(TP, MIN_NBT)``; 0: by G).
+Wider tiles mean fewer merges and wider dots, in more registers: on the H200 (2026-12-02,
+``results/topk_sweep_2026-12-02.md``) 32 blocks were 14 % faster at G = 16 and 15-40 % slower
+at G = 1 and 4, so the default is 32 from G = 16 and the fewest below."""
+WIDE_TILE_MIN_G = 16
+"""Smallest G for which ``TILE_BLOCKS = 0`` means 32-block tiles on the GPU."""
 
 _tuned = bucketed_autotune(
     _CONFIGS if AUTOTUNE else _CONFIGS[:1],
@@ -228,6 +236,13 @@ def _merge_is_bitonic() -> bool:
     if MERGE not in ("sort", "bitonic"):
         raise ValueError(f"FSA_TOPK_MERGE must be 'sort' or 'bitonic', got {MERGE!r}")
     return MERGE == "bitonic"
+
+
+def _tile_blocks(tp: int, G: int) -> int:
+    if TILE_BLOCKS < 0 or TILE_BLOCKS & (TILE_BLOCKS - 1):
+        raise ValueError(f"FSA_TOPK_TILE_BLOCKS must be 0 or a power of two, got {TILE_BLOCKS}")
+    wide = 32 if TILE_BLOCKS == 0 and G >= WIDE_TILE_MIN_G and not _interpreting() else 0
+    return max(tp, MIN_NBT, TILE_BLOCKS, wide)
 
 
 def supported(kernel: int, stride: int, block: int) -> bool:
@@ -291,7 +306,7 @@ def select_blocks(
     n_docs = cu.numel() - 1
     n_iter = max(1, n_docs.bit_length())
     tp = max(2, _next_pow2(topk))
-    nbt = max(tp, MIN_NBT)
+    nbt = _tile_blocks(tp, H // h)
     fp32 = q.dtype == torch.float32
     if k_c.dtype != q.dtype:
         k_c = k_c.to(q.dtype)
