@@ -21,7 +21,8 @@ def test_nsa_core_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "nsa_core.json").read_text())["rows"]
     methods = {row["method"] for row in rows}
-    expected = {"nsa core", "branch: selected_attention", "dense: ours (window_attention None)"}
+    expected = {"nsa core", "nsa core, per layer (shared varlen)", "branch: selected_attention",
+                "dense: ours (window_attention None)"}
     assert expected <= methods
     assert all(row["fwd_ms"] > 0 for row in rows)
     assert "| nsa core |" in (tmp_path / "nsa_core.md").read_text()

@@ -116,10 +116,12 @@ def test_matches_reference_fp16_large_logits(G, d, block, modes):
 
 @pytest.mark.parametrize("G", [1, 4])
 def test_half_partials_match_reference_fp16(G):
-    """``partials="half"``: fp16 O/dQ partials (fp32 LSEs), within fp16 accuracy."""
+    """``partials="half"``: fp16 O/dQ partials (fp32 LSEs), within fp16 accuracy, also with
+    q scaled x8 (logits far past fp16's exp range)."""
     assert sa.partial_dtype(torch.float16, "half") == torch.float16
     assert sa.partial_dtype(torch.float32, "half") == torch.float32  # fp32 inputs: fp32 partials
-    q, k, v, do, cu = make_inputs([61, 90, 17], 2, G, 32, torch.float16, seed=40 + G)
+    q, k, v, do, cu = make_inputs([61, 90, 17], 2, G, 32, torch.float16, seed=40 + G,
+                                  q_scale=8.0 if G == 4 else 1.0)
     idx = sa.random_selection(cu, 2, 4, 16, torch.Generator(device=DEV).manual_seed(G))
     ours = run_ours(q, k, v, do, idx, cu, 16, fwd_mode="block", dq_mode="block", partials="half")
     check(ours, run_ref(q, k, v, do, idx, cu, 16), 5e-3, f"half partials G={G}")
