@@ -13,7 +13,10 @@ PY=${PY:-python3}
 source benchmarks/device_wheels.sh
 install_carried_wheels
 parallel=()
-if "$PY" -c 'import xdist' 2>/dev/null; then parallel=(-n "${WORKERS:-8}"); fi
+# loadgroup: tests marked xdist_group("gpu_memory") (references at real sizes, tens of GiB
+# each) share one worker, so they do not run side by side: two of them at once ran the 140 GiB
+# H200 out of memory on 2026-12-02 (results/gpu_tests_2026-12-02_final.log).
+if "$PY" -c 'import xdist' 2>/dev/null; then parallel=(-n "${WORKERS:-8}" --dist loadgroup); fi
 log=${OUT:-.}/gpu_tests.log
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
 "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider --durations=25 "${parallel[@]}" \

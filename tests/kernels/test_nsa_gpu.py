@@ -24,6 +24,7 @@ def test_auto_dispatch_reaches_the_triton_kernels():
     assert callable(ops.selected_attention) and callable(ops.window_attention)
 
 
+@pytest.mark.xdist_group("gpu_memory")
 @pytest.mark.parametrize("group,partials", [(1, "fp32"), (4, "fp32"), (16, "fp32"), (4, "half")])
 def test_nsa_core_auto_matches_reference(group, partials):
     torch.manual_seed(0)

@@ -237,6 +237,7 @@ def _gpu_case(lengths, h, G, d, block, topk, dtype, seed, q_scale=1.0, modes=MOD
         check(ours, ref, 1e-2, f"{len(lengths)}x{lengths[0]} G={G} {dtype} {fwd_mode}/{dq_mode}")
 
 
+@pytest.mark.xdist_group("gpu_memory")
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "lengths,G,d,block,topk,dtype",
