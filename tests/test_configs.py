@@ -37,3 +37,22 @@ def test_base_model_strategy_combination_parses(model, strategy, capsys):
 def test_demo_config_parses(capsys):
     printed = parse(capsys, ROOT / "configs" / "demo.yaml")
     assert "attention: nsa" in printed
+
+
+@pytest.mark.parametrize("value,ok", [("half", True), ("fp32", True), ("bf16", False)])
+def test_selected_partials_is_a_config_key(value, ok, capsys, tmp_path):
+    """``model.config.nsa.selected_partials`` comes from YAML; a bad value is refused by name."""
+    preset = (ROOT / "configs" / "model" / "gpt-150m-nsa.yaml").read_text()
+    edited = preset.replace("window: 512}", f"window: 512, selected_partials: {value}}}")
+    assert edited != preset
+    config = tmp_path / "model.yaml"
+    config.write_text(edited)
+    if ok:
+        printed = parse(capsys, ROOT / "configs" / "base.yaml", config)
+        assert f"selected_partials: {value}" in printed
+        return
+    with pytest.raises((SystemExit, ValueError)) as info:
+        build_cli(["fit", "--config", str(ROOT / "configs" / "base.yaml"), "--config", str(config),
+                   "--print_config"])
+    captured = capsys.readouterr()
+    assert "selected_partials" in captured.err + captured.out + str(info.value)
