@@ -124,7 +124,7 @@ def selected_attention(
     """Attention over the union of each query's selected blocks (causal in its own block).
 
     ``partials`` ("fp32" or "half") is the Triton kernels' precision for their per-slot partial
-    outputs and dQ; the reference computes exactly and takes only "fp32" or "half" as given."""
+    outputs and dQ; the reference has no partials and only checks the value."""
     fn = resolve("selected_attention", backend, q)
     if fn is reference.selected_attention:
         if partials not in ("fp32", "half"):

@@ -212,7 +212,7 @@ CONFIGS = os.environ.get("FSA_TOPK_CONFIGS", "tuned")
 """fp16/bf16 launch configurations: "tuned" (autotune) or "safe" (the fixed fp32-validated one)."""
 MERGE = os.environ.get("FSA_TOPK_MERGE", "bitonic")
 """How the running top-k absorbs each key tile: "bitonic" (Batcher's merge, the default: same
-indices as the sort on the GPU and 6-11 % faster, H200 2026-12-02) or "sort" (a full
+indices as the sort on the GPU, 5-11 % faster at G <= 4 on an H200, 2026-12-02) or "sort" (a full
 ``tl.sort``)."""
 TILE_BLOCKS = int(os.environ.get("FSA_TOPK_TILE_BLOCKS", "0"))
 """Selection blocks per key tile (a power of two, at least ``max(TP, MIN_NBT)``; 0: by G).
