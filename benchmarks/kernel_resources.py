@@ -26,7 +26,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -191,6 +191,14 @@ SPECS: dict[str, Spec] = {
         note="dense/window backward, fused mode, no window (the tuned list, then BLOCK = 64)",
     ),
 }
+
+# the selected kernels with ``partials="half"``: bf16 O / dQ partial buffers, the table configs
+SPECS["selected_fwd_half"] = replace(
+    SPECS["selected_fwd"], pointers={**SPECS["selected_fwd"].pointers, "OP": BF16},
+    configs=SPECS["selected_fwd"].configs[:1], note="selected forward with bf16 O partials")
+SPECS["selected_bwd_half"] = replace(
+    SPECS["selected_bwd"], pointers={**SPECS["selected_bwd"].pointers, "DQP": BF16},
+    configs=SPECS["selected_bwd"].configs[:1], note="selected backward with bf16 dQ partials")
 
 
 def validate(name: str) -> None:
