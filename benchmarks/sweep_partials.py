@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib
 
 import torch
+from bench_compressed import bench
+from bench_window import rel
 from sweep_common import run_sweep
-from triton.testing import do_bench
 
 sa = importlib.import_module("fsa_train.kernels.triton.selected_attention")
 
@@ -32,11 +33,6 @@ def grads(q, k, v, do, idx, cu, partials="fp32"):
                               partials=partials)
     o.backward(do)
     return [o.detach(), q.grad, k.grad, v.grad]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def run_shape(n: int, G: int) -> dict:
@@ -62,8 +58,8 @@ def run_shape(n: int, G: int) -> dict:
             return torch.autograd.grad(fwd(), leaves, do)
 
         row[partials] = {
-            "fwd_ms": do_bench(fwd, warmup=10, rep=60, return_mode="median"),
-            "fwd_bwd_ms": do_bench(fwd_bwd, warmup=10, rep=60, return_mode="median"),
+            "fwd_ms": bench(fwd),
+            "fwd_bwd_ms": bench(fwd_bwd),
             **{f"rel_err_{name}": rel(a, b)
                for name, a, b in zip(("o", "dq", "dk", "dv"), ours, truth, strict=True)},
         }

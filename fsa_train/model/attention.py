@@ -85,10 +85,11 @@ class Attention(nn.Module):
         if self.sparse:
             gates = torch.sigmoid(self.gate(x)).view(total, H, 3)
             params = CompressionParams(self.w_ck, self.w_cv, self.pe)
+            if varlen is None:
+                varlen = nsa_varlen(cu_seqlens, total, self.cfg.nsa, positions)
             o = nsa_attention(
                 q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend,
-                varlen=varlen if varlen is not None else nsa_varlen(
-                    cu_seqlens, total, self.cfg.nsa, positions),
+                varlen=varlen,
             )
         else:
             q = self.rope(q, positions)
