@@ -5,11 +5,14 @@ from a mid-epoch checkpoint gives every rank exactly the batches of the uninterr
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.multiprocessing import ProcessExitedException
 
 from fsa_train.data.datamodule import TextDataModule
 from fsa_train.data.prepare import prepare_dataset
@@ -51,22 +54,40 @@ def make(ds) -> TextDataModule:
     return TextDataModule(dataset=str(ds), vocab_size=400, seq_len=32, batch_size=2)
 
 
-def fit_two_ranks(ds, out, checkpoint=None, ckpt_path=None) -> list[dict]:
-    out.mkdir()
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=STEPS, logger=False,
-        callbacks=[checkpoint] if checkpoint else [], enable_checkpointing=checkpoint is not None,
-        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_model_summary=False,
-    )
-    trainer.fit(Recorder(str(out)), datamodule=make(ds), ckpt_path=ckpt_path)
+def fit_two_ranks(ds, out, save_dir=None, ckpt_path=None) -> list[dict]:
+    """Fits on two spawned CPU ranks and returns each rank's record.
+
+    gloo can abort a worker while the ranks tear down their sockets (a known race that Lightning's
+    own CI reruns, Lightning-AI/pytorch-lightning#20620), so a launch whose worker died by a signal
+    is run once more from scratch, on a fresh port. A second death, or any Python error, fails."""
+    for attempt in (1, 2):
+        for leftover in (out, save_dir):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover)
+        out.mkdir()
+        os.environ.pop("MASTER_PORT", None)  # Lightning keeps the first launch's port otherwise
+        save = None
+        if save_dir is not None:
+            save = ModelCheckpoint(save_dir, "{step}", every_n_train_steps=SAVE_AT, save_top_k=-1)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=STEPS, logger=False,
+            callbacks=[save] if save else [], enable_checkpointing=save is not None,
+            enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
+            enable_model_summary=False,
+        )
+        try:
+            trainer.fit(Recorder(str(out)), datamodule=make(ds), ckpt_path=ckpt_path)
+            break
+        except ProcessExitedException as died:
+            if attempt == 2 or died.signal_name is None:
+                raise
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_two_ranks_disjoint_and_resumable(kjv_texts, small_tokenizer, tmp_path):
+def test_two_ranks_disjoint_and_resumable(kjv_texts, small_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # restored (absent) after the test
     ds = prepare_dataset([t[:200] for t in kjv_texts[:12]], small_tokenizer, tmp_path / "ds", 2)
-    save = ModelCheckpoint(tmp_path / "ck", "{step}", every_n_train_steps=SAVE_AT, save_top_k=-1)
-    straight = fit_two_ranks(ds, tmp_path / "straight", save)
+    straight = fit_two_ranks(ds, tmp_path / "straight", save_dir=tmp_path / "ck")
 
     dm = make(ds)
     dm.prepare_data()
