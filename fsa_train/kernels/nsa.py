@@ -2,7 +2,8 @@
 
 Takes q and k *before* RoPE (compression must see un-rotated keys, docs/nsa.md step 2) and applies
 the rotary embedding itself: tokens at their document positions, compressed keys at ``i·stride``.
-Each branch runs on the backend chosen per op by :func:`fsa_train.kernels.resolve`.
+Each branch runs on the backend chosen per op by :mod:`fsa_train.kernels.registry`, with the
+kernels' launch switches ``settings`` passed down.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fsa_train.kernels.reference import compressed_lengths
-from fsa_train.kernels.varlen import document_positions
+from fsa_train.kernels import api as ops
+from fsa_train.kernels.varlen import compressed_lengths, document_positions
 
 if TYPE_CHECKING:
     from fsa_train.config import NSAConfig
+    from fsa_train.kernels.settings import KernelSettings
 
 Rope = Callable[..., torch.Tensor]
 """``rope(x [n, heads, d], positions [n] int64, max_position=None) -> x rotated``.
@@ -84,6 +86,7 @@ def nsa_attention(
     scale: float | None = None,
     backend: str = "auto",
     varlen: NSAVarlen | None = None,
+    settings: KernelSettings | None = None,
 ) -> torch.Tensor:
     """NSA core output ``[total, H, d]``.
 
@@ -99,20 +102,20 @@ def nsa_attention(
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         varlen: the batch's :func:`nsa_varlen`, if the caller has it already (the model computes
             it once for all layers); computed here otherwise.
+        settings: the Triton kernels' launch switches (default: from the environment).
     """
-    from fsa_train import kernels as ops
-
     total = q.shape[0]
     if varlen is None:
         varlen = nsa_varlen(cu_seqlens, total, cfg)
     cu_seqlens_c = varlen.cu_seqlens_c
+    run = {"backend": backend, "settings": settings}
     k_c, _ = ops.compress(
-        k, params.w_k, params.pe, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride, backend=backend,
-        cu_seqlens_c=cu_seqlens_c,
+        k, params.w_k, params.pe, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride,
+        cu_seqlens_c=cu_seqlens_c, **run,
     )
     v_c, _ = ops.compress(
-        v, params.w_v, None, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride, backend=backend,
-        cu_seqlens_c=cu_seqlens_c,
+        v, params.w_v, None, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride,
+        cu_seqlens_c=cu_seqlens_c, **run,
     )
     positions = varlen.positions
     positions_c = varlen.positions_c[: k_c.shape[0]]  # the reference's output has fewer rows
@@ -121,16 +124,15 @@ def nsa_attention(
     k_c = rope(k_c, positions_c, max_position=total)
 
     o_cmp, lse = ops.compressed_attention(
-        q, k_c, v_c, cu_seqlens, cu_seqlens_c, cfg.cmp_kernel, cfg.cmp_stride, scale,
-        backend=backend,
+        q, k_c, v_c, cu_seqlens, cu_seqlens_c, cfg.cmp_kernel, cfg.cmp_stride, scale, **run,
     )
     with torch.no_grad():
         idx = ops.select_blocks(
             q.detach(), k_c.detach(), lse.detach(), cu_seqlens, cu_seqlens_c,
             cfg.cmp_kernel, cfg.cmp_stride, cfg.sel_block, cfg.sel_topk,
-            cfg.init_blocks, cfg.local_blocks, scale, backend=backend,
+            cfg.init_blocks, cfg.local_blocks, scale, **run,
         )
-    o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale, backend=backend,
-                                   partials=cfg.selected_partials)
-    o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, backend=backend)
-    return ops.gate_mix(o_cmp, o_sel, o_win, gates, backend=backend)
+    o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale,
+                                   partials=cfg.selected_partials, **run)
+    o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, **run)
+    return ops.gate_mix(o_cmp, o_sel, o_win, gates, **run)

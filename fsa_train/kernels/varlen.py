@@ -36,3 +36,18 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, where: str = "cu_seql
         raise ValueError(f"{where} must start at 0 and end at total={total}, got {first}..{last}")
     if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise ValueError(f"{where} must be non-decreasing")
+
+
+def compressed_lengths(cu_seqlens: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """``cu_seqlens_c`` (int32): a document of length L has ``(L - l)//s + 1`` compressed tokens
+    if ``L >= l``, else 0. Runs on the device, no synchronisation."""
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    counts = torch.where(
+        lengths >= kernel,
+        torch.div(lengths - kernel, stride, rounding_mode="floor") + 1,
+        torch.zeros_like(lengths),
+    )
+    cu_c = torch.zeros_like(cu)
+    cu_c[1:] = torch.cumsum(counts, 0)
+    return cu_c.to(torch.int32)

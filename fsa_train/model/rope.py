@@ -6,19 +6,17 @@ Positions are explicit because packed documents restart at 0 and NSA's compresse
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fsa_train.kernels.utils import KERNEL_DTYPES, interpreting
 
 
 class Rotary(nn.Module):
     """Rotates pairs ``(x[i], x[i + d/2])`` by ``position · base^(-2i/d)``.
 
     CUDA tensors in fp16/bf16/fp32 go through one fused Triton kernel per direction
-    (:mod:`fsa_train.kernels.triton.rope`); anything else (CPU, fp64) through torch ops.
+    (:mod:`fsa_train.kernels.ops.rope.triton`); anything else (CPU, fp64) through torch ops.
     ``interpret=True`` sends CPU tensors to the kernel too when ``TRITON_INTERPRET=1`` (the CPU
     tests of the kernel path); it has no effect otherwise.
     """
@@ -41,10 +39,10 @@ class Rotary(nn.Module):
         positions are below the number of tokens). The kernel path relies on it without checking
         (a check would synchronise): a position at or past it may be rotated by a wrong angle.
         """
-        if x.dtype in _KERNEL_DTYPES and (
-            x.is_cuda or (self.interpret and os.environ.get("TRITON_INTERPRET") == "1")
+        if x.dtype in KERNEL_DTYPES and (
+            x.is_cuda or (self.interpret and interpreting())
         ):
-            from fsa_train.kernels.triton.rope import rope  # Triton only where it is used
+            from fsa_train.kernels.ops.rope.triton import rope  # Triton only where it is used
 
             bound = x.shape[0] if max_position is None else max_position
             return rope(x, positions, self.head_dim, self.base, bound)

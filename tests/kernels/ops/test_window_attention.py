@@ -8,44 +8,34 @@ large logits, determinism and CUDA-graph capture.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
+from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fsa_testing import DEVICE, rel_error
+from fsa_testing import cu_seqlens as _cu
 
 pytest.importorskip("triton")
 
-import fsa_train.kernels as ops  # noqa: E402
 from fsa_train.kernels import reference  # noqa: E402
+from fsa_train.kernels.ops.window_attention import triton as wa  # noqa: E402
+from fsa_train.kernels.registry import REGISTRY  # noqa: E402
+from fsa_train.kernels.settings import default_settings  # noqa: E402
 
-wa = importlib.import_module("fsa_train.kernels.triton.window_attention")
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-
-
-def _cu(lengths, dtype=torch.int32, device=DEVICE):
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=dtype, device=device)
+_rel = partial(rel_error, rms_floor=True)
+"""Relative L2 error; the reference norm is floored at an RMS of 1 (exact-zero references)."""
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative L2 error; the reference norm is floored at an RMS of 1 (exact-zero references)."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(math.sqrt(b.numel()))).item()
+def _bwd(mode: str):
+    """The settings with backward schedule ``mode``."""
+    return replace(default_settings(), window_bwd=mode)
 
 
-def _run(fn, q, k, v, cu, window, do):
+def _run(fn, q, k, v, cu, window, do, **options):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    o = fn(q, k, v, cu, window)
+    o = fn(q, k, v, cu, window, **options)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     return o, dq, dk, dv
 
@@ -149,12 +139,11 @@ def test_many_documents_empty_ones_and_int64_offsets():
 
 
 @pytest.mark.parametrize("mode", ["split", "atomic"])
-def test_backward_modes(monkeypatch, mode):
+def test_backward_modes(mode):
     q, k, v, do = _inputs(PACKED, 4, 2, 16, torch.float32, seed=2)
     cu = _cu(PACKED)
     fused = _run(wa.window_attention, q, k, v, cu, 40, do)
-    monkeypatch.setattr(wa, "BWD_MODE", mode)
-    other = _run(wa.window_attention, q, k, v, cu, 40, do)
+    other = _run(wa.window_attention, q, k, v, cu, 40, do, settings=_bwd(mode))
     ref = _reference(q, k, v, cu, 40, do)
     for name, a, b, r in zip(("o", "dq", "dk", "dv"), fused, other, ref, strict=True):
         assert _rel(b, r) <= 1e-5, (name, _rel(b, r))
@@ -165,7 +154,8 @@ def test_backward_modes(monkeypatch, mode):
 def test_dispatch_and_validation():
     q, k, v, _ = _inputs([9], 4, 2, 16, torch.float32, seed=1)
     cu = _cu([9])
-    assert ops.resolve("window_attention", "triton", q) is wa.window_attention
+    op = REGISTRY["window_attention"]
+    assert op.resolve("triton", q, (q, k, v, cu), {}) is wa.window_attention
     with pytest.raises(ValueError):
         wa.window_attention(q, k, v, cu, window=0)
     with pytest.raises(ValueError):
@@ -181,7 +171,6 @@ def test_dispatch_and_validation():
 GPU_PACKED = [1, 100, 4096, 777, 2048, 129, 1000]  # 8151 tokens
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype,G,d,window",
@@ -206,22 +195,19 @@ def test_gpu_packed_large_logits(dtype, G, d, window):
         assert _rel(a, b) <= 1e-2, (name, _rel(a, b))
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["split", "atomic"])
 @pytest.mark.parametrize("window", [None, 512])
-def test_gpu_backward_modes(monkeypatch, mode, window):
-    monkeypatch.setattr(wa, "BWD_MODE", mode)
+def test_gpu_backward_modes(mode, window):
     q, k, v, do = _inputs(GPU_PACKED, 16, 4, 128, torch.bfloat16, seed=13, q_scale=8.0)
     cu = _cu(GPU_PACKED)
-    ours = _run(wa.window_attention, q, k, v, cu, window, do)
+    ours = _run(wa.window_attention, q, k, v, cu, window, do, settings=_bwd(mode))
     ref = _reference(q, k, v, cu, window, do, dtype=torch.float32)
     for name, a, b in zip(("o", "dq", "dk", "dv"), ours, ref, strict=True):
         assert torch.isfinite(a).all(), name
         assert _rel(a, b) <= 1e-2, (name, _rel(a, b))
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_64k_document_dense():
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -244,7 +230,6 @@ def test_gpu_64k_document_dense():
         assert _rel(a, b) <= 1e-2, (name, _rel(a, b))
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_64k_document_window():
     n, H, h, d = 65536, 8, 2, 128
@@ -257,24 +242,22 @@ def test_gpu_64k_document_window():
         assert _rel(a, b) <= 1e-2, (name, _rel(a, b))
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 256])
-def test_gpu_deterministic(monkeypatch, window):
-    monkeypatch.setattr(wa, "BWD_MODE", "fused")  # "atomic" adds dq in a varying order
+def test_gpu_deterministic(window):
+    fused = _bwd("fused")  # "atomic" adds dq in a varying order
     q, k, v, do = _inputs(GPU_PACKED, 16, 4, 128, torch.bfloat16, seed=9)
     cu = _cu(GPU_PACKED)
-    first = _run(wa.window_attention, q, k, v, cu, window, do)
-    second = _run(wa.window_attention, q, k, v, cu, window, do)
+    first = _run(wa.window_attention, q, k, v, cu, window, do, settings=fused)
+    second = _run(wa.window_attention, q, k, v, cu, window, do, settings=fused)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fused", "atomic"])
-def test_gpu_cuda_graph_capture_and_replay(monkeypatch, mode):
-    monkeypatch.setattr(wa, "BWD_MODE", mode)
+def test_gpu_cuda_graph_capture_and_replay(mode):
+    settings = _bwd(mode)
     lengths = [3000, 1, 5000, 192]
     H, h, d = 8, 2, 128
     q, k, v, do = _inputs(lengths, H, h, d, torch.bfloat16, seed=10)
@@ -283,7 +266,7 @@ def test_gpu_cuda_graph_capture_and_replay(monkeypatch, mode):
     sdo, scu = do.clone(), cu.clone()
 
     def step():
-        o = wa.window_attention(sq, sk, sv, scu, 700)
+        o = wa.window_attention(sq, sk, sv, scu, 700, settings=settings)
         return (o, *torch.autograd.grad(o, (sq, sk, sv), sdo))
 
     stream = torch.cuda.Stream()
@@ -305,7 +288,7 @@ def test_gpu_cuda_graph_capture_and_replay(monkeypatch, mode):
             static.copy_(new)
     graph.replay()
     torch.cuda.synchronize()
-    eager = _run(wa.window_attention, q2, k2, v2, cu2, 700, do2)
+    eager = _run(wa.window_attention, q2, k2, v2, cu2, 700, do2, settings=settings)
     for name, a, b in zip(("o", "dq", "dk", "dv"), static_out, eager, strict=True):
         if mode == "atomic" and name == "dq":
             assert _rel(a, b) <= 1e-3, name

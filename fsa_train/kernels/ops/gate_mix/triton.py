@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fsa_train.kernels.settings import KernelSettings
+
 __all__ = ["GateMix", "gate_mix"]
 
 _TILE = 4096
@@ -144,7 +146,8 @@ class GateMix(torch.autograd.Function):
 
 
 def gate_mix(
-    o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor
+    o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor, *,
+    settings: KernelSettings | None = None,
 ) -> torch.Tensor:
     """Gated sum of the NSA branch outputs, ``[total, H, d]`` in o_cmp's dtype.
 
@@ -154,6 +157,7 @@ def gate_mix(
         gates: ``[total, H, 3]`` (any float dtype and strides), order (cmp, sel, win).
 
     Computed in fp32; differentiable in all four inputs (each gradient in its input's dtype).
+    ``settings`` is accepted for the common op signature; the kernel has no switches.
     """
     _check(o_cmp, o_sel, o_win, gates)
     return GateMix.apply(o_cmp, o_sel, o_win, gates)

@@ -3,7 +3,7 @@
 ``select_blocks(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block, topk, init_blocks,
 local_blocks, scale=None)`` returns ``idx [h, total, topk]`` int32: for every KV head and token the
 document-local ids of its selected blocks, ascending, then -1 padding; the same indices as
-:func:`fsa_train.kernels.reference.select_blocks` (ties go to the lower block id).
+:func:`fsa_train.kernels.ops.select_blocks.naive.select_blocks` (ties go to the lower block id).
 
 One program owns a tile of ``BLOCK_M`` query tokens of one document and one KV head, and walks the
 compressed keys of its document in tiles of ``NBT`` selection blocks (``NBT·B/s`` compressed tokens,
@@ -26,30 +26,27 @@ aligned on block boundaries):
    descending, the tile's candidates sorted ascending; the elementwise maximum of the two is the
    top ``TP`` of their union (a bitonic sequence), sorted again: by Batcher's bitonic merge
    (default: ``log2 TP`` compare-exchange stages instead of a sort's
-   ``log2 TP · (log2 TP + 1) / 2``) or, with ``MERGE = "sort"``, by a full ``tl.sort``.
+   ``log2 TP · (log2 TP + 1) / 2``) or, with ``KernelSettings.topk_merge = "sort"``, by a full
+   ``tl.sort``.
    Only ``[h, total, topk]`` int32 is written, never a score matrix.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fsa_train.kernels.triton.compressed_attention import locate_slot, n_visible
-from fsa_train.kernels.triton.tuning import bucketed_autotune
+from fsa_train.kernels.settings import KernelSettings, resolve_settings
+from fsa_train.kernels.triton_utils import LOG2E_JIT, locate_tile, n_visible_compressed
+from fsa_train.kernels.tuning import KernelTuner
+from fsa_train.kernels.utils import LOG2E, as_int32, interpreting, rowmajor, search_steps
 
-__all__ = ["select_blocks"]
+__all__ = ["select_blocks", "supports"]
 
-_LOG2E = 1.4426950408889634
 _ID_MAX = 2147483647
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -105,7 +102,7 @@ def _select_kernel(
     n_slots = total // BLOCK_M + n_docs
     kvh = pid % h
     slot = n_slots - 1 - pid // h
-    doc, bos, seqlen, start_m = locate_slot(CU, slot, n_docs, n_iter, BLOCK_M)
+    doc, bos, seqlen, start_m = locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
     if start_m >= seqlen:
         return
     bos_c = tl.load(CUC + doc).to(tl.int64)
@@ -118,7 +115,7 @@ def _select_kernel(
     row_ok = rows < seqlen
     own = rows // block
     m_last = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    hi = n_visible(m_last, kernel, stride)  # compressed keys seen by the tile's last row
+    hi = n_visible_compressed(m_last, kernel, stride)  # compressed keys seen by the tile's last row
     n_tiles = (m_last // block) // NBT + 1  # block tiles up to the last row's own block
 
     # overlap weights of the BS compressed tokens of group j (tile-local c = BS·j + r) on block j
@@ -150,7 +147,7 @@ def _select_kernel(
                 q = tl.load(Q + q_off + head * sq_h, mask=row_ok[:, None], other=0.0)
                 lse = tl.load(LSE + head.to(tl.int64) * total + lse_off, mask=row_ok,
                               other=float("inf"))
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_JIT
                 qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
                 p_sum += tl.where(vis, tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
         groups = tl.reshape(p_sum, [BLOCK_M, NBT, BS])
@@ -204,54 +201,49 @@ _CONFIGS = [
 _FIXED_FP32 = {"BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
 _FIXED_INTERP = {"BLOCK_M": 16}
 
-AUTOTUNE = os.environ.get("FSA_TOPK_AUTOTUNE", "1") != "0"
-MIN_NBT = 4 if _interpreting() else 16
-"""Fewest selection blocks per key tile (tl.dot needs 16 on the GPU; the interpreter takes small
-tiles so that tiny documents span several tiles)."""
-CONFIGS = os.environ.get("FSA_TOPK_CONFIGS", "tuned")
-"""fp16/bf16 launch configurations: "tuned" (autotune) or "safe" (the fixed fp32-validated one)."""
-MERGE = os.environ.get("FSA_TOPK_MERGE", "bitonic")
-"""How the running top-k absorbs each key tile: "bitonic" (Batcher's merge, the default: same
-indices as the sort on the GPU, 5-11 % faster at G <= 4 on an H200, 2026-12-02) or "sort" (a full
-``tl.sort``)."""
-TILE_BLOCKS = int(os.environ.get("FSA_TOPK_TILE_BLOCKS", "0"))
-"""Selection blocks per key tile (a power of two, at least ``max(TP, MIN_NBT)``; 0: by G).
-Wider tiles mean fewer merges and wider dots, in more registers: on the H200 (2026-12-02,
-``results/topk_sweep_2026-12-02.md``) 32 blocks were 14 % faster at G = 16 and 15-40 % slower
-at G = 1 and 4, so the default is 32 from G = 16 and the fewest below."""
+MIN_NBT_GPU = 16
+"""Fewest selection blocks per key tile on the GPU (``tl.dot`` needs 16)."""
+MIN_NBT_INTERP = 4
+"""The same under the interpreter: small tiles, so that tiny documents span several tiles."""
 WIDE_TILE_MIN_G = 16
-"""Smallest G for which ``TILE_BLOCKS = 0`` means 32-block tiles on the GPU."""
+"""Smallest G for which ``topk_tile_blocks = 0`` means 32-block tiles on the GPU: on the H200
+(2026-12-02, docs/notes/compressed.md) 32 blocks were 14 % faster at G = 16 and 15-40 % slower at
+G = 1 and 4, so the default is 32 from G = 16 and the fewest below."""
 
-_tuned = bucketed_autotune(
-    _CONFIGS if AUTOTUNE else _CONFIGS[:1],
+_tuned = KernelTuner(
+    "select_blocks.select", _select_kernel, _CONFIGS,
     ["HEAD_DIM", "A", "BS", "NBT", "TP", "DOT_PREC", "BITONIC"],
-)(_select_kernel)
+    fp32=_FIXED_FP32, interpret=_FIXED_INTERP,
+)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _merge_is_bitonic() -> bool:
-    if MERGE not in ("sort", "bitonic"):
-        raise ValueError(f"FSA_TOPK_MERGE must be 'sort' or 'bitonic', got {MERGE!r}")
-    return MERGE == "bitonic"
-
-
-def _tile_blocks(tp: int, G: int) -> int:
-    if TILE_BLOCKS < 0 or TILE_BLOCKS & (TILE_BLOCKS - 1):
-        raise ValueError(f"FSA_TOPK_TILE_BLOCKS must be 0 or a power of two, got {TILE_BLOCKS}")
-    wide = 32 if TILE_BLOCKS == 0 and G >= WIDE_TILE_MIN_G and not _interpreting() else 0
-    return max(tp, MIN_NBT, TILE_BLOCKS, wide)
+def tile_blocks(tp: int, G: int, requested: int = 0, interpreted: bool | None = None) -> int:
+    """Selection blocks per key tile for a running set of ``tp`` and G query heads per KV head:
+    ``requested`` (``KernelSettings.topk_tile_blocks``, a power of two) or, for 0, the measured
+    default; never fewer than ``tp`` or the minimum tile."""
+    interpreted = interpreting() if interpreted is None else interpreted
+    wide = 32 if requested == 0 and G >= WIDE_TILE_MIN_G and not interpreted else 0
+    return max(tp, MIN_NBT_INTERP if interpreted else MIN_NBT_GPU, requested, wide)
 
 
 def supported(kernel: int, stride: int, block: int) -> bool:
-    """Whether the fused kernel handles these NSA parameters (else the reference is used)."""
+    """Whether the fused kernel handles these NSA parameters."""
     bs = block // stride
     return (
         kernel % stride == 0 and block % stride == 0 and bs & (bs - 1) == 0
         and kernel <= block + stride
     )
+
+
+def supports(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block, *args, **kwargs) -> bool:
+    """Whether the kernel takes these arguments: the NSA geometry (:func:`supported`) and a head
+    dim that is a power of two >= 16. The dispatcher runs the naive op otherwise."""
+    d = q.shape[-1]
+    return supported(kernel, stride, block) and not d & (d - 1) and d >= 16
 
 
 @torch.no_grad()
@@ -268,6 +260,8 @@ def select_blocks(
     init_blocks: int,
     local_blocks: int,
     scale: float | None = None,
+    *,
+    settings: KernelSettings | None = None,
 ) -> torch.Tensor:
     """Top-``topk`` selection blocks per (KV head, token), nsa.md step 5; no gradient.
 
@@ -275,6 +269,7 @@ def select_blocks(
         q: rotated queries ``[total, H, d]``; k_c: rotated compressed keys ``[total_c, h, d]``.
         lse: the compressed attention's natural-log LSE ``[H, total]`` (``-inf``: nothing seen).
         cu_seqlens, cu_seqlens_c: token and compressed-token document boundaries.
+        settings: merge, tile width and launch configurations (default: from the environment).
 
     Returns:
         ``idx [h, total, topk]`` int32: document-local block ids, valid ones ascending, then -1.
@@ -287,26 +282,21 @@ def select_blocks(
         raise ValueError(f"bad shapes q {tuple(q.shape)}, k_c {tuple(k_c.shape)}, lse {lse.shape}")
     if topk < 1:
         raise ValueError(f"topk must be positive, got {topk}")
-    if not supported(kernel, stride, block) or d & (d - 1) or d < 16:
-        from fsa_train.kernels import reference
-
-        return reference.select_blocks(
-            q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block, topk,
-            init_blocks, local_blocks, scale,
-        )
+    if not supports(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block):
+        raise ValueError(f"select_blocks' kernel does not take kernel={kernel}, stride={stride}, "
+                         f"block={block}, head dim {d}; the dispatcher runs the naive op for them")
+    settings = resolve_settings(settings)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     idx = torch.empty((h, total, topk), dtype=torch.int32, device=q.device)
     if total == 0:
         return idx
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k_c = k_c if k_c.stride(-1) == 1 else k_c.contiguous()
+    q, k_c = rowmajor(q), rowmajor(k_c)
     lse = lse.to(torch.float32).contiguous()
-    cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
-    cuc = cu_seqlens_c if cu_seqlens_c.dtype == torch.int32 else cu_seqlens_c.to(torch.int32)
+    cu, cuc = as_int32(cu_seqlens), as_int32(cu_seqlens_c)
     n_docs = cu.numel() - 1
-    n_iter = max(1, n_docs.bit_length())
+    n_iter = search_steps(n_docs)
     tp = max(2, _next_pow2(topk))
-    nbt = _tile_blocks(tp, H // h)
+    nbt = tile_blocks(tp, H // h, settings.topk_tile_blocks)
     fp32 = q.dtype == torch.float32
     if k_c.dtype != q.dtype:
         k_c = k_c.to(q.dtype)
@@ -314,7 +304,7 @@ def select_blocks(
         q, k_c, lse, idx, cu, cuc,
         q.stride(0), q.stride(1), k_c.stride(0), k_c.stride(1), idx.stride(0), idx.stride(1),
         total, n_docs, n_iter, h, H // h, kernel, stride, block, topk, init_blocks,
-        local_blocks, scale * _LOG2E,
+        local_blocks, scale * LOG2E,
     )
     meta = {
         "HEAD_DIM": d,
@@ -323,17 +313,13 @@ def select_blocks(
         "BS": block // stride,
         "NBT": nbt,
         "TP": tp,
-        "BITONIC": _merge_is_bitonic(),
+        "BITONIC": settings.topk_merge == "bitonic",
         "LOG_TP": tp.bit_length() - 1,
     }
 
     def grid(m):
         return (h * (total // m["BLOCK_M"] + n_docs),)
 
-    if _interpreting():
-        _select_kernel[grid](*args, **meta, **_FIXED_INTERP)
-    elif fp32 or CONFIGS != "tuned":
-        _select_kernel[grid](*args, **meta, **_FIXED_FP32)
-    else:
-        _tuned[grid](*args, **meta)
+    safe = _FIXED_FP32 if settings.topk_configs == "safe" and not interpreting() else None
+    _tuned.run(grid, args, dtype=q.dtype, autotune=settings.topk_autotune, config=safe, **meta)
     return idx

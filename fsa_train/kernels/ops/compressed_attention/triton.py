@@ -30,55 +30,36 @@ benchmarks/NOTES_compressed.md).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fsa_train.kernels.triton.common import attention_delta, launch, sum_splits
-from fsa_train.kernels.triton.tuning import bucketed_autotune
+from fsa_train.kernels.settings import KernelSettings, resolve_settings
+from fsa_train.kernels.triton_utils import (
+    LN2_JIT,
+    LOG2E_JIT,
+    attention_delta,
+    locate_tile,
+    n_visible_compressed,
+    sum_splits,
+)
+from fsa_train.kernels.tuning import KernelTuner
+from fsa_train.kernels.utils import (
+    LOG2E,
+    as_int32,
+    check_attention_args,
+    interpreting,
+    rowmajor,
+    search_steps,
+)
 
 __all__ = ["compressed_attention"]
-
-_LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ------------------------------------------------------------------------------------------------
 # device helpers
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def locate_slot(CU, slot, n_docs, n_iter, block):
-    """(document index, its start, its length, first row of the tile) of a tile slot.
-
-    Document ``b`` owns slots ``cu[b] // block + b ..`` (strictly increasing starts); a binary
-    search finds the largest ``b`` whose first slot is ``<= slot``. ``block`` may be a constexpr
-    (attention tiles) or a run-time value (``compress``'s tiles of ``BLOCK_U · stride`` tokens).
-    """
-    lo = slot * 0
-    hi = lo + n_docs
-    for _ in range(n_iter):
-        mid = (lo + hi) // 2
-        ok = tl.load(CU + mid) // block + mid <= slot
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    bos = tl.load(CU + lo)
-    seqlen = tl.load(CU + lo + 1) - bos
-    start = (slot - (bos // block + lo)) * block
-    return lo, bos, seqlen, start
-
-
-@triton.jit
-def n_visible(t, kernel, stride):
-    """Number of compressed tokens visible to the query at local position ``t`` (int)."""
-    u = t - kernel + 1
-    return tl.where(u >= 0, tl.maximum(u, 0) // stride + 1, 0)
 
 
 @triton.jit
@@ -128,7 +109,7 @@ def _fwd_kernel(
     n_slots = total // BLOCK_M + n_docs
     head = pid % H
     slot = n_slots - 1 - pid // H
-    doc, bos, seqlen, start_m = locate_slot(CU, slot, n_docs, n_iter, BLOCK_M)
+    doc, bos, seqlen, start_m = locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
     if start_m >= seqlen:
         return
     bos_c = tl.load(CUC + doc).to(tl.int64)
@@ -150,9 +131,9 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_last = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    hi = n_visible(m_last, kernel, stride)
+    hi = n_visible_compressed(m_last, kernel, stride)
     # key tiles every row of the tile sees entirely
-    u_hi = (n_visible(start_m, kernel, stride) // BLOCK_N) * BLOCK_N
+    u_hi = (n_visible_compressed(start_m, kernel, stride) // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, 0, u_hi, rows, kernel, stride, qk_scale,
         offs_n, offs_d, False, DOT_PREC, BLOCK_N,
@@ -164,7 +145,7 @@ def _fwd_kernel(
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2_JIT, float("-inf"))
     tl.store(
         O + (bos64 + start_m) * so_t + head * so_h + offs_m[:, None] * so_t + offs_d[None, :],
         o.to(O.dtype.element_ty), mask=row_ok[:, None],
@@ -183,7 +164,7 @@ def _bwd_dq_kernel(
     n_slots = total // BLOCK_M + n_docs
     head = pid % H
     slot = n_slots - 1 - pid // H
-    doc, bos, seqlen, start_m = locate_slot(CU, slot, n_docs, n_iter, BLOCK_M)
+    doc, bos, seqlen, start_m = locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
     if start_m >= seqlen:
         return
     bos_c = tl.load(CUC + doc).to(tl.int64)
@@ -201,14 +182,14 @@ def _bwd_dq_kernel(
     )
     lse = tl.load(LSE + head.to(tl.int64) * total + bos + rows, mask=row_ok, other=float("inf"))
     # rows without a visible key (lse = -inf) get p = 0
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_JIT
     delta = tl.load(DELTA + head.to(tl.int64) * total + bos + rows, mask=row_ok, other=0.0)
     K_base = K + bos_c * sk_t + kvh * sk_h
     V_base = V + bos_c * sv_t + kvh * sv_h
     k_off = offs_n[:, None] * sk_t + offs_d[None, :]
     v_off = offs_n[:, None] * sv_t + offs_d[None, :]
     m_last = tl.minimum(start_m + BLOCK_M, seqlen) - 1
-    hi = n_visible(m_last, kernel, stride)
+    hi = n_visible_compressed(m_last, kernel, stride)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -246,7 +227,7 @@ def _bwd_dkdv_kernel(
     n_split = tl.num_programs(1)
     kvh = pid % h
     slot = pid // h  # a document's first key tiles are seen by the most queries: start them first
-    doc, bos_c, len_c, start_n = locate_slot(CUC, slot, n_docs, n_iter, BLOCK_N)
+    doc, bos_c, len_c, start_n = locate_tile(CUC, slot, n_docs, n_iter, BLOCK_N)
     if start_n >= len_c:
         return
     bos = tl.load(CU + doc)
@@ -318,7 +299,7 @@ def _dkdv_inner(
         do = tl.load(DO_base + tl.cast(start_m, tl.int64) * sdo_t + do_off, mask=row_ok[:, None],
                      other=0.0)
         lse = tl.load(LSE_base + rows, mask=row_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_JIT
         delta = tl.load(DELTA_base + rows, mask=row_ok, other=0.0)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
@@ -370,16 +351,12 @@ _FWD_INTERP = {"BLOCK_M": 16, "BLOCK_N": 16}
 _DQ_INTERP = {"BLOCK_M": 16, "BLOCK_N": 16}
 _DKDV_INTERP = {"BLOCK_N": 16, "BLOCK_M": 16}
 
-AUTOTUNE = os.environ.get("FSA_COMPRESSED_AUTOTUNE", "1") != "0"
-
-
-def _tuned(configs, kernel):
-    return bucketed_autotune(configs if AUTOTUNE else configs[:1], _KEY)(kernel)
-
-
-_fwd_tuned = _tuned(_FWD_CONFIGS, _fwd_kernel)
-_dq_tuned = _tuned(_DQ_CONFIGS, _bwd_dq_kernel)
-_dkdv_tuned = _tuned(_DKDV_CONFIGS, _bwd_dkdv_kernel)
+_fwd_tuned = KernelTuner("compressed_attention.fwd", _fwd_kernel, _FWD_CONFIGS, _KEY,
+                         fp32=_FWD_FP32, interpret=_FWD_INTERP)
+_dq_tuned = KernelTuner("compressed_attention.dq", _bwd_dq_kernel, _DQ_CONFIGS, _KEY,
+                        fp32=_DQ_FP32, interpret=_DQ_INTERP)
+_dkdv_tuned = KernelTuner("compressed_attention.dkdv", _bwd_dkdv_kernel, _DKDV_CONFIGS, _KEY,
+                          fp32=_DKDV_FP32, interpret=_DKDV_INTERP)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,40 +364,11 @@ _dkdv_tuned = _tuned(_DKDV_CONFIGS, _bwd_dkdv_kernel)
 # ------------------------------------------------------------------------------------------------
 
 
-def _rowmajor(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _check(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride):
-    if q.dim() != 3 or k_c.dim() != 3 or v_c.dim() != 3:
-        raise ValueError(f"q, k_c, v_c must be [tokens, heads, dim]: {q.shape}, {k_c.shape}")
-    H, d = q.shape[1], q.shape[2]
-    h = k_c.shape[1]
-    if k_c.shape != v_c.shape or k_c.shape[2] != d:
-        raise ValueError(f"k_c, v_c must be [total_c, h, {d}]: {k_c.shape}, {v_c.shape}")
-    if H % h:
-        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({h})")
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"head dim must be a power of two in [16, 256], got {d}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if k_c.dtype != q.dtype or v_c.dtype != q.dtype:
-        raise ValueError(f"q, k_c, v_c must share a dtype: {q.dtype}, {k_c.dtype}, {v_c.dtype}")
-    if cu_seqlens.shape != cu_seqlens_c.shape or cu_seqlens.dim() != 1:
-        raise ValueError("cu_seqlens and cu_seqlens_c must be 1-D of equal length")
-    if kernel < 1 or stride < 1 or kernel % stride:
-        raise ValueError(f"stride={stride} must divide kernel={kernel}")
-
-
-def _as_i32(cu: torch.Tensor) -> torch.Tensor:
-    return cu if cu.dtype == torch.int32 else cu.to(torch.int32)
-
-
-def _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale):
+def _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale, settings: KernelSettings):
     total, H, d = q.shape
     h = k_c.shape[1]
     n_docs = cu.numel() - 1
-    n_iter = max(1, n_docs.bit_length())
+    n_iter = search_steps(n_docs)
     o = torch.empty((total, H, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, total), dtype=torch.float32, device=q.device)
     if total == 0:
@@ -434,18 +382,18 @@ def _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale):
         q, k_c, v_c, o, lse, cu, cuc,
         q.stride(0), q.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
         o.stride(0), o.stride(1),
-        total, n_docs, n_iter, H, H // h, kernel, stride, scale * _LOG2E,
+        total, n_docs, n_iter, H, H // h, kernel, stride, scale * LOG2E,
         d, prec,
     )
-    launch(_fwd_kernel, _fwd_tuned, _FWD_FP32, _FWD_INTERP, grid, args, q.dtype)
+    _fwd_tuned.run(grid, args, dtype=q.dtype, autotune=settings.compressed_autotune)
     return o, lse
 
 
-def _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale):
+def _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale, settings: KernelSettings):
     total, H, d = q.shape
     total_c, h, _ = k_c.shape
     n_docs = cu.numel() - 1
-    n_iter = max(1, n_docs.bit_length())
+    n_iter = search_steps(n_docs)
     dq = torch.empty((total, H, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((total_c, h, d), dtype=k_c.dtype, device=q.device)
     dv = torch.empty((total_c, h, d), dtype=v_c.dtype, device=q.device)
@@ -457,17 +405,17 @@ def _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale):
         q, k_c, v_c, do, dq, lse, delta, cu, cuc,
         q.stride(0), q.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-        total, n_docs, n_iter, H, H // h, kernel, stride, scale, scale * _LOG2E,
+        total, n_docs, n_iter, H, H // h, kernel, stride, scale, scale * LOG2E,
         d, prec,
     )
 
     def grid_q(meta):
         return (H * (total // meta["BLOCK_M"] + n_docs),)
 
-    launch(_bwd_dq_kernel, _dq_tuned, _DQ_FP32, _DQ_INTERP, grid_q, dq_args, q.dtype)
+    _dq_tuned.run(grid_q, dq_args, dtype=q.dtype, autotune=settings.compressed_autotune)
     if total_c == 0:
         return dq, dk, dv
-    n_split = dkdv_splits(total_c, h)
+    n_split = settings.compressed_dkdv_splits or dkdv_splits(total_c, h)
     if n_split > 1:
         dk_out = torch.empty((n_split, total_c, h, d), dtype=torch.float32, device=q.device)
         dv_out = torch.empty_like(dk_out)
@@ -478,31 +426,25 @@ def _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale):
         q.stride(0), q.stride(1), k_c.stride(0), k_c.stride(1), v_c.stride(0), v_c.stride(1),
         do.stride(0), do.stride(1), dk_out.stride(1), dk_out.stride(2), dv_out.stride(1),
         dv_out.stride(2), dk_out.stride(0),
-        total, total_c, n_docs, n_iter, h, H // h, kernel, stride, scale, scale * _LOG2E,
+        total, total_c, n_docs, n_iter, h, H // h, kernel, stride, scale, scale * LOG2E,
         d, prec,
     )
 
     def grid_kv(meta):
         return (h * (total_c // meta["BLOCK_N"] + n_docs), n_split)
 
-    launch(_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_FP32, _DKDV_INTERP, grid_kv, kv_args, q.dtype)
+    _dkdv_tuned.run(grid_kv, kv_args, dtype=q.dtype, autotune=settings.compressed_autotune)
     if n_split > 1:
         sum_splits(dk_out, dk)
         sum_splits(dv_out, dv)
     return dq, dk, dv
 
 
-SPLIT_OVERRIDE: int | None = None
-"""Tests set this to force a number of dk/dv splits."""
-
-
-def dkdv_splits(total_c: int, h: int) -> int:
+def dkdv_splits(total_c: int, h: int, interpreted: bool | None = None) -> int:
     """Query-range splits of the dk/dv kernel: enough programs to fill the GPU (~2048 of them,
     at most 16 splits). A long document has few compressed key tiles (64K tokens: 64 per KV head),
     each seen by up to 64K queries, so one program per key tile left most SMs idle."""
-    if SPLIT_OVERRIDE is not None:
-        return SPLIT_OVERRIDE
-    if _interpreting():
+    if interpreting() if interpreted is None else interpreted:
         return 1  # the interpreter runs programs one by one: empty splits only cost time
     programs = h * max(1, total_c // 64)
     return max(1, min(16, 2048 // programs))
@@ -510,18 +452,18 @@ def dkdv_splits(total_c: int, h: int) -> int:
 
 class _CompressedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_c, v_c, cu, cuc, kernel, stride, scale):
-        o, lse = _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale)
+    def forward(ctx, q, k_c, v_c, cu, cuc, kernel, stride, scale, settings):
+        o, lse = _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale, settings)
         ctx.save_for_backward(q, k_c, v_c, o, lse, cu, cuc)
-        ctx.params = (kernel, stride, scale)
+        ctx.params = (kernel, stride, scale, settings)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k_c, v_c, o, lse, cu, cuc = ctx.saved_tensors
-        dq, dk, dv = _backward(_rowmajor(do), q, k_c, v_c, o, lse, cu, cuc, *ctx.params)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = _backward(rowmajor(do), q, k_c, v_c, o, lse, cu, cuc, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def compressed_attention(
@@ -533,6 +475,8 @@ def compressed_attention(
     kernel: int,
     stride: int,
     scale: float | None = None,
+    *,
+    settings: KernelSettings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the compressed tokens whose whole window is in the query's past.
 
@@ -540,9 +484,10 @@ def compressed_attention(
         q: queries ``[total, H, d]`` (fp16, bf16 or fp32; any token/head strides).
         k_c, v_c: compressed keys and values ``[total_c, h, d]``, ``H % h == 0``.
         cu_seqlens: token boundaries ``[n_docs + 1]``; cu_seqlens_c: compressed-token boundaries
-            (``reference.compressed_lengths``), same length.
+            (:func:`fsa_train.kernels.varlen.compressed_lengths`), same length.
         kernel, stride: compression window length l and stride s.
         scale: softmax scale (default ``1/sqrt(d)``).
+        settings: launch switches (autotuning, forced dk/dv splits); default from the environment.
 
     Returns:
         ``o [total, H, d]`` in q's dtype (differentiable in q, k_c, v_c; 0 where nothing is
@@ -550,7 +495,16 @@ def compressed_attention(
     """
     _check(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q, k_c, v_c = _rowmajor(q), _rowmajor(k_c), _rowmajor(v_c)
+    q, k_c, v_c = rowmajor(q), rowmajor(k_c), rowmajor(v_c)
     return _CompressedAttention.apply(
-        q, k_c, v_c, _as_i32(cu_seqlens), _as_i32(cu_seqlens_c), int(kernel), int(stride), scale
+        q, k_c, v_c, as_int32(cu_seqlens), as_int32(cu_seqlens_c), int(kernel), int(stride), scale,
+        resolve_settings(settings),
     )
+
+
+def _check(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride) -> None:
+    check_attention_args(q, k_c, v_c, "q, k_c, v_c")
+    if cu_seqlens.shape != cu_seqlens_c.shape or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens and cu_seqlens_c must be 1-D of equal length")
+    if kernel < 1 or stride < 1 or kernel % stride:
+        raise ValueError(f"stride={stride} must divide kernel={kernel}")

@@ -9,34 +9,26 @@ block at a near-tie, which is checked to be equally good (same total score).
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
+from dataclasses import replace
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fsa_testing import DEVICE
+from fsa_testing import cu_seqlens as _cu
 
 pytest.importorskip("triton")
 
 import fsa_train.kernels as ops  # noqa: E402
 from fsa_train.kernels import reference  # noqa: E402
-
-tk = importlib.import_module("fsa_train.kernels.triton.topk")
-ca = importlib.import_module("fsa_train.kernels.triton.compressed_attention")
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+from fsa_train.kernels.ops.compressed_attention import triton as ca  # noqa: E402
+from fsa_train.kernels.ops.select_blocks import triton as tk  # noqa: E402
+from fsa_train.kernels.registry import REGISTRY  # noqa: E402
+from fsa_train.kernels.settings import KernelSettings, default_settings  # noqa: E402
 
 
-def _cu(lengths, dtype=torch.int32, device=DEVICE):
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=dtype, device=device)
+def _settings(**changes) -> KernelSettings:
+    return replace(default_settings(), **changes)
 
 
 def _inputs(lengths, H, h, d, kernel, stride, dtype, seed, q_scale=1.0, device=DEVICE):
@@ -52,8 +44,8 @@ def _inputs(lengths, H, h, d, kernel, stride, dtype, seed, q_scale=1.0, device=D
     return q, k, lse.float(), cu, cuc
 
 
-def _both(q, k, lse, cu, cuc, params):
-    ours = tk.select_blocks(q, k, lse, cu, cuc, *params)
+def _both(q, k, lse, cu, cuc, params, settings=None):
+    ours = tk.select_blocks(q, k, lse, cu, cuc, *params, settings=settings)
     ref = reference.select_blocks(q, k, lse, cu, cuc, *params)
     assert ours.shape == ref.shape and ours.dtype == torch.int32
     return ours, ref
@@ -121,56 +113,48 @@ def test_matches_reference(lengths, H, h, d, params):
     CASES[2], CASES[0], CASES[3],  # T = 2, 4, 8
     ([300], 2, 1, 16, (8, 4, 16, 16, 1, 2)),  # T = 16
 ])
-def test_sort_merge_matches_reference(monkeypatch, lengths, H, h, d, params):
-    """``MERGE = "sort"`` (the full-sort alternative to the default bitonic merge) keeps the same
-    top-k keys: the reference's indices."""
+def test_sort_merge_matches_reference(lengths, H, h, d, params):
+    """``topk_merge = "sort"`` (the full-sort alternative to the default bitonic merge) keeps the
+    same top-k keys: the reference's indices."""
     q, k, lse, cu, cuc = _inputs(lengths, H, h, d, params[0], params[1], torch.float32, H + d)
-    monkeypatch.setattr(tk, "MERGE", "sort")
-    ours, ref = _both(q, k, lse, cu, cuc, params)
+    ours, ref = _both(q, k, lse, cu, cuc, params, _settings(topk_merge="sort"))
     assert torch.equal(ours, ref)
 
 
-def test_wide_key_tiles_match_reference(monkeypatch):
-    """``TILE_BLOCKS`` wider than the running set (8 blocks per tile for a top-4): the tile's
+def test_wide_key_tiles_match_reference():
+    """``topk_tile_blocks`` wider than the running set (8 blocks per tile for a top-4): the tile's
     candidates are cut to their top TP before the (default, bitonic) merge; the cut does not
     depend on the merge."""
     lengths, H, h, d, params = CASES[0]
     q, k, lse, cu, cuc = _inputs(lengths, H, h, d, params[0], params[1], torch.float32, H + d)
-    monkeypatch.setattr(tk, "MERGE", "bitonic")
-    monkeypatch.setattr(tk, "TILE_BLOCKS", 8)
-    ours, ref = _both(q, k, lse, cu, cuc, params)
+    settings = _settings(topk_merge="bitonic", topk_tile_blocks=8)
+    ours, ref = _both(q, k, lse, cu, cuc, params, settings)
     assert torch.equal(ours, ref)
 
 
-def test_tile_width_by_group_size(monkeypatch):
-    """On the GPU, ``TILE_BLOCKS = 0`` means 32-block tiles from G = 16 (measured faster there)
-    and the fewest (16) below; a set width wins, and the width never drops below TP."""
-    monkeypatch.setattr(tk, "_interpreting", lambda: False)
-    monkeypatch.setattr(tk, "MIN_NBT", 16)
-    monkeypatch.setattr(tk, "TILE_BLOCKS", 0)
-    assert [tk._tile_blocks(16, G) for G in (1, 4, 8, 16)] == [16, 16, 16, 32]
-    assert tk._tile_blocks(32, 1) == 32
-    monkeypatch.setattr(tk, "TILE_BLOCKS", 64)
-    assert tk._tile_blocks(16, 1) == 64
+def test_tile_width_by_group_size():
+    """On the GPU, ``topk_tile_blocks = 0`` means 32-block tiles from G = 16 (measured faster
+    there) and the fewest (16) below; a set width wins, and the width never drops below TP."""
+    assert [tk.tile_blocks(16, G, 0, interpreted=False) for G in (1, 4, 8, 16)] == \
+        [16, 16, 16, 32]
+    assert tk.tile_blocks(32, 1, 0, interpreted=False) == 32
+    assert tk.tile_blocks(16, 1, 64, interpreted=False) == 64
 
 
-def test_bad_tile_blocks_is_named(monkeypatch):
-    q, k, lse, cu, cuc = _inputs([40], 2, 1, 16, 8, 4, torch.float32, 1)
-    monkeypatch.setattr(tk, "TILE_BLOCKS", 24)
+def test_bad_tile_blocks_is_named():
     with pytest.raises(ValueError, match="FSA_TOPK_TILE_BLOCKS must be"):
-        tk.select_blocks(q, k, lse, cu, cuc, 8, 4, 16, 2, 1, 1)
+        KernelSettings(topk_tile_blocks=24)
+    with pytest.raises(ValueError, match="FSA_TOPK_TILE_BLOCKS must be"):
+        KernelSettings.from_env({"FSA_TOPK_TILE_BLOCKS": "wide"})
 
 
-def test_unknown_merge_is_named(monkeypatch):
-    q, k, lse, cu, cuc = _inputs([40], 2, 1, 16, 8, 4, torch.float32, 1)
-    monkeypatch.setattr(tk, "MERGE", "heap")
+def test_unknown_merge_is_named():
     with pytest.raises(ValueError, match="FSA_TOPK_MERGE must be"):
-        tk.select_blocks(q, k, lse, cu, cuc, 8, 4, 16, 2, 1, 1)
+        KernelSettings.from_env({"FSA_TOPK_MERGE": "heap"})
 
 
-def test_gpu_tile_width_and_kernel_lse(monkeypatch):
+def test_gpu_tile_width_and_kernel_lse():
     """The GPU's key tiles (16 blocks), the Triton compressed attention's LSE, strided q."""
-    monkeypatch.setattr(tk, "MIN_NBT", 16)
     lengths, params = [300, 45], (8, 4, 16, 4, 1, 1)  # 300 tokens: two key tiles
     g = torch.Generator().manual_seed(4)
     cu = _cu(lengths)
@@ -178,7 +162,7 @@ def test_gpu_tile_width_and_kernel_lse(monkeypatch):
     q = torch.randn(sum(lengths), 8, 16, generator=g).to(DEVICE)[:, ::2]  # strided heads
     k = torch.randn(int(cuc[-1]), 2, 16, generator=g).to(DEVICE)
     _, lse = ca.compressed_attention(q, k, k, cu, cuc, 8, 4)
-    ours, ref = _both(q, k, lse, cu, cuc, params)
+    ours, ref = _both(q, k, lse, cu, cuc, params, _settings(topk_tile_blocks=16))
     assert torch.equal(ours, ref)
 
 
@@ -214,10 +198,15 @@ def test_fp16_inputs():
 
 def test_validation_fallback_and_dispatch():
     q, k, lse, cu, cuc = _inputs([40], 2, 1, 16, 8, 4, torch.float32, 1)
-    assert ops.resolve("select_blocks", "triton", q) is tk.select_blocks
-    # B/s = 3 is not a power of two: the reference answers
-    ours, ref = _both(q, k, lse, cu, cuc, (8, 4, 12, 2, 1, 1))
-    assert torch.equal(ours, ref)
+    args = (q, k, lse, cu, cuc, 8, 4, 16, 2, 1, 1)
+    assert REGISTRY["select_blocks"].resolve("triton", q, args, {}) is tk.select_blocks
+    # B/s = 3 is not a power of two: the kernel refuses it and the dispatcher runs the reference
+    params = (8, 4, 12, 2, 1, 1)
+    assert not tk.supports(q, k, lse, cu, cuc, *params)
+    with pytest.raises(ValueError, match="does not take"):
+        tk.select_blocks(q, k, lse, cu, cuc, *params)
+    ours = ops.select_blocks(q, k, lse, cu, cuc, *params, backend="triton")
+    assert torch.equal(ours, reference.select_blocks(q, k, lse, cu, cuc, *params))
     with pytest.raises(ValueError):
         tk.select_blocks(q, k, lse[:1], cu, cuc, 8, 4, 16, 2, 1, 1)
 
@@ -230,7 +219,6 @@ GPU_PACKED = [1, 100, 4096, 777, 2048, 129, 1000, 31]
 DEFAULTS = (32, 16, 64, 16, 1, 2)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("G", [1, 4, 16])
 def test_gpu_packed_fp32_indices(G):
@@ -239,7 +227,6 @@ def test_gpu_packed_fp32_indices(G):
     _assert_same_or_near_tie(q, k, lse, cu, cuc, DEFAULTS, ours, ref, 8, 1e-5)
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_64k_document_fp32_indices():
     q, k, lse, cu, cuc = _inputs([65536], 8, 2, 128, 32, 16, torch.float32, 64)
@@ -247,7 +234,6 @@ def test_gpu_64k_document_fp32_indices():
     _assert_same_or_near_tie(q, k, lse, cu, cuc, DEFAULTS, ours, ref, 40, 1e-5)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("configs", ["safe", "tuned"])
 @pytest.mark.parametrize("dtype,G,d,params", [
@@ -255,19 +241,17 @@ def test_gpu_64k_document_fp32_indices():
     (torch.float16, 16, 128, DEFAULTS),
     (torch.bfloat16, 3, 64, (32, 16, 128, 8, 1, 2)),
 ])
-def test_gpu_half_large_logits(monkeypatch, configs, dtype, G, d, params):
-    monkeypatch.setattr(tk, "CONFIGS", configs)
+def test_gpu_half_large_logits(configs, dtype, G, d, params):
     q, k, lse, cu, cuc = _inputs(GPU_PACKED, G * 2, 2, d, 32, 16, dtype, G + d, q_scale=8.0)
-    ours, ref = _both(q, k, lse, cu, cuc, params)
+    ours, ref = _both(q, k, lse, cu, cuc, params, _settings(topk_configs=configs))
     # half inputs: the mapping dot runs in tf32, so near-ties may flip more often
     n_rows = ours.shape[0] * ours.shape[1]
     _assert_same_or_near_tie(q, k, lse, cu, cuc, params, ours, ref, n_rows // 20, 1e-2)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,G", [(torch.bfloat16, 1), (torch.bfloat16, 4), (torch.float16, 16)])
-def test_gpu_merges_and_tile_widths_give_the_same_indices(monkeypatch, dtype, G):
+def test_gpu_merges_and_tile_widths_give_the_same_indices(dtype, G):
     """Real sizes, top-16: both merges, with key tiles of 16 and 32 blocks, rank the same keys,
     so the indices are identical."""
     q, k, _, cu, cuc = _inputs([65536] if G == 4 else GPU_PACKED, G * 2, 2, 128, 32, 16, dtype,
@@ -275,22 +259,21 @@ def test_gpu_merges_and_tile_widths_give_the_same_indices(monkeypatch, dtype, G)
     _, lse = ca.compressed_attention(q, k, k, cu, cuc, 32, 16)
     results = {}
     for merge, tile_blocks in (("sort", 16), ("bitonic", 16), ("bitonic", 32), ("sort", 32)):
-        monkeypatch.setattr(tk, "MERGE", merge)
-        monkeypatch.setattr(tk, "TILE_BLOCKS", tile_blocks)
-        results[merge, tile_blocks] = tk.select_blocks(q, k, lse, cu, cuc, *DEFAULTS)
+        settings = _settings(topk_merge=merge, topk_tile_blocks=tile_blocks)
+        results[merge, tile_blocks] = tk.select_blocks(q, k, lse, cu, cuc, *DEFAULTS,
+                                                       settings=settings)
     for variant, idx in results.items():
         assert torch.equal(results["sort", 16], idx), variant
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("configs", ["safe", "tuned"])
-def test_gpu_deterministic_and_with_kernel_lse(monkeypatch, configs):
-    monkeypatch.setattr(tk, "CONFIGS", configs)
+def test_gpu_deterministic_and_with_kernel_lse(configs):
+    settings = _settings(topk_configs=configs)
     q, k, _, cu, cuc = _inputs(GPU_PACKED, 16, 4, 128, 32, 16, torch.bfloat16, 5)
     _, lse = ca.compressed_attention(q, k, k, cu, cuc, 32, 16)
-    first = tk.select_blocks(q, k, lse, cu, cuc, *DEFAULTS)
-    second = tk.select_blocks(q, k, lse, cu, cuc, *DEFAULTS)
+    first = tk.select_blocks(q, k, lse, cu, cuc, *DEFAULTS, settings=settings)
+    second = tk.select_blocks(q, k, lse, cu, cuc, *DEFAULTS, settings=settings)
     assert torch.equal(first, second)
     ref = reference.select_blocks(q, k, lse, cu, cuc, *DEFAULTS)
     assert (first != ref).any(-1).float().mean() <= 0.1

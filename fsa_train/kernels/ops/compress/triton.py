@@ -34,24 +34,19 @@ own dtype.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fsa_train.kernels.reference import check_compress_args, compress_windows, compressed_lengths
-from fsa_train.kernels.triton.common import launch, sum_splits
-from fsa_train.kernels.triton.compressed_attention import locate_slot
+from fsa_train.kernels.ops.compress.windows import check_compress_args, compress_windows
+from fsa_train.kernels.settings import KernelSettings
+from fsa_train.kernels.triton_utils import locate_tile, sum_splits
+from fsa_train.kernels.tuning import KernelTuner
+from fsa_train.kernels.utils import KERNEL_DTYPES, as_int32, interpreting, rowmajor, search_steps
+from fsa_train.kernels.varlen import compressed_lengths
 
 __all__ = ["compress"]
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,7 +183,7 @@ def _dx_kernel(
 ):
     """``dx`` of BLOCK_U groups of ``stride`` tokens of one document, KV head ``program_id(1)``."""
     hd = tl.program_id(1)
-    doc, bos, seqlen, start = locate_slot(CU, tl.program_id(0), n_docs, n_iter,
+    doc, bos, seqlen, start = locate_tile(CU, tl.program_id(0), n_docs, n_iter,
                                           BLOCK_U * stride)
     if start >= seqlen:
         return
@@ -244,15 +239,20 @@ _FWD_INTERP = {"BLOCK_R": 16}
 _DW_INTERP = {"BLOCK_R": 16}
 _DX_INTERP = {"BLOCK_U": 16}
 
-_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY_PE)(_fwd_kernel)
-_dw_tuned = triton.autotune(configs=_DW_CONFIGS, key=_KEY_PE)(_dw_kernel)
-_dx_tuned = triton.autotune(configs=_DX_CONFIGS, key=_KEY)(_dx_kernel)
+# One tuner per kernel over all sizes (size_arg=None): the compress kernels were tuned this way
+# from the start, and their choice barely depends on the token count.
+_fwd_tuned = KernelTuner("compress.fwd", _fwd_kernel, _FWD_CONFIGS, _KEY_PE, size_arg=None,
+                         fp32=_FWD_FP32, interpret=_FWD_INTERP)
+_dw_tuned = KernelTuner("compress.dw", _dw_kernel, _DW_CONFIGS, _KEY_PE, size_arg=None,
+                        fp32=_DW_FP32, interpret=_DW_INTERP)
+_dx_tuned = KernelTuner("compress.dx", _dx_kernel, _DX_CONFIGS, _KEY, size_arg=None,
+                        fp32=_DX_FP32, interpret=_DX_INTERP)
 
 
 def _dw_splits(rows_out: int, programs: int) -> int:
     """Row splits of the dW kernel: about 512 programs (h·l alone is 128 for h=4, l=32), each
     with at least 256 rows, at most 16 splits; 1 under the interpreter (programs run serially)."""
-    if _interpreting():
+    if interpreting():
         return 1
     return max(1, min(16, 512 // programs, rows_out // 256))
 
@@ -274,7 +274,7 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _n_iter(cu: torch.Tensor) -> int:
-    return max(1, (cu.numel() - 1).bit_length())
+    return search_steps(cu.numel() - 1)
 
 
 def _forward(x, weight, pe, cu, cu_c, kernel: int, stride: int) -> torch.Tensor:
@@ -294,7 +294,7 @@ def _forward(x, weight, pe, cu, cu_c, kernel: int, stride: int) -> torch.Tensor:
     def grid(meta):
         return (triton.cdiv(rows_out, meta["BLOCK_R"]), h)
 
-    launch(_fwd_kernel, _fwd_tuned, _FWD_FP32, _FWD_INTERP, grid, args, x.dtype)
+    _fwd_tuned.run(grid, args, dtype=x.dtype)
     return out
 
 
@@ -317,7 +317,7 @@ def _grad_weight_pe(dout, x, weight, pe, cu, cu_c, kernel: int, stride: int):
         dw_out.stride(0), dpe_out.stride(0), cu.numel() - 1, _n_iter(cu), kernel, stride,
         d, d_out, pe is not None, D, D_OUT, _prec(x.dtype),
     )
-    launch(_dw_kernel, _dw_tuned, _DW_FP32, _DW_INTERP, (h * kernel, n_split), args, x.dtype)
+    _dw_tuned.run((h * kernel, n_split), args, dtype=x.dtype)
     if n_split > 1:
         sum_splits(dw_out, dw)
         if pe is not None:
@@ -338,7 +338,7 @@ def _grad_x(dout, x, weight, cu, cu_c, kernel: int, stride: int) -> torch.Tensor
     def grid(meta):
         return (total // (meta["BLOCK_U"] * stride) + n_docs, h)
 
-    launch(_dx_kernel, _dx_tuned, _DX_FP32, _DX_INTERP, grid, args, x.dtype)
+    _dx_tuned.run(grid, args, dtype=x.dtype)
     return dx
 
 
@@ -398,14 +398,18 @@ def compress(
     kernel: int,
     stride: int,
     cu_seqlens_c: torch.Tensor | None = None,
+    *,
+    settings: KernelSettings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`fsa_train.kernels.reference.compress`, except that ``x_c`` has
+    """Same contract as the naive op (:mod:`fsa_train.kernels.ops.compress.naive`), except that
+    ``x_c`` has
     ``total // stride`` rows, of which the first ``cu_seqlens_c[-1]`` are the compressed tokens
     and the rest are zeros (their gradients are dropped).
 
     ``x``: ``[total, h, d]``, any token/head strides; fp16, bf16, fp32 run the Triton kernels,
     other dtypes the torch path. ``weight`` ``[h, l·d, d_out]`` and ``pe`` ``[h, l, d]`` may have
-    another dtype than ``x``.
+    another dtype than ``x``. ``settings`` is accepted for the common op signature; the compress
+    kernels have no switches.
     """
     check_compress_args(x, weight, pe, kernel, stride)
     kernel, stride = int(kernel), int(stride)
@@ -413,8 +417,8 @@ def compress(
         else cu_seqlens_c
     if x.dtype not in KERNEL_DTYPES:
         return _compress_torch(x, weight, pe, cu_seqlens, cu_c, kernel, stride), cu_c
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+    x = rowmajor(x)
+    cu = as_int32(cu_seqlens)
     out = _Compress.apply(
         x, weight.contiguous(), pe.contiguous() if pe is not None else None, cu.contiguous(),
         cu_c, kernel, stride,

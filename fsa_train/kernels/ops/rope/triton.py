@@ -9,16 +9,15 @@ the inverse rotation (sin negated): the same kernel with ``SIGN=-1``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from fsa_train.kernels.utils import KERNEL_DTYPES, interpreting
+
 __all__ = ["KERNEL_DTYPES", "RopeFunction", "rope", "rope_table"]
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _TILE = 2048
 """Elements of one half-tile (tokens x heads x d/2) per program on the GPU."""
@@ -26,10 +25,6 @@ _TILE_INTERP = 256
 """The same under TRITON_INTERPRET=1: small, so that the CPU tests span several token tiles."""
 
 _TABLES: dict[tuple[torch.device, int, float], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def rope_table(
@@ -102,7 +97,7 @@ def _rotate(
         return out
     half = dim // 2
     block_d = triton.next_power_of_2(half)
-    tile = _TILE_INTERP if _interpreting() else _TILE
+    tile = _TILE_INTERP if interpreting() else _TILE
     block_h = min(triton.next_power_of_2(heads), max(1, tile // block_d))
     block_t = max(1, tile // (block_h * block_d))
     _rope_kernel[(triton.cdiv(n, block_t),)](

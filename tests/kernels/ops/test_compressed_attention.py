@@ -7,40 +7,25 @@ the GPU: the interpreter computes bf16 wrongly). GPU tests (marker ``gpu``): pac
 
 from __future__ import annotations
 
-import importlib
-import math
-import os
+from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fsa_testing import DEVICE, rel_error
+from fsa_testing import cu_seqlens as _cu
 
 pytest.importorskip("triton")
 
-import fsa_train.kernels as ops  # noqa: E402
 from fsa_train.kernels import reference  # noqa: E402
+from fsa_train.kernels.ops.compressed_attention import triton as ca  # noqa: E402
+from fsa_train.kernels.registry import REGISTRY  # noqa: E402
+from fsa_train.kernels.settings import default_settings  # noqa: E402
 
-ca = importlib.import_module("fsa_train.kernels.triton.compressed_attention")
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 NAMES = ("o", "lse", "dq", "dk", "dv")
 
-
-def _cu(lengths, dtype=torch.int32, device=DEVICE):
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=dtype, device=device)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative L2 error; the reference norm is floored at an RMS of 1 (exact-zero references)."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(math.sqrt(max(1, b.numel())))).item()
+_rel = partial(rel_error, rms_floor=True)
+"""Relative L2 error; the reference norm is floored at an RMS of 1 (exact-zero references)."""
 
 
 def _inputs(lengths, H, h, d, kernel, stride, dtype, seed, q_scale=1.0, device=DEVICE):
@@ -58,9 +43,9 @@ def _inputs(lengths, H, h, d, kernel, stride, dtype, seed, q_scale=1.0, device=D
     ), cu, cuc
 
 
-def _run(fn, q, k, v, do, cu, cuc, kernel, stride):
+def _run(fn, q, k, v, do, cu, cuc, kernel, stride, **options):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    o, lse = fn(q, k, v, cu, cuc, kernel, stride)
+    o, lse = fn(q, k, v, cu, cuc, kernel, stride, **options)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
     return o, lse, dq, dk, dv
 
@@ -152,7 +137,8 @@ def test_int64_offsets_many_documents_and_dispatch():
     ours = _run(ca.compressed_attention, q, k, v, do, cu.long(), cuc.long(), 8, 4)
     ref = _reference(q, k, v, do, cu, cuc, 8, 4)
     _compare(ours, ref, 1e-5, torch.float32)
-    assert ops.resolve("compressed_attention", "triton", q) is ca.compressed_attention
+    op = REGISTRY["compressed_attention"]
+    assert op.resolve("triton", q, (), {}) is ca.compressed_attention
     with pytest.raises(ValueError):
         ca.compressed_attention(q, k, v, cu, cuc, 8, 3)
     with pytest.raises(ValueError):
@@ -166,7 +152,6 @@ def test_int64_offsets_many_documents_and_dispatch():
 GPU_PACKED = [1, 100, 4096, 777, 2048, 129, 1000, 31]
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype,G,d",
@@ -187,7 +172,6 @@ def test_gpu_packed_large_logits(dtype, G, d):
     _compare(ours, ref, 1e-2, dtype)
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_64k_document():
     q, k, v, do, cu, cuc = _inputs([65536], 16, 4, 128, 32, 16, torch.bfloat16, 7, q_scale=4.0)
@@ -196,7 +180,6 @@ def test_gpu_64k_document():
     _compare(ours, ref, 1e-2, torch.bfloat16)
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_fp32_inputs():
     q, k, v, do, cu, cuc = _inputs(GPU_PACKED, 8, 2, 64, 32, 16, torch.float32, 3)
@@ -205,7 +188,6 @@ def test_gpu_fp32_inputs():
     _compare(ours, ref, 1e-4, torch.float32)
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_deterministic():
     q, k, v, do, cu, cuc = _inputs(GPU_PACKED, 16, 4, 128, 32, 16, torch.bfloat16, 9)
@@ -216,17 +198,18 @@ def test_gpu_deterministic():
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_dkdv_query_splits_match_reference(splits, monkeypatch):
+def test_dkdv_query_splits_match_reference(splits):
     """dk/dv summed over query-range splits (fp32 partials) equal the one-program sums."""
-    monkeypatch.setattr(ca, "SPLIT_OVERRIDE", splits)
+    settings = replace(default_settings(), compressed_dkdv_splits=splits)
     q, k, v, do, cu, cuc = _inputs(PACKED, 4, 2, 16, 8, 4, torch.float32, 11)
-    ours = _run(ca.compressed_attention, q, k, v, do, cu, cuc, 8, 4)
+    ours = _run(ca.compressed_attention, q, k, v, do, cu, cuc, 8, 4, settings=settings)
     ref = _reference(q, k, v, do, cu, cuc, 8, 4)
     _compare(ours, ref, 1e-5, torch.float32)
 
 
-def test_dkdv_splits_fill_the_gpu(monkeypatch):
-    monkeypatch.setattr(ca, "_interpreting", lambda: False)
-    assert ca.dkdv_splits(total_c=4096, h=4) == 8  # 64K tokens: 256 key tiles x 8 splits
-    assert ca.dkdv_splits(total_c=1024, h=4) == 16  # 16K tokens: capped at 16
-    assert ca.dkdv_splits(total_c=65536, h=8) == 1  # plenty of key tiles already
+def test_dkdv_splits_fill_the_gpu():
+    on_gpu = {"interpreted": False}
+    assert ca.dkdv_splits(total_c=4096, h=4, **on_gpu) == 8  # 64K tokens: 256 key tiles x 8
+    assert ca.dkdv_splits(total_c=1024, h=4, **on_gpu) == 16  # 16K tokens: capped at 16
+    assert ca.dkdv_splits(total_c=65536, h=8, **on_gpu) == 1  # plenty of key tiles already
+    assert ca.dkdv_splits(total_c=4096, h=4, interpreted=True) == 1

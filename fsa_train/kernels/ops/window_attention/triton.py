@@ -34,49 +34,28 @@ Autotuning (GPU only) is keyed on (head dim, G, window is None) plus the dtype; 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fsa_train.kernels.triton.common import attention_delta
-from fsa_train.kernels.triton.tuning import bucketed_autotune
+from fsa_train.kernels.settings import KernelSettings, resolve_settings
+from fsa_train.kernels.triton_utils import LN2_JIT, LOG2E_JIT, attention_delta, locate_tile
+from fsa_train.kernels.tuning import KernelTuner
+from fsa_train.kernels.utils import (
+    LOG2E,
+    as_int32,
+    check_attention_args,
+    rowmajor,
+    search_steps,
+)
 
 __all__ = ["window_attention", "window_attention_with_lse"]
-
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ------------------------------------------------------------------------------------------------
 # device helpers
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _locate_tile(CU, slot, n_docs, n_iter, BLOCK: tl.constexpr):
-    """(start of the document, its length, first row of the tile) for a tile slot.
-
-    Document ``b`` owns slots ``s_b .. s_{b+1} - 1`` with ``s_b = cu[b] // BLOCK + b`` (strictly
-    increasing); a binary search finds the largest ``b`` with ``s_b <= slot``.
-    """
-    lo = slot * 0
-    hi = lo + n_docs
-    for _ in range(n_iter):
-        mid = (lo + hi) // 2
-        s_mid = tl.load(CU + mid) // BLOCK + mid
-        ok = s_mid <= slot
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    bos = tl.load(CU + lo)
-    seqlen = tl.load(CU + lo + 1) - bos
-    start = (slot - (bos // BLOCK + lo)) * BLOCK
-    return bos, seqlen, start
 
 
 @triton.jit
@@ -129,7 +108,7 @@ def _fwd_kernel(
     n_slots = total // BLOCK_M + n_docs
     head = pid % H
     slot = n_slots - 1 - pid // H
-    bos, seqlen, start_m = _locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
+    doc, bos, seqlen, start_m = locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
     if start_m >= seqlen:
         return
     kvh = head // G
@@ -176,7 +155,7 @@ def _fwd_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    lse = (m_i + tl.math.log2(l_safe)) * LN2_JIT
     o_ptrs = O + (bos64 + start_m) * so_t + head * so_h + offs_m[:, None] * so_t + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + head.to(tl.int64) * total + bos + rows, lse, mask=row_ok)
@@ -197,7 +176,7 @@ def _bwd_dkdv_inner(
         q = tl.load(
             Q_base + tl.cast(start_m, tl.int64) * sq_t + q_off, mask=row_ok[:, None], other=0.0
         )
-        lse2 = tl.load(LSE_base + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE_base + rows, mask=row_ok, other=0.0) * LOG2E_JIT
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASK:
@@ -371,7 +350,7 @@ def _bwd_dq_tile(
             mask=idx_ok[:, None], other=0.0,
         )
         lse2 = tl.load(LSE + head.to(tl.int64) * total + bos + idx, mask=idx_ok, other=0.0)
-        lse2 = lse2 * 1.4426950408889634
+        lse2 = lse2 * LOG2E_JIT
         delta = tl.load(DELTA + head.to(tl.int64) * total + bos + idx, mask=idx_ok, other=0.0)
         dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
         if HAS_WINDOW:
@@ -422,7 +401,7 @@ def _bwd_kernel(
         slot = pid // n_prog_heads
     else:
         slot = n_slots - 1 - pid // n_prog_heads
-    bos, seqlen, start = _locate_tile(CU, slot, n_docs, n_iter, BLOCK)
+    doc, bos, seqlen, start = locate_tile(CU, slot, n_docs, n_iter, BLOCK)
     if start >= seqlen:
         return
     if DKDV:
@@ -487,34 +466,17 @@ _BWD_FP32 = {"BLOCK": 64, "BLOCK_M1": 32, "BLOCK_N2": 32, "num_warps": 4, "num_s
 _FWD_INTERP = {"BLOCK_M": 32, "BLOCK_N": 16}
 _BWD_INTERP = {"BLOCK": 32, "BLOCK_M1": 16, "BLOCK_N2": 16}
 
-AUTOTUNE = os.environ.get("FSA_WINDOW_AUTOTUNE", "1") != "0"
-"""Autotune on the GPU (set FSA_WINDOW_AUTOTUNE=0 to run the first configuration of each list)."""
-
-
-def _tuned(configs, kernel, reset_to_zero=None):
-    return bucketed_autotune(configs if AUTOTUNE else configs[:1], _KEY,
-                             reset_to_zero=reset_to_zero)(kernel)
-
-
-_fwd_tuned = _tuned(_FWD_CONFIGS, _fwd_kernel)
-_bwd_tuned = _tuned(_BWD_CONFIGS, _bwd_kernel)
-_dkdv_tuned = _tuned(_DKDV_CONFIGS, _bwd_kernel)
-_dq_tuned = _tuned(_DQ_CONFIGS, _bwd_kernel)
+_fwd_tuned = KernelTuner("window_attention.fwd", _fwd_kernel, _FWD_CONFIGS, _KEY,
+                         fp32=_FWD_FP32, interpret=_FWD_INTERP)
+_bwd_tuned = KernelTuner("window_attention.bwd", _bwd_kernel, _BWD_CONFIGS, _KEY,
+                         fp32=_BWD_FP32, interpret=_BWD_INTERP)
+_dkdv_tuned = KernelTuner("window_attention.bwd_dkdv", _bwd_kernel, _DKDV_CONFIGS, _KEY,
+                          fp32=_BWD_FP32, interpret=_BWD_INTERP)
+_dq_tuned = KernelTuner("window_attention.bwd_dq", _bwd_kernel, _DQ_CONFIGS, _KEY,
+                        fp32=_BWD_FP32, interpret=_BWD_INTERP)
 # The atomic mode adds into DQ: each configuration the autotuner times must start from zeros.
-_atomic_tuned = _tuned(_ATOMIC_CONFIGS, _bwd_kernel, reset_to_zero=["DQ"])
-
-BWD_MODE = os.environ.get("FSA_WINDOW_BWD", "fused")
-"""Backward schedule: "fused" (one kernel: dk, dv and dq per tile), "split" (two kernels: dk/dv,
-then dq) or "atomic" (one dk/dv pass that also adds dq with fp32 atomics; not deterministic)."""
-
-
-def _launch(kernel, tuned, fixed_fp32, fixed_interp, grid, args, dtype, **extra):
-    if _interpreting():
-        kernel[grid](*args, **fixed_interp, **extra)
-    elif dtype == torch.float32:
-        kernel[grid](*args, **fixed_fp32, **extra)
-    else:
-        tuned[grid](*args, **extra)
+_atomic_tuned = KernelTuner("window_attention.bwd_atomic", _bwd_kernel, _ATOMIC_CONFIGS, _KEY,
+                            fp32=_BWD_FP32, interpret=_BWD_INTERP, reset_to_zero=["DQ"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -522,30 +484,12 @@ def _launch(kernel, tuned, fixed_fp32, fixed_interp, grid, args, dtype, **extra)
 # ------------------------------------------------------------------------------------------------
 
 
-def _rowmajor(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when its last dimension is contiguous (any token/head strides are fine)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _check(q, k, v, cu_seqlens, window):
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(
-            f"q, k, v must be [tokens, heads, dim], got {q.shape}, {k.shape}, {v.shape}"
-        )
-    total, H, d = q.shape
-    h = k.shape[1]
-    if k.shape != v.shape or k.shape[0] != total or k.shape[2] != d:
+    total, _, _, d = check_attention_args(q, k, v)
+    if k.shape[0] != total:
         raise ValueError(
             f"k and v must be [{total}, h, {d}], got {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if H % h != 0:
-        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({h})")
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"head dim must be a power of two in [16, 256], got {d}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got {cu_seqlens.shape}")
     if window is not None and (int(window) != window or window < 1):
@@ -555,14 +499,14 @@ def _check(q, k, v, cu_seqlens, window):
 def _meta(q, k, cu_seqlens, window):
     total, H, d = q.shape
     n_docs = cu_seqlens.numel() - 1
-    n_iter = max(1, n_docs.bit_length())
+    n_iter = search_steps(n_docs)
     # a window at least as long as the batch can never cut a key: run the dense kernel
     has_window = window is not None and window < total
     win = int(window) if has_window else total + 1
     return total, H, k.shape[1], d, n_docs, n_iter, has_window, win
 
 
-def _forward(q, k, v, cu, window, scale):
+def _forward(q, k, v, cu, window, scale, settings: KernelSettings):
     total, H, h, d, n_docs, n_iter, has_window, win = _meta(q, k, cu, window)
     o = torch.empty((total, H, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, total), dtype=torch.float32, device=q.device)
@@ -577,14 +521,14 @@ def _forward(q, k, v, cu, window, scale):
         q, k, v, o, lse, cu,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1),
-        total, n_docs, n_iter, H, H // h, win, scale * _LOG2E,
+        total, n_docs, n_iter, H, H // h, win, scale * LOG2E,
         d, has_window, prec,
     )
-    _launch(_fwd_kernel, _fwd_tuned, _FWD_FP32, _FWD_INTERP, grid, args, q.dtype)
+    _fwd_tuned.run(grid, args, dtype=q.dtype, autotune=settings.window_autotune)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, cu, window, scale):
+def _backward(do, q, k, v, o, lse, cu, window, scale, settings: KernelSettings):
     total, H, h, d, n_docs, n_iter, has_window, win = _meta(q, k, cu, window)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty((total, h, d), dtype=k.dtype, device=k.device)
@@ -598,7 +542,7 @@ def _backward(do, q, k, v, o, lse, cu, window, scale):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        total, n_docs, n_iter, h, H // h, win, scale, scale * _LOG2E,
+        total, n_docs, n_iter, h, H // h, win, scale, scale * LOG2E,
         d, has_window, prec,
     )
 
@@ -608,40 +552,37 @@ def _backward(do, q, k, v, o, lse, cu, window, scale):
     def grid_q(meta):
         return (H * (total // meta["BLOCK"] + n_docs),)
 
-    if BWD_MODE == "atomic":
+    run = {"dtype": q.dtype, "autotune": settings.window_autotune}
+    if settings.window_bwd == "atomic":
         dqa = torch.zeros((total, H, d), dtype=torch.float32, device=q.device)
         args = list(args)
         args[4] = dqa
         args[18:20] = [dqa.stride(0), dqa.stride(1)]
-        _launch(_bwd_kernel, _atomic_tuned, _BWD_FP32, _BWD_INTERP, grid_kv, tuple(args), q.dtype,
-                DKDV=True, DQ_PART=False, ATOMIC_DQ=True)
+        _atomic_tuned.run(grid_kv, args, **run, DKDV=True, DQ_PART=False, ATOMIC_DQ=True)
         dq = dqa.to(q.dtype)
-    elif BWD_MODE == "split":
-        _launch(_bwd_kernel, _dkdv_tuned, _BWD_FP32, _BWD_INTERP, grid_kv, args, q.dtype,
-                DKDV=True, DQ_PART=False)
-        _launch(_bwd_kernel, _dq_tuned, _BWD_FP32, _BWD_INTERP, grid_q, args, q.dtype,
-                DKDV=False, DQ_PART=True)
+    elif settings.window_bwd == "split":
+        _dkdv_tuned.run(grid_kv, args, **run, DKDV=True, DQ_PART=False)
+        _dq_tuned.run(grid_q, args, **run, DKDV=False, DQ_PART=True)
     else:
-        _launch(_bwd_kernel, _bwd_tuned, _BWD_FP32, _BWD_INTERP, grid_kv, args, q.dtype,
-                DKDV=True, DQ_PART=True)
+        _bwd_tuned.run(grid_kv, args, **run, DKDV=True, DQ_PART=True)
     return dq, dk, dv
 
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu, window, scale):
-        o, lse = _forward(q, k, v, cu, window, scale)
+    def forward(ctx, q, k, v, cu, window, scale, settings):
+        o, lse = _forward(q, k, v, cu, window, scale, settings)
         ctx.save_for_backward(q, k, v, o, lse, cu)
-        ctx.window = window
-        ctx.scale = scale
+        ctx.window, ctx.scale, ctx.settings = window, scale, settings
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, cu = ctx.saved_tensors
-        dq, dk, dv = _backward(_rowmajor(do), q, k, v, o, lse, cu, ctx.window, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(rowmajor(do), q, k, v, o, lse, cu, ctx.window, ctx.scale,
+                               ctx.settings)
+        return dq, dk, dv, None, None, None, None
 
 
 def window_attention_with_lse(
@@ -651,6 +592,8 @@ def window_attention_with_lse(
     cu_seqlens: torch.Tensor,
     window: int | None = None,
     scale: float | None = None,
+    *,
+    settings: KernelSettings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`window_attention` that also returns the natural-log LSE ``[H, total]`` (fp32).
 
@@ -658,9 +601,9 @@ def window_attention_with_lse(
     """
     _check(q, k, v, cu_seqlens, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
-    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
-    return _WindowAttention.apply(q, k, v, cu, window, scale)
+    q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
+    return _WindowAttention.apply(q, k, v, as_int32(cu_seqlens), window, scale,
+                                  resolve_settings(settings))
 
 
 def window_attention(
@@ -670,6 +613,8 @@ def window_attention(
     cu_seqlens: torch.Tensor,
     window: int | None = None,
     scale: float | None = None,
+    *,
+    settings: KernelSettings | None = None,
 ) -> torch.Tensor:
     """Causal attention inside each document over keys ``t - W + 1 .. t`` (``window=None``: all).
 
@@ -679,8 +624,9 @@ def window_attention(
         cu_seqlens: document boundaries ``[n_docs + 1]`` (int32; int64 is converted on device).
         window: keys per query, itself included (``None``: dense causal within the document).
         scale: softmax scale (default ``1/sqrt(d)``).
+        settings: autotuning and the backward schedule (default: from the environment).
 
     Returns:
         ``o [total, H, d]`` in q's dtype; differentiable in q, k and v.
     """
-    return window_attention_with_lse(q, k, v, cu_seqlens, window, scale)[0]
+    return window_attention_with_lse(q, k, v, cu_seqlens, window, scale, settings=settings)[0]

@@ -1,0 +1,1 @@
+"""One package per NSA op: its naive reference and its Triton kernels side by side."""

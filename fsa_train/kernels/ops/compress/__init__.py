@@ -1,0 +1,2 @@
+"""The ``compress`` op: its naive reference (``naive.py``) beside its Triton kernels
+(``triton.py``)."""

@@ -1,0 +1,2 @@
+"""The ``gate_mix`` op: its naive reference (``naive.py``) beside its Triton kernels
+(``triton.py``)."""

@@ -1,0 +1,2 @@
+"""The ``select_blocks`` op: its naive reference (``naive.py``) beside its Triton kernels
+(``triton.py``)."""

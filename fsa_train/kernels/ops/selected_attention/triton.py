@@ -1,0 +1,499 @@
+"""Selected-block attention (NSA's selected branch) as Triton kernels, forward and backward.
+
+``selected_attention(q, k, v, idx, cu_seqlens, block, scale=None)`` computes, for query head ``j``
+(KV head ``j // G``) at document-local position ``t``, softmax attention over the keys of the
+blocks ``idx[j // G, t, :]`` (local block ids, -1 padded) with key position ``<= t``; see
+``docs/nsa.md`` step 6 and the naive op (:mod:`fsa_train.kernels.ops.selected_attention.naive`).
+
+Design (FSA's block-major order, with the G query heads of a token stacked as matmul rows):
+
+* **Plan** (:mod:`.plan`): the block -> (token, slot) inverse index, cut into segments of at most
+  ``segq`` pairs, on the device with static sizes.
+* **Forward** (:func:`_fwd_block_kernel`): one program per segment loads its K/V block once and
+  walks the segment in chunks of ``BLOCK_M // G`` queries, the G heads of each query stacked as
+  rows (``M = BLOCK_M`` rows for any G). Each (query, slot, head) gets an fp32 partial output
+  (``partials="half"``: in the inputs' dtype) and a natural-log LSE (true row maximum), merged per
+  token by :func:`_merge_kernel`.
+* **Backward** (:func:`_bwd_block_kernel`): dK/dV in fp32 registers, one fp32 partial per
+  segment, summed in a fixed order by :func:`_reduce_dkdv_kernel` (deterministic, no atomics);
+  dQ as per-(query, slot) partials reduced by :func:`_reduce_dq_kernel`.
+* **Launch configurations**: the hand-measured table as the rule of a
+  :class:`~fsa_train.kernels.tuning.KernelTuner` (by block size and head dim), overridable through
+  :class:`~fsa_train.kernels.settings.KernelSettings`.
+
+Extra memory: the plan O(h · total · T) ints; dK/dV segment partials O(h · total · d); the O and
+dQ partials O(total · H · T · d). Nothing depends on how the selections are distributed.
+Query-major variants (one program per token, no partials) were measured slower at every shape
+(docs/notes/selected.md) and removed; git history keeps them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fsa_train.kernels.ops.selected_attention.plan import SelectionPlan, build_plan
+from fsa_train.kernels.settings import KernelSettings, resolve_settings
+from fsa_train.kernels.triton_utils import LN2_JIT, LOG2E_JIT, attention_delta
+from fsa_train.kernels.tuning import KernelTuner
+from fsa_train.kernels.utils import LOG2E, PARTIALS, check_partials, interpreting
+
+__all__ = ["PARTIALS", "partial_dtype", "selected_attention"]
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_block_kernel(
+    Q, K, V, OP, LP,
+    PAIRS, BLK_START, SEG_KEY, SEG_OFF, TOK0, TOK1,
+    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd,
+    scale_log2, nbmax, nkeys, segq,
+    T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    key = tl.load(SEG_KEY + pid)
+    if key >= nkeys:
+        return
+    hh = key // nbmax
+    gb = key % nbmax
+    seg = pid - tl.load(SEG_OFF + key)
+    p0 = tl.load(BLK_START + key) + seg * segq
+    p1 = tl.minimum(p0 + segq, tl.load(BLK_START + key + 1))
+    tok0 = tl.load(TOK0 + gb)
+    tok1 = tl.load(TOK1 + gb)
+
+    offs_n = tok0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kmask = (offs_n < tok1)[:, None]
+    k = tl.load(K + offs_n[:, None] * skt + hh * skh + offs_d[None, :] * skd, mask=kmask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * svt + hh * svh + offs_d[None, :] * svd, mask=kmask, other=0.0)
+    kt = tl.trans(k)
+
+    C = BLOCK_M // G
+    r = tl.arange(0, BLOCK_M)
+    qi = r // G
+    head = hh * G + r % G
+    if PREFETCH:  # the next chunk's gathers are issued before this chunk's math
+        rv_n = (qi < C) & (p0 + qi < p1)
+        pair_n = tl.load(PAIRS + p0 + qi, mask=rv_n, other=0)
+        q_n = tl.load(
+            Q + (pair_n // T)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
+            mask=rv_n[:, None], other=0.0,
+        )
+    for c in range(p0, p1, C):
+        if PREFETCH:
+            rv = rv_n
+            pair = pair_n
+            q = q_n
+            rv_n = (qi < C) & (c + C + qi < p1)
+            pair_n = tl.load(PAIRS + c + C + qi, mask=rv_n, other=0)
+            q_n = tl.load(
+                Q + (pair_n // T)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=rv_n[:, None], other=0.0,
+            )
+        else:
+            rv = (qi < C) & (c + qi < p1)
+            pair = tl.load(PAIRS + c + qi, mask=rv, other=0)
+            q = tl.load(
+                Q + (pair // T)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=rv[:, None], other=0.0,
+            )
+        t = pair // T
+        s = _dot(q, kt, IEEE) * scale_log2
+        vis = (offs_n[None, :] <= t[:, None]) & rv[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m = tl.max(s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m[:, None])
+        lsum = tl.sum(p, 1)
+        seen = lsum > 0
+        o = _dot(p.to(v.dtype), v, IEEE) / tl.where(seen, lsum, 1.0)[:, None]
+        lse = tl.where(seen, (m + tl.log2(lsum)) * LN2_JIT, float("-inf"))
+        row = pair.to(tl.int64) * H + head
+        tl.store(OP + row[:, None] * D + offs_d[None, :], o.to(OP.dtype.element_ty),
+                 mask=rv[:, None])
+        tl.store(LP + row, lse, mask=rv)
+
+
+@triton.jit
+def _merge_kernel(
+    OP, LP, IDX, O, LSE,
+    sot, soh, sod, total,
+    T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+):
+    """o, lse of BR // G tokens x one KV head's G heads (rows) from the per-slot fp32 partials."""
+    TB = BR // G
+    r = tl.arange(0, BR)
+    tt = tl.program_id(0) * TB + r // G
+    hh = tl.program_id(1)
+    head = hh * G + r % G
+    rv = (r < TB * G) & (tt < total)
+    offs_d = tl.arange(0, D)
+    ibase = (hh * total + tt).to(tl.int64) * T
+    m = tl.full([BR], float("-inf"), tl.float32)
+    wsum = tl.zeros([BR], tl.float32)
+    acc = tl.zeros([BR, D], tl.float32)
+    for j in range(T):
+        valid = rv & (tl.load(IDX + ibase + j, mask=rv, other=-1) >= 0)
+        row = (tt.to(tl.int64) * T + j) * H + head
+        lse_j = tl.load(LP + row, mask=valid, other=float("-inf"))
+        m_new = tl.maximum(m, lse_j)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse_j - m_safe)
+        o_j = tl.load(OP + row[:, None] * D + offs_d[None, :], mask=valid[:, None],
+                      other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + w[:, None] * o_j
+        wsum = wsum * alpha + w
+        m = m_new
+    seen = wsum > 0
+    o = acc / tl.where(seen, wsum, 1.0)[:, None]
+    tl.store(O + tt[:, None] * sot + head[:, None] * soh + offs_d[None, :] * sod,
+             o.to(O.dtype.element_ty), mask=rv[:, None])
+    lse = tl.where(seen, m + tl.log(tl.where(seen, wsum, 1.0)), float("-inf"))
+    tl.store(LSE + head * total + tt, lse, mask=rv)
+
+
+@triton.jit
+def _bwd_block_kernel(
+    Q, K, V, DO, LSE, DELTA, DKP, DVP, DQP,
+    PAIRS, BLK_START, SEG_KEY, SEG_OFF, TOK0, TOK1,
+    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sdt, sdh, sdd,
+    total, scale, scale_log2, nbmax, nkeys, segq,
+    T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    key = tl.load(SEG_KEY + pid)
+    if key >= nkeys:
+        return
+    hh = key // nbmax
+    gb = key % nbmax
+    seg = pid - tl.load(SEG_OFF + key)
+    p0 = tl.load(BLK_START + key) + seg * segq
+    p1 = tl.minimum(p0 + segq, tl.load(BLK_START + key + 1))
+    tok0 = tl.load(TOK0 + gb)
+    tok1 = tl.load(TOK1 + gb)
+
+    offs_n = tok0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kmask = (offs_n < tok1)[:, None]
+    k = tl.load(K + offs_n[:, None] * skt + hh * skh + offs_d[None, :] * skd, mask=kmask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * svt + hh * svh + offs_d[None, :] * svd, mask=kmask, other=0.0)
+    kt = tl.trans(k)
+    vt = tl.trans(v)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+
+    C = BLOCK_M // G
+    r = tl.arange(0, BLOCK_M)
+    qi = r // G
+    head = hh * G + r % G
+    if PREFETCH:  # the next chunk's gathers are issued before this chunk's math
+        rv_n = (qi < C) & (p0 + qi < p1)
+        pair_n = tl.load(PAIRS + p0 + qi, mask=rv_n, other=0)
+        t_n = pair_n // T
+        q_n = tl.load(Q + t_n[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
+                      mask=rv_n[:, None], other=0.0)
+        do_n = tl.load(DO + t_n[:, None] * sdt + head[:, None] * sdh + offs_d[None, :] * sdd,
+                       mask=rv_n[:, None], other=0.0)
+        lse_n = tl.load(LSE + head * total + t_n, mask=rv_n, other=0.0)
+        delta_n = tl.load(DELTA + head * total + t_n, mask=rv_n, other=0.0)
+    for c in range(p0, p1, C):
+        if PREFETCH:
+            rv = rv_n
+            pair = pair_n
+            t = t_n
+            q = q_n
+            do = do_n
+            lse2 = lse_n * LOG2E_JIT
+            delta = delta_n
+            rv_n = (qi < C) & (c + C + qi < p1)
+            pair_n = tl.load(PAIRS + c + C + qi, mask=rv_n, other=0)
+            t_n = pair_n // T
+            q_n = tl.load(Q + t_n[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
+                          mask=rv_n[:, None], other=0.0)
+            do_n = tl.load(DO + t_n[:, None] * sdt + head[:, None] * sdh + offs_d[None, :] * sdd,
+                           mask=rv_n[:, None], other=0.0)
+            lse_n = tl.load(LSE + head * total + t_n, mask=rv_n, other=0.0)
+            delta_n = tl.load(DELTA + head * total + t_n, mask=rv_n, other=0.0)
+        else:
+            rv = (qi < C) & (c + qi < p1)
+            pair = tl.load(PAIRS + c + qi, mask=rv, other=0)
+            t = pair // T
+            q = tl.load(Q + t[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
+                        mask=rv[:, None], other=0.0)
+            do = tl.load(DO + t[:, None] * sdt + head[:, None] * sdh + offs_d[None, :] * sdd,
+                         mask=rv[:, None], other=0.0)
+            lse2 = tl.load(LSE + head * total + t, mask=rv, other=0.0) * LOG2E_JIT
+            delta = tl.load(DELTA + head * total + t, mask=rv, other=0.0)
+        s = _dot(q, kt, IEEE) * scale_log2
+        vis = (offs_n[None, :] <= t[:, None]) & rv[:, None]
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = _dot(do, vt, IEEE)
+        ds = p * (dp - delta[:, None])
+        dsl = ds.to(q.dtype)
+        dk += _dot(tl.trans(dsl), q, IEEE)
+        dq = _dot(dsl, k, IEEE) * scale
+        row = pair.to(tl.int64) * H + head
+        tl.store(DQP + row[:, None] * D + offs_d[None, :], dq.to(DQP.dtype.element_ty),
+                 mask=rv[:, None])
+    out = pid.to(tl.int64) * (BLOCK_N * D) + tl.arange(0, BLOCK_N)[:, None] * D + offs_d[None, :]
+    tl.store(DKP + out, dk * scale)
+    tl.store(DVP + out, dv)
+
+
+@triton.jit
+def _reduce_dkdv_kernel(
+    DKP, DVP, DK, DV, SEG_OFF, TOK0, TOK1,
+    sdkt, sdkh, sdvt, sdvh, nbmax,
+    D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    key = tl.program_id(0)
+    hh = key // nbmax
+    gb = key % nbmax
+    tok0 = tl.load(TOK0 + gb)
+    tok1 = tl.load(TOK1 + gb)
+    if tok1 <= tok0:
+        return
+    s0 = tl.load(SEG_OFF + key)
+    s1 = tl.load(SEG_OFF + key + 1)
+    n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    tile = n[:, None] * D + offs_d[None, :]
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    pk = DKP + s0.to(tl.int64) * (BLOCK_N * D) + tile
+    pv = DVP + s0.to(tl.int64) * (BLOCK_N * D) + tile
+    for _ in range(s0, s1):
+        dk += tl.load(pk)
+        dv += tl.load(pv)
+        pk += BLOCK_N * D
+        pv += BLOCK_N * D
+    offs_n = tok0 + n
+    mask = (offs_n < tok1)[:, None]
+    tl.store(DK + offs_n[:, None] * sdkt + hh * sdkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=mask)
+    tl.store(DV + offs_n[:, None] * sdvt + hh * sdvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _reduce_dq_kernel(
+    DQP, IDX, DQ, sdqt, sdqh, total,
+    T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+):
+    """dq of BR // G tokens x one KV head's G heads: the sum of the valid slots' fp32 partials."""
+    TB = BR // G
+    r = tl.arange(0, BR)
+    tt = tl.program_id(0) * TB + r // G
+    hh = tl.program_id(1)
+    head = hh * G + r % G
+    rv = (r < TB * G) & (tt < total)
+    offs_d = tl.arange(0, D)
+    ibase = (hh * total + tt).to(tl.int64) * T
+    acc = tl.zeros([BR, D], tl.float32)
+    for j in range(T):
+        valid = rv & (tl.load(IDX + ibase + j, mask=rv, other=-1) >= 0)
+        row = (tt.to(tl.int64) * T + j) * H + head
+        acc += tl.load(DQP + row[:, None] * D + offs_d[None, :], mask=valid[:, None],
+                       other=0.0).to(tl.float32)
+    tl.store(DQ + tt[:, None] * sdqt + head[:, None] * sdqh + offs_d[None, :],
+             acc.to(DQ.dtype.element_ty), mask=rv[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# launch configurations (measured on an H200: docs/notes/selected.md)
+# --------------------------------------------------------------------------------------------
+
+# Measured at 64K tokens, d = 128, G = 1, 4, 16. Forward B = 64: 64 rows / 4 warps / 3 stages;
+# B = 128: 64 / 4 / 2 with the next chunk's gathers prefetched (-20..-35 %). Backward B = 64:
+# 128 rows / 8 warps / 3 stages (64 rows for d < 64); B = 128: 64 / 8 / 2 (128 rows would need
+# 258 KB of shared memory).
+_FWD_CONFIGS = [
+    {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "PREFETCH": False},
+    {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2, "PREFETCH": True},
+]
+_BWD_CONFIGS = [
+    {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "PREFETCH": False},
+    {"BLOCK_M": 64, "num_warps": 8, "num_stages": 3, "PREFETCH": False},
+    {"BLOCK_M": 64, "num_warps": 8, "num_stages": 2, "PREFETCH": False},
+]
+_INTERP = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False}
+
+
+def _fwd_rule(meta: dict) -> dict:
+    return _FWD_CONFIGS[1] if meta["BLOCK_N"] >= 128 else _FWD_CONFIGS[0]
+
+
+def _bwd_rule(meta: dict) -> dict:
+    if meta["BLOCK_N"] >= 128:
+        return _BWD_CONFIGS[2]
+    return _BWD_CONFIGS[0] if meta["D"] >= 64 else _BWD_CONFIGS[1]
+
+
+# The same table for every dtype (fp32 included) and size: a rule, not an autotuner.
+_fwd_tuned = KernelTuner("selected_attention.fwd_block", _fwd_block_kernel, _FWD_CONFIGS,
+                         size_arg=None, interpret=_INTERP, rule=_fwd_rule)
+_bwd_tuned = KernelTuner("selected_attention.bwd_block", _bwd_block_kernel, _BWD_CONFIGS,
+                         size_arg=None, interpret=_INTERP, rule=_bwd_rule)
+
+
+def _override(config: dict | None) -> dict | None:
+    """A settings override as a full launch configuration (PREFETCH off unless named)."""
+    return None if config is None else {"PREFETCH": False, **config}
+
+
+def _token_tile() -> int:
+    return 64 if interpreting() else 32
+
+
+def _row_tile(G: int) -> int:
+    """Rows (tokens x G heads) per program of the merge / dQ-reduction kernels."""
+    return max(64, triton.next_power_of_2(G))
+
+
+def partial_dtype(dtype: torch.dtype, partials: str) -> torch.dtype:
+    """The O/dQ partials' dtype for inputs of ``dtype`` and ``partials`` (:data:`PARTIALS`)."""
+    check_partials(partials)
+    return dtype if partials == "half" and dtype != torch.float32 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _forward(q, k, v, idx, cu_seqlens, block, scale, partials, settings: KernelSettings):
+    total, H, D = q.shape
+    G = H // k.shape[1]
+    T = idx.shape[2]
+    plan = build_plan(idx, cu_seqlens, total, block)
+    op = torch.empty(total * T * H * D, dtype=partial_dtype(q.dtype, partials), device=q.device)
+    lp = torch.empty(total * T * H, dtype=torch.float32, device=q.device)
+    _fwd_tuned.run(
+        (plan.maxseg,),
+        (q, k, v, op, lp, plan.pairs, plan.blk_start, plan.seg_key, plan.seg_off, plan.tok0,
+         plan.tok1, *q.stride(), *k.stride(), *v.stride(),
+         scale * LOG2E, plan.nbmax, plan.nkeys, plan.segq),
+        dtype=q.dtype, config=_override(settings.selected_fwd_config),
+        T=T, G=G, H=H, D=D, BLOCK_N=block, IEEE=q.dtype == torch.float32,
+    )
+    o = torch.empty(total, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(H, total, dtype=torch.float32, device=q.device)
+    br = _row_tile(G)
+    _merge_kernel[(triton.cdiv(total, br // G), H // G)](
+        op, lp, plan.idx_c, o, lse, *o.stride(), total,
+        T=T, G=G, H=H, D=D, BR=br, num_warps=4,
+    )
+    return o, lse, plan
+
+
+def _backward(q, k, v, o, lse, do, plan: SelectionPlan, block, scale, partials,
+              settings: KernelSettings):
+    total, H, D = q.shape
+    h = k.shape[1]
+    G = H // h
+    T = plan.idx_c.shape[2]
+    delta = attention_delta(o, do, _token_tile())
+    dkp = torch.empty(plan.maxseg * block * D, dtype=torch.float32, device=q.device)
+    dvp = torch.empty(plan.maxseg * block * D, dtype=torch.float32, device=q.device)
+    dqp = torch.empty(total * T * H * D, dtype=partial_dtype(q.dtype, partials), device=q.device)
+    _bwd_tuned.run(
+        (plan.maxseg,),
+        (q, k, v, do, lse, delta, dkp, dvp, dqp,
+         plan.pairs, plan.blk_start, plan.seg_key, plan.seg_off, plan.tok0, plan.tok1,
+         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+         total, scale, scale * LOG2E, plan.nbmax, plan.nkeys, plan.segq),
+        dtype=q.dtype, config=_override(settings.selected_bwd_config),
+        T=T, G=G, H=H, D=D, BLOCK_N=block, IEEE=q.dtype == torch.float32,
+    )
+    dk = torch.empty(total, h, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(total, h, D, dtype=v.dtype, device=v.device)
+    _reduce_dkdv_kernel[(plan.nkeys,)](
+        dkp, dvp, dk, dv, plan.seg_off, plan.tok0, plan.tok1,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), plan.nbmax,
+        D=D, BLOCK_N=block, num_warps=4,
+    )
+    dq = torch.empty(total, H, D, dtype=q.dtype, device=q.device)
+    br = _row_tile(G)
+    _reduce_dq_kernel[(triton.cdiv(total, br // G), h)](
+        dqp, plan.idx_c, dq, dq.stride(0), dq.stride(1), total,
+        T=T, G=G, H=H, D=D, BR=br, num_warps=4,
+    )
+    return dq, dk, dv
+
+
+class _SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, cu_seqlens, block, scale, partials, settings):
+        o, lse, plan = _forward(q, k, v, idx, cu_seqlens, block, scale, partials, settings)
+        ctx.save_for_backward(q, k, v, o, lse, *plan.tensors())
+        ctx.plan_sizes = plan.sizes()
+        ctx.block, ctx.scale, ctx.partials, ctx.settings = block, scale, partials, settings
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, *tensors = ctx.saved_tensors
+        plan = SelectionPlan.rebuild(tuple(tensors), ctx.plan_sizes)
+        dq, dk, dv = _backward(q, k, v, o, lse, do, plan, ctx.block, ctx.scale, ctx.partials,
+                               ctx.settings)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    block: int,
+    scale: float | None = None,
+    partials: str = "fp32",
+    *,
+    settings: KernelSettings | None = None,
+) -> torch.Tensor:
+    """Selected-block attention ``o [total, H, d]`` in q's dtype (differentiable in q, k, v).
+
+    Args:
+        q: ``[total, H, d]``; k, v: ``[total, h, d]`` with ``H % h == 0`` (any strides).
+        idx: ``[h, total, T]`` int32 document-local block ids, valid ones sorted ascending, -1 pads.
+        cu_seqlens: ``[n_docs + 1]`` document boundaries.
+        block: selection block size B (a power of two >= 16).
+        scale: softmax scale, default ``1/sqrt(d)``.
+        partials: precision of the O and dQ partials, :data:`~fsa_train.kernels.utils.PARTIALS`.
+        settings: launch overrides (``selected_fwd_config`` / ``selected_bwd_config``); default
+            from the environment.
+    """
+    total, H, D = q.shape
+    h = k.shape[1]
+    if H % h or v.shape[1] != h or k.shape[0] != total or v.shape[0] != total:
+        raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if idx.dim() != 3 or idx.shape[0] != h or idx.shape[1] != total:
+        raise ValueError(f"idx must be [{h}, {total}, T], got {tuple(idx.shape)}")
+    if D & (D - 1) or D < 16 or block & (block - 1) or block < 16 or v.shape[2] != D:
+        raise ValueError(f"head dim ({D}) and block ({block}) must be powers of two >= 16")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    check_partials(partials)  # a bad value fails here, before any launch
+    if total == 0:
+        return q.new_zeros(0, H, D)
+    return _SelectedAttention.apply(q, k, v, idx, cu_seqlens, block, scale, partials,
+                                    resolve_settings(settings))

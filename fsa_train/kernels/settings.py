@@ -1,0 +1,119 @@
+"""The kernels' experiment switches, in one settings object read once and passed down.
+
+These switches choose between launch strategies that compute the same result (or, for
+``window_bwd="atomic"``, the same result up to the order of fp32 additions); settings that change
+numerics belong to the model config instead (``model.config.nsa.selected_partials``). Each
+field has an ``FSA_*`` environment variable, read once per process by :func:`default_settings`;
+benchmarks and tests build their own with :func:`dataclasses.replace` and pass
+``settings=`` to an op or to ``nsa_attention``. Nothing in the kernels reads the environment or
+a mutable module global at call time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from functools import cache
+
+_MERGES = ("bitonic", "sort")
+_TOPK_CONFIGS = ("tuned", "safe")
+_WINDOW_BWD = ("fused", "split", "atomic")
+_LAUNCH_KEYS = {"BLOCK_M", "num_warps", "num_stages", "PREFETCH"}
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """Launch-strategy switches of the Triton kernels (defaults: the measured best on an H200).
+
+    Attributes:
+        compressed_autotune: autotune the compressed-attention kernels (``FSA_COMPRESSED_AUTOTUNE``;
+            off: the first configuration of each list).
+        topk_autotune: autotune the block-selection kernel (``FSA_TOPK_AUTOTUNE``).
+        window_autotune: autotune the window/dense kernels (``FSA_WINDOW_AUTOTUNE``).
+        topk_merge: how the running top-k absorbs a key tile (``FSA_TOPK_MERGE``): "bitonic"
+            (Batcher's merge; same indices as the sort, 5-11 % faster at G <= 4) or "sort".
+        topk_tile_blocks: selection blocks per key tile (``FSA_TOPK_TILE_BLOCKS``): a power of two,
+            or 0 for the measured default (32 from G = 16 on the GPU, the fewest below).
+        topk_configs: fp16/bf16 launch configurations of the selection kernel
+            (``FSA_TOPK_CONFIGS``): "tuned" (autotuned) or "safe" (the fixed fp32-validated one).
+        window_bwd: backward schedule of the window kernel (``FSA_WINDOW_BWD``): "fused" (dk, dv
+            and dq per tile in one kernel), "split" (two kernels) or "atomic" (dq added with fp32
+            atomics; not deterministic).
+        compressed_dkdv_splits: query-range splits of the compressed attention's dk/dv kernel
+            (0: enough to fill the GPU, 1 under the interpreter); tests force other counts.
+        selected_fwd_config, selected_bwd_config: launch configuration of the selected kernels
+            (keys BLOCK_M, num_warps, num_stages, optional PREFETCH) replacing the measured table;
+            None (the default) keeps the table. Set by benchmarks that sweep configurations (no
+            environment variable).
+    """
+
+    compressed_autotune: bool = True
+    topk_autotune: bool = True
+    window_autotune: bool = True
+    topk_merge: str = "bitonic"
+    topk_tile_blocks: int = 0
+    topk_configs: str = "tuned"
+    window_bwd: str = "fused"
+    compressed_dkdv_splits: int = 0
+    selected_fwd_config: dict | None = None
+    selected_bwd_config: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.topk_merge not in _MERGES:
+            raise ValueError(f"FSA_TOPK_MERGE must be 'sort' or 'bitonic', got {self.topk_merge!r}")
+        tiles = self.topk_tile_blocks
+        if tiles < 0 or tiles & (tiles - 1):
+            raise ValueError(f"FSA_TOPK_TILE_BLOCKS must be 0 or a power of two, got {tiles}")
+        if self.topk_configs not in _TOPK_CONFIGS:
+            raise ValueError(f"FSA_TOPK_CONFIGS must be one of {_TOPK_CONFIGS}, "
+                             f"got {self.topk_configs!r}")
+        if self.window_bwd not in _WINDOW_BWD:
+            raise ValueError(f"FSA_WINDOW_BWD must be one of {_WINDOW_BWD}, "
+                             f"got {self.window_bwd!r}")
+        if self.compressed_dkdv_splits < 0:
+            raise ValueError(f"compressed_dkdv_splits must be >= 0, "
+                             f"got {self.compressed_dkdv_splits}")
+        for name in ("selected_fwd_config", "selected_bwd_config"):
+            config = getattr(self, name)
+            if config is not None and not {"BLOCK_M", "num_warps", "num_stages"} <= set(config) \
+                    <= _LAUNCH_KEYS:
+                raise ValueError(f"{name} needs the keys BLOCK_M, num_warps, num_stages "
+                                 f"(and optionally PREFETCH), got {sorted(config)}")
+
+    def __hash__(self) -> int:  # the config dicts are not hashable; settings are compared rarely
+        return hash(tuple(str(getattr(self, f.name)) for f in fields(self)))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> KernelSettings:
+        """The settings named by the ``FSA_*`` variables of ``environ`` (default ``os.environ``)."""
+        env = os.environ if environ is None else environ
+
+        def flag(name: str) -> bool:
+            return env.get(name, "1") != "0"
+
+        tiles = env.get("FSA_TOPK_TILE_BLOCKS", "0")
+        try:
+            tile_blocks = int(tiles)
+        except ValueError:
+            raise ValueError(
+                f"FSA_TOPK_TILE_BLOCKS must be 0 or a power of two, got {tiles!r}") from None
+        return cls(
+            compressed_autotune=flag("FSA_COMPRESSED_AUTOTUNE"),
+            topk_autotune=flag("FSA_TOPK_AUTOTUNE"),
+            window_autotune=flag("FSA_WINDOW_AUTOTUNE"),
+            topk_merge=env.get("FSA_TOPK_MERGE", "bitonic"),
+            topk_tile_blocks=tile_blocks,
+            topk_configs=env.get("FSA_TOPK_CONFIGS", "tuned"),
+            window_bwd=env.get("FSA_WINDOW_BWD", "fused"),
+        )
+
+
+@cache
+def default_settings() -> KernelSettings:
+    """The process's settings from its environment, read on first use and then kept."""
+    return KernelSettings.from_env()
+
+
+def resolve_settings(settings: KernelSettings | None) -> KernelSettings:
+    """``settings``, or the process default when None."""
+    return default_settings() if settings is None else settings

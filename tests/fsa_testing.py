@@ -1,0 +1,59 @@
+"""Helpers shared by the test modules: the device, packed batches and one closeness check.
+
+Importable as ``fsa_testing`` from any test module (pytest puts ``tests/`` on ``sys.path``
+because ``tests/conftest.py`` lives there). GPU-only tests use the ``gpu`` marker
+(``@pytest.mark.gpu``), which ``tests/conftest.py`` skips on machines without CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def cu_seqlens(
+    lengths: Sequence[int], dtype: torch.dtype = torch.int32, device: str | torch.device = DEVICE
+) -> torch.Tensor:
+    """Document boundaries ``[0, l0, l0 + l1, ...]`` of a packed batch of these lengths."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + int(n))
+    return torch.tensor(cu, dtype=dtype, device=device)
+
+
+def packed_qkv(
+    lengths: Sequence[int], h: int, G: int, d: int, dtype: torch.dtype, seed: int,
+    device: str | torch.device = DEVICE, q_scale: float = 1.0,
+) -> tuple[torch.Tensor, ...]:
+    """A packed batch ``q [total, h·G, d]`` (times ``q_scale``), ``k, v [total, h, d]``, an output
+    gradient ``do`` like q, and ``cu_seqlens``: standard normal, from a CPU generator (the same
+    values on every device)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    total = sum(lengths)
+    q = (torch.randn(total, h * G, d, generator=g) * q_scale).to(device=device, dtype=dtype)
+    k = torch.randn(total, h, d, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(total, h, d, generator=g).to(device=device, dtype=dtype)
+    do = torch.randn(total, h * G, d, generator=g).to(device=device, dtype=dtype)
+    return q, k, v, do, cu_seqlens(lengths, device=device)
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor, rms_floor: bool = False) -> float:
+    """Relative L2 error ``|got - want| / |want|`` in fp64. ``rms_floor``: the reference norm is
+    floored at an RMS of 1 (for references that may be exactly zero)."""
+    got, want = got.double(), want.double()
+    floor = math.sqrt(max(1, want.numel())) if rms_floor else 1e-30
+    return float((got - want).norm() / want.norm().clamp_min(floor))
+
+
+def assert_close(
+    got: torch.Tensor, want: torch.Tensor, tol: float, what: str = "", rms_floor: bool = False
+) -> None:
+    """``got`` is finite and within relative L2 error ``tol`` of ``want`` (one-line message)."""
+    assert torch.isfinite(got).all(), f"{what}: not finite"
+    err = rel_error(got, want, rms_floor)
+    assert err <= tol, f"{what}: rel err {err:.2e} > {tol:.0e}"
