@@ -40,6 +40,19 @@ def locate_tile(CU, slot, n_docs, n_iter, block):
 
 
 @triton.jit
+def head_tile_of_program(CU, pid, heads, total, n_docs, n_iter, block):
+    """(head, document, its start, its length, first row of the tile) of program ``pid`` of a
+    static grid of ``heads · (total // block + n_docs)`` programs. The heads sharing a tile are
+    adjacent in the grid (their K/V tiles stay in L2), and the slots run in reverse order, so
+    the last tiles of long documents, which have the most keys, start first."""
+    n_slots = total // block + n_docs
+    head = pid % heads
+    slot = n_slots - 1 - pid // heads
+    doc, bos, seqlen, start = locate_tile(CU, slot, n_docs, n_iter, block)
+    return head, doc, bos, seqlen, start
+
+
+@triton.jit
 def count_at_most(ENDS, x, n, n_iter, mask):
     """For each ``x``: how many of the ascending ``ENDS[0..n)`` are ``<= x`` (binary search,
     ``n_iter >= bit_length(n)`` steps). With ``ENDS = cu[1:]`` that is the document of token x."""

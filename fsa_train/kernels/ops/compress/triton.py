@@ -390,26 +390,15 @@ def _compress_torch(
     return out.contiguous()
 
 
-def compress(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    pe: torch.Tensor | None,
-    cu_seqlens: torch.Tensor,
-    kernel: int,
-    stride: int,
-    cu_seqlens_c: torch.Tensor | None = None,
-    *,
-    settings: KernelSettings | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as the naive op (:mod:`fsa_train.kernels.ops.compress.naive`), except that
-    ``x_c`` has
-    ``total // stride`` rows, of which the first ``cu_seqlens_c[-1]`` are the compressed tokens
-    and the rest are zeros (their gradients are dropped).
+def compress(x, weight, pe, cu_seqlens, kernel: int, stride: int, cu_seqlens_c=None, *,
+             settings: KernelSettings | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The naive op's contract (:mod:`.naive`), except that ``x_c`` has ``total // stride`` rows:
+    the first ``cu_seqlens_c[-1]`` are the compressed tokens, the rest zeros whose gradients are
+    dropped (a static size, no host synchronisation).
 
-    ``x``: ``[total, h, d]``, any token/head strides; fp16, bf16, fp32 run the Triton kernels,
-    other dtypes the torch path. ``weight`` ``[h, l·d, d_out]`` and ``pe`` ``[h, l, d]`` may have
-    another dtype than ``x``. ``settings`` is accepted for the common op signature; the compress
-    kernels have no switches.
+    ``x`` may have any token/head strides; fp16, bf16 and fp32 run the kernels, other dtypes the
+    torch path. ``weight`` and ``pe`` may have another dtype than ``x``. The kernels have no
+    switches in ``settings``.
     """
     check_compress_args(x, weight, pe, kernel, stride)
     kernel, stride = int(kernel), int(stride)

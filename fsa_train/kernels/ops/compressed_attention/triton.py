@@ -40,6 +40,7 @@ from fsa_train.kernels.triton_utils import (
     LN2_JIT,
     LOG2E_JIT,
     attention_delta,
+    head_tile_of_program,
     locate_tile,
     n_visible_compressed,
     sum_splits,
@@ -105,11 +106,8 @@ def _fwd_kernel(
     total, n_docs, n_iter, H, G, kernel, stride, qk_scale,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_slots = total // BLOCK_M + n_docs
-    head = pid % H
-    slot = n_slots - 1 - pid // H
-    doc, bos, seqlen, start_m = locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
+    head, doc, bos, seqlen, start_m = head_tile_of_program(CU, tl.program_id(0), H, total, n_docs,
+                                                          n_iter, BLOCK_M)
     if start_m >= seqlen:
         return
     bos_c = tl.load(CUC + doc).to(tl.int64)
@@ -160,11 +158,8 @@ def _bwd_dq_kernel(
     total, n_docs, n_iter, H, G, kernel, stride, scale, qk_scale,
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_slots = total // BLOCK_M + n_docs
-    head = pid % H
-    slot = n_slots - 1 - pid // H
-    doc, bos, seqlen, start_m = locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
+    head, doc, bos, seqlen, start_m = head_tile_of_program(CU, tl.program_id(0), H, total, n_docs,
+                                                          n_iter, BLOCK_M)
     if start_m >= seqlen:
         return
     bos_c = tl.load(CUC + doc).to(tl.int64)
@@ -466,33 +461,11 @@ class _CompressedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def compressed_attention(
-    q: torch.Tensor,
-    k_c: torch.Tensor,
-    v_c: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    cu_seqlens_c: torch.Tensor,
-    kernel: int,
-    stride: int,
-    scale: float | None = None,
-    *,
-    settings: KernelSettings | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the compressed tokens whose whole window is in the query's past.
-
-    Args:
-        q: queries ``[total, H, d]`` (fp16, bf16 or fp32; any token/head strides).
-        k_c, v_c: compressed keys and values ``[total_c, h, d]``, ``H % h == 0``.
-        cu_seqlens: token boundaries ``[n_docs + 1]``; cu_seqlens_c: compressed-token boundaries
-            (:func:`fsa_train.kernels.varlen.compressed_lengths`), same length.
-        kernel, stride: compression window length l and stride s.
-        scale: softmax scale (default ``1/sqrt(d)``).
-        settings: launch switches (autotuning, forced dk/dv splits); default from the environment.
-
-    Returns:
-        ``o [total, H, d]`` in q's dtype (differentiable in q, k_c, v_c; 0 where nothing is
-        visible) and ``lse [H, total]`` fp32 natural log (``-inf`` where nothing is visible).
-    """
+def compressed_attention(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel: int, stride: int,
+                         scale: float | None = None, *, settings: KernelSettings | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The naive op's contract (:mod:`.naive`) in Triton: fp16, bf16 or fp32 inputs with any
+    token/head strides; the LSE is fp32. ``settings``: autotuning and forced dk/dv splits."""
     _check(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k_c, v_c = rowmajor(q), rowmajor(k_c), rowmajor(v_c)

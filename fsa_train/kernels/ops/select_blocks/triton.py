@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from fsa_train.kernels.settings import KernelSettings, resolve_settings
-from fsa_train.kernels.triton_utils import LOG2E_JIT, locate_tile, n_visible_compressed
+from fsa_train.kernels.triton_utils import LOG2E_JIT, head_tile_of_program, n_visible_compressed
 from fsa_train.kernels.tuning import KernelTuner
 from fsa_train.kernels.utils import LOG2E, as_int32, interpreting, rowmajor, search_steps
 
@@ -98,11 +98,8 @@ def _select_kernel(
     BITONIC: tl.constexpr, LOG_TP: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     BN: tl.constexpr = NBT * BS
-    pid = tl.program_id(0)
-    n_slots = total // BLOCK_M + n_docs
-    kvh = pid % h
-    slot = n_slots - 1 - pid // h
-    doc, bos, seqlen, start_m = locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
+    kvh, doc, bos, seqlen, start_m = head_tile_of_program(CU, tl.program_id(0), h, total, n_docs,
+                                                         n_iter, BLOCK_M)
     if start_m >= seqlen:
         return
     bos_c = tl.load(CUC + doc).to(tl.int64)
@@ -247,33 +244,11 @@ def supports(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block, *args
 
 
 @torch.no_grad()
-def select_blocks(
-    q: torch.Tensor,
-    k_c: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    cu_seqlens_c: torch.Tensor,
-    kernel: int,
-    stride: int,
-    block: int,
-    topk: int,
-    init_blocks: int,
-    local_blocks: int,
-    scale: float | None = None,
-    *,
-    settings: KernelSettings | None = None,
-) -> torch.Tensor:
-    """Top-``topk`` selection blocks per (KV head, token), nsa.md step 5; no gradient.
-
-    Args:
-        q: rotated queries ``[total, H, d]``; k_c: rotated compressed keys ``[total_c, h, d]``.
-        lse: the compressed attention's natural-log LSE ``[H, total]`` (``-inf``: nothing seen).
-        cu_seqlens, cu_seqlens_c: token and compressed-token document boundaries.
-        settings: merge, tile width and launch configurations (default: from the environment).
-
-    Returns:
-        ``idx [h, total, topk]`` int32: document-local block ids, valid ones ascending, then -1.
-    """
+def select_blocks(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel: int, stride: int, block: int,
+                  topk: int, init_blocks: int, local_blocks: int, scale: float | None = None, *,
+                  settings: KernelSettings | None = None) -> torch.Tensor:
+    """The naive op's contract (:mod:`.naive`) as one fused kernel, for the geometries of
+    :func:`supports`. ``settings``: the merge, the key-tile width and the launch configurations."""
     if q.dim() != 3 or k_c.dim() != 3 or lse.dim() != 2:
         raise ValueError(f"q, k_c must be [tokens, heads, dim], lse [H, total]: {q.shape}")
     total, H, d = q.shape

@@ -58,6 +58,29 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _segment_block(
+    K, V, BLK_START, SEG_OFF, TOK0, TOK1, pid, key, skt, skh, skd, svt, svh, svd,
+    nbmax, segq, BLOCK_N: tl.constexpr, D: tl.constexpr,
+):
+    """Program ``pid``'s segment of the plan (key = KV head · nbmax + global block): its KV head,
+    its pair range ``[p0, p1)``, the block's key positions and its K and V tiles (zero past the
+    document's end)."""
+    hh = key // nbmax
+    gb = key % nbmax
+    seg = pid - tl.load(SEG_OFF + key)
+    p0 = tl.load(BLK_START + key) + seg * segq
+    p1 = tl.minimum(p0 + segq, tl.load(BLK_START + key + 1))
+    tok0 = tl.load(TOK0 + gb)
+    tok1 = tl.load(TOK1 + gb)
+    offs_n = tok0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kmask = (offs_n < tok1)[:, None]
+    k = tl.load(K + offs_n[:, None] * skt + hh * skh + offs_d[None, :] * skd, mask=kmask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * svt + hh * svh + offs_d[None, :] * svd, mask=kmask, other=0.0)
+    return hh, p0, p1, offs_n, k, v
+
+
+@triton.jit
 def _fwd_block_kernel(
     Q, K, V, OP, LP,
     PAIRS, BLK_START, SEG_KEY, SEG_OFF, TOK0, TOK1,
@@ -70,19 +93,10 @@ def _fwd_block_kernel(
     key = tl.load(SEG_KEY + pid)
     if key >= nkeys:
         return
-    hh = key // nbmax
-    gb = key % nbmax
-    seg = pid - tl.load(SEG_OFF + key)
-    p0 = tl.load(BLK_START + key) + seg * segq
-    p1 = tl.minimum(p0 + segq, tl.load(BLK_START + key + 1))
-    tok0 = tl.load(TOK0 + gb)
-    tok1 = tl.load(TOK1 + gb)
-
-    offs_n = tok0 + tl.arange(0, BLOCK_N)
+    hh, p0, p1, offs_n, k, v = _segment_block(
+        K, V, BLK_START, SEG_OFF, TOK0, TOK1, pid, key, skt, skh, skd, svt, svh, svd,
+        nbmax, segq, BLOCK_N, D)
     offs_d = tl.arange(0, D)
-    kmask = (offs_n < tok1)[:, None]
-    k = tl.load(K + offs_n[:, None] * skt + hh * skh + offs_d[None, :] * skd, mask=kmask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * svt + hh * svh + offs_d[None, :] * svd, mask=kmask, other=0.0)
     kt = tl.trans(k)
 
     C = BLOCK_M // G
@@ -183,19 +197,10 @@ def _bwd_block_kernel(
     key = tl.load(SEG_KEY + pid)
     if key >= nkeys:
         return
-    hh = key // nbmax
-    gb = key % nbmax
-    seg = pid - tl.load(SEG_OFF + key)
-    p0 = tl.load(BLK_START + key) + seg * segq
-    p1 = tl.minimum(p0 + segq, tl.load(BLK_START + key + 1))
-    tok0 = tl.load(TOK0 + gb)
-    tok1 = tl.load(TOK1 + gb)
-
-    offs_n = tok0 + tl.arange(0, BLOCK_N)
+    hh, p0, p1, offs_n, k, v = _segment_block(
+        K, V, BLK_START, SEG_OFF, TOK0, TOK1, pid, key, skt, skh, skd, svt, svh, svd,
+        nbmax, segq, BLOCK_N, D)
     offs_d = tl.arange(0, D)
-    kmask = (offs_n < tok1)[:, None]
-    k = tl.load(K + offs_n[:, None] * skt + hh * skh + offs_d[None, :] * skd, mask=kmask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * svt + hh * svh + offs_d[None, :] * svd, mask=kmask, other=0.0)
     kt = tl.trans(k)
     vt = tl.trans(v)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
@@ -459,30 +464,13 @@ class _SelectedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def selected_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    idx: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    block: int,
-    scale: float | None = None,
-    partials: str = "fp32",
-    *,
-    settings: KernelSettings | None = None,
-) -> torch.Tensor:
-    """Selected-block attention ``o [total, H, d]`` in q's dtype (differentiable in q, k, v).
-
-    Args:
-        q: ``[total, H, d]``; k, v: ``[total, h, d]`` with ``H % h == 0`` (any strides).
-        idx: ``[h, total, T]`` int32 document-local block ids, valid ones sorted ascending, -1 pads.
-        cu_seqlens: ``[n_docs + 1]`` document boundaries.
-        block: selection block size B (a power of two >= 16).
-        scale: softmax scale, default ``1/sqrt(d)``.
-        partials: precision of the O and dQ partials, :data:`~fsa_train.kernels.utils.PARTIALS`.
-        settings: launch overrides (``selected_fwd_config`` / ``selected_bwd_config``); default
-            from the environment.
-    """
+def selected_attention(q, k, v, idx, cu_seqlens, block: int, scale: float | None = None,
+                       partials: str = "fp32", *, settings: KernelSettings | None = None,
+                       ) -> torch.Tensor:
+    """The naive op's contract (:mod:`.naive`) in Triton, for head dims and block sizes that are
+    powers of two >= 16; ``idx`` as :func:`~fsa_train.kernels.api.select_blocks` returns it
+    (valid ids ascending). ``partials``: the O/dQ partials' precision
+    (:data:`~fsa_train.kernels.utils.PARTIALS`); ``settings``: launch overrides."""
     total, H, D = q.shape
     h = k.shape[1]
     if H % h or v.shape[1] != h or k.shape[0] != total or v.shape[0] != total:

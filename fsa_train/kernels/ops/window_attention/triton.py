@@ -40,7 +40,13 @@ import triton
 import triton.language as tl
 
 from fsa_train.kernels.settings import KernelSettings, resolve_settings
-from fsa_train.kernels.triton_utils import LN2_JIT, LOG2E_JIT, attention_delta, locate_tile
+from fsa_train.kernels.triton_utils import (
+    LN2_JIT,
+    LOG2E_JIT,
+    attention_delta,
+    head_tile_of_program,
+    locate_tile,
+)
 from fsa_train.kernels.tuning import KernelTuner
 from fsa_train.kernels.utils import (
     LOG2E,
@@ -104,11 +110,8 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_slots = total // BLOCK_M + n_docs
-    head = pid % H
-    slot = n_slots - 1 - pid // H
-    doc, bos, seqlen, start_m = locate_tile(CU, slot, n_docs, n_iter, BLOCK_M)
+    head, doc, bos, seqlen, start_m = head_tile_of_program(CU, tl.program_id(0), H, total, n_docs,
+                                                          n_iter, BLOCK_M)
     if start_m >= seqlen:
         return
     kvh = head // G
@@ -606,27 +609,9 @@ def window_attention_with_lse(
                                   resolve_settings(settings))
 
 
-def window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    window: int | None = None,
-    scale: float | None = None,
-    *,
-    settings: KernelSettings | None = None,
-) -> torch.Tensor:
-    """Causal attention inside each document over keys ``t - W + 1 .. t`` (``window=None``: all).
-
-    Args:
-        q: queries ``[total, H, d]`` (fp16, bf16 or fp32; any token/head strides).
-        k, v: keys and values ``[total, h, d]``, ``H % h == 0``; query head ``j`` uses ``j // G``.
-        cu_seqlens: document boundaries ``[n_docs + 1]`` (int32; int64 is converted on device).
-        window: keys per query, itself included (``None``: dense causal within the document).
-        scale: softmax scale (default ``1/sqrt(d)``).
-        settings: autotuning and the backward schedule (default: from the environment).
-
-    Returns:
-        ``o [total, H, d]`` in q's dtype; differentiable in q, k and v.
-    """
+def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: float | None = None,
+                     *, settings: KernelSettings | None = None) -> torch.Tensor:
+    """The naive op's contract (:mod:`.naive`) in Triton: fp16, bf16 or fp32 inputs with any
+    token/head strides, int32 or int64 ``cu_seqlens``. ``settings``: autotuning and the backward
+    schedule."""
     return window_attention_with_lse(q, k, v, cu_seqlens, window, scale, settings=settings)[0]
