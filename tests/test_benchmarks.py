@@ -1,7 +1,9 @@
-"""Benchmark scripts run end to end in their CPU smoke mode and write their tables."""
+"""The benchmark runner (``python -m benchmarks``): its registry, the result files' names, the
+committed tables rendered from their committed JSON, and the benchmarks' CPU smoke modes."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,22 +12,202 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import benchmarks  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+GPU_BENCHMARKS = ["compressed", "nsa", "profile_nsa", "selected", "throughput", "window"]
+
+
+def runner(*words: str, env: dict | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "benchmarks", *words], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env or ENV)
+
+
+# ------------------------------------------------------------------------- runner and registry
+
+
+def test_list_names_every_benchmark_module():
+    result = runner("list")
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = [line.split()[0] for line in result.stdout.splitlines()]
+    assert listed == benchmarks.module_names() == sorted(benchmarks.load_all())
+    assert {"selected", "compressed", "window", "nsa", "throughput", "kernel_resources",
+            "loss_parity", "selection_overlap", "profile_nsa", "trainer_check",
+            "parity_corpus"} == set(listed)
+    for name, bench in benchmarks.load_all().items():
+        assert bench.name == name and bench.summary and bench.main.__module__ == \
+            f"benchmarks.{name}"
+
+
+def test_every_benchmark_parses_its_flags():
+    for name, bench in benchmarks.load_all().items():
+        parser = bench.parser()
+        assert parser.prog == f"python -m benchmarks run {name}"
+        assert ("--tag" in parser.format_help()) == bench.record, name
+    args = benchmarks.get("selected").parser().parse_args(
+        ["--tokens", "16384", "--groups", "4", "--configs", "64:16", "--sweep-partials",
+         "--tag", "x1"])
+    assert args.tokens == [16384] and args.sweep_partials and args.tag == "x1"
+    with pytest.raises(SystemExit):
+        benchmarks.get("nsa").parser().parse_args(["--tag", "Not A Tag"])
+
+
+def test_unknown_benchmark_and_usage():
+    result = runner("run", "nope")
+    assert result.returncode == 2 and "no benchmark 'nope'" in result.stderr
+    assert runner().returncode == 2
+    help_ = runner("run", "window", "--help")
+    assert help_.returncode == 0 and "--atomic-groups" in help_.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+@pytest.mark.parametrize("name", GPU_BENCHMARKS)
+def test_gpu_benchmarks_stop_with_one_line_without_cuda(name, tmp_path):
+    result = runner("run", name, "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{name}: error: needs a CUDA GPU " \
+        "(torch.cuda.is_available() is False)"
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------- the writer
+
+
+def test_record_names_follow_the_rule(tmp_path, monkeypatch):
+    meta = {"device": "NVIDIA H200", "date": "2026-12-02 02:29 UTC"}
+    record = common.Record("nsa", meta, tmp_path, "half_partials")
+    assert record.stem == "nsa_h200_2026-12-02_half_partials"
+    record.write({"meta": meta}, "# table\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "nsa_h200_2026-12-02_half_partials.json", "nsa_h200_2026-12-02_half_partials.md"]
+    assert common.Record("kernel_resources", {"date": "2026-12-02"}, tmp_path,
+                         device="sm90").stem == "kernel_resources_sm90_2026-12-02"
+    with pytest.raises(ValueError, match="not a result name"):
+        common.record_name("nsa", "h200", "2026-12-02", "Bad Tag")
+    assert common.device_slug("NVIDIA H200") == "h200"
+    assert common.device_slug("NVIDIA H200 (132 SMs)") == "h200"
+    assert common.device_slug("NVIDIA H200", 2) == "h200x2"
+    assert common.device_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert common.device_slug("NVIDIA GeForce RTX 4090") == "rtx4090"
+    assert common.run_meta("cpu")["device_slug"] == "cpu"
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert benchmarks.get("window").parser().parse_args([]).out == str(tmp_path / "out")
+    monkeypatch.delenv("OUT")
+    assert benchmarks.get("window").parser().parse_args([]).out == str(RESULTS)
+
+
+def result_files() -> list[str]:
+    return sorted(p.name for p in RESULTS.iterdir() if p.name != "README.md")
+
+
+def test_committed_results_follow_the_naming_rule():
+    """One name per run: ``<benchmark>_<device>_<date>[_<tag>]``, with a registered benchmark
+    (or the GPU test logs), a date that is the run's own (its JSON's ``date``)."""
+    known = set(benchmarks.module_names()) | {"gpu_tests"}
+    for name in result_files():
+        path = RESULTS / name
+        stem = name if path.is_dir() else name.split(".", 1)[0]
+        match = common.NAME.match(stem)
+        assert match, name
+        assert match["benchmark"] in known, name
+        if path.is_dir():
+            assert match["benchmark"] == "loss_parity", name
+        elif name.endswith(".log"):
+            assert match["benchmark"] in ("gpu_tests", "selected"), name
+        elif name.endswith(".json"):
+            data = json.loads(path.read_text())
+            meta = data.get("meta") or data.get("environment") or data
+            if "date" in meta:
+                assert meta["date"][:10] == match["date"], name
+
+
+def test_results_index_lists_every_file_once():
+    index = (RESULTS / "README.md").read_text()
+    listed = re.findall(r"^\| `([^`]+)` \|", index, flags=re.M)
+    expanded = []
+    for entry in listed:
+        group = re.match(r"^(.*)\.\{([a-z,]+)\}$", entry)
+        expanded += [f"{group[1]}.{ext}" for ext in group[2].split(",")] if group else [
+            entry.rstrip("/")]
+    assert sorted(expanded) == result_files()
+    for line in index.splitlines():
+        if line.startswith("| `"):
+            cited = line.split(" | ")[5]
+            assert cited.strip() not in ("", "—"), line
+
+
+# -------------------------------------------------------- committed tables from committed JSON
+
+RENDERED = [
+    ("compressed", "markdown", "compressed_h200_2026-11-22"),
+    ("compressed", "topk_markdown", "compressed_h200_2026-12-02_topk_sweep"),
+    ("selected", "partials_markdown", "selected_h200_2026-12-02_partials_sweep"),
+    ("selected", "markdown", "selected_h200_2026-11-22"),
+    ("selected", "markdown", "selected_h200_2026-11-22_modes"),
+    ("selected", "markdown", "selected_h200_2026-12-02"),
+    ("window", "markdown", "window_h200_2026-11-22"),
+    ("window", "markdown", "window_h200_2026-11-22_split_bwd"),
+    ("window", "markdown", "window_h200_2026-12-02"),
+    ("nsa", "markdown", "nsa_h200_2026-12-02"),
+    ("nsa", "markdown", "nsa_h200_2026-12-02_32k"),
+    ("nsa", "markdown", "nsa_h200_2026-12-02_64k_g16"),
+    ("nsa", "markdown", "nsa_h200_2026-12-02_half_partials"),
+    ("nsa", "markdown", "nsa_h200_2026-12-02_per_layer"),
+    ("nsa", "markdown", "nsa_h200_2026-12-02_sort"),
+    ("throughput", "markdown", "throughput_h200_2026-12-02"),
+    ("loss_parity", "markdown", "loss_parity_h200_2026-12-01"),
+    ("loss_parity", "markdown", "loss_parity_h200_2026-12-02"),
+    ("trainer_check", "markdown", "trainer_check_h200x2_2026-11-22"),
+]
+"""The committed tables the current code writes (older runs' tables have older layouts)."""
+
+
+@pytest.mark.parametrize("benchmark,function,result", RENDERED)
+def test_committed_tables_are_rendered_from_their_committed_json(benchmark, function, result):
+    """The committed Markdown tables are what the benchmarks make of the committed JSON (no
+    hand-edited figures)."""
+    module = __import__(f"benchmarks.{benchmark}", fromlist=[function])
+    data = json.loads((RESULTS / f"{result}.json").read_text())
+    if benchmark == "selected" and function == "markdown":
+        table = module.markdown(data["meta"], data["results"])
+    elif benchmark == "loss_parity":
+        table = module.markdown(data, "Loss parity: NSA vs dense attention")
+    else:
+        table = getattr(module, function)(data)
+    assert table == (RESULTS / f"{result}.md").read_text()
+
+
+# ------------------------------------------------------------------------- CPU smoke modes
 
 
 def test_nsa_core_benchmark_smoke(tmp_path):
-    command = [sys.executable, "benchmarks/bench_nsa.py", "--device", "cpu", "--tokens", "256",
-               "--groups", "2", "--head_dim", "32", "--kv_heads", "1", "--tiny_nsa",
-               "--out", str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = runner("run", "nsa", "--device", "cpu", "--tokens", "256", "--groups", "2",
+                    "--head_dim", "32", "--kv_heads", "1", "--tiny_nsa", "--out", str(tmp_path),
+                    "--tag", "smoke")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((tmp_path / "nsa_core.json").read_text())["rows"]
+    (json_file,) = tmp_path.glob("*.json")
+    assert common.NAME.match(json_file.stem)["device"] == "cpu"
+    assert json_file.stem.startswith("nsa_cpu_") and json_file.stem.endswith("_smoke")
+    rows = json.loads(json_file.read_text())["rows"]
     methods = {row["method"] for row in rows}
     expected = {"nsa core", "nsa core, per layer (shared varlen)", "branch: selected_attention",
                 "dense: ours (window_attention None)"}
     assert expected <= methods
     assert all(row["fwd_ms"] > 0 for row in rows)
-    assert "| nsa core |" in (tmp_path / "nsa_core.md").read_text()
+    assert "| nsa core |" in json_file.with_suffix(".md").read_text()
+
+
+def test_nsa_layouts():
+    from benchmarks.nsa import shape_layouts
+
+    assert shape_layouts(16384, ["one", "packed"]) == [None, 4096]
+    assert shape_layouts(16384, ["one"]) == [None]
+    assert shape_layouts(4096, ["one", "packed"]) == [None]
 
 
 TINY_PARITY_MODEL = """\
@@ -44,7 +226,7 @@ model:
 
 
 def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_path):
-    """The parity experiment end to end on the CPU, driven by `loss_parity_device.sh advance`
+    """The parity experiment end to end on the CPU, driven by `device.sh loss-parity advance`
     (the one command of every device call): two real `fsa-train fit` runs on one dataset, then
     position loss, passkey and selection overlap on their exports, then the report in $OUT;
     a second call trains nothing again."""
@@ -65,7 +247,7 @@ def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_pat
                BUDGET="400")
 
     def device_step(*words: str) -> str:
-        result = subprocess.run(["bash", "benchmarks/loss_parity_device.sh", *words],
+        result = subprocess.run(["bash", "benchmarks/device.sh", "loss-parity", *words],
                                 cwd=ROOT, capture_output=True, text=True, timeout=500, env=env)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result.stdout
@@ -73,12 +255,14 @@ def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_pat
     printed = device_step("advance")
     assert "run dense 0 rc=0" in printed and "run nsa 0 rc=0" in printed
     assert "finish rc=0" in printed
-    report = (out / "loss_parity.md").read_text()
+    (report_file,) = out.glob("loss_parity_*.md")
+    assert common.NAME.match(report_file.stem)["device"] == "cpu"
+    report = report_file.read_text()
     assert "| dense-s0 |" in report and "NSA − dense" in report
     assert "Block selections of nsa-s0" in report
     for mode in ("dense", "nsa"):
         assert f"attention: {mode}" in (runs / f"{mode}-s0" / "run.yaml").read_text()
-    summary = json.loads((out / "loss_parity.json").read_text())
+    summary = json.loads(report_file.with_suffix(".json").read_text())
     dense, nsa = summary["runs"]["dense-s0"], summary["runs"]["nsa-s0"]
     assert [v["step"] for v in dense["val"]] == [2, 4] == [v["step"] for v in nsa["val"]]
     assert dense["tokens"] == nsa["tokens"] == 4 * 2 * 64
@@ -97,12 +281,17 @@ def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_pat
         assert "finished, skipped" in device_step("run", mode, "0")
 
 
+def test_device_script_lists_its_subcommands():
+    result = subprocess.run(["bash", "benchmarks/device.sh"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    for command in ("wheels", "gpu-tests", "bench NAME", "loss-parity", "trainer-check"):
+        assert f"device.sh {command}" in result.stdout, command
+
+
 def test_loss_parity_summary_interpolates_time_to_reach_and_drops_repeated_steps(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import loss_parity
-    finally:
-        sys.path.pop(0)
+    from benchmarks import loss_parity
+
     for mode, losses, seconds in (("dense", [3.0, 2.5, 2.0], 10.0), ("nsa", [2.9, 2.3, 1.9], 5.0)):
         rows = [{"step": 100 * (i + 1), "train_time_s": seconds * (i + 1),
                  "tokens_seen": 1000 * (i + 1), "val/loss": loss} for i, loss in enumerate(losses)]
@@ -118,14 +307,18 @@ def test_loss_parity_summary_interpolates_time_to_reach_and_drops_repeated_steps
     assert abs(pair["speedup_to_dense_final"] - 30.0 / 13.75) < 1e-9
     assert abs(pair["nsa_minus_dense"] + 0.1) < 1e-9
     assert summary["modes"]["dense"] == {"seeds": 1, "mean": 2.0, "spread": 0.0}
+    # the report's name: this machine when no job was recorded, else the jobs' device and day
+    assert loss_parity.report_meta(summary)["device_slug"] == "cpu"
+    summary["runs"]["nsa-s0"]["jobs"] = [
+        {"started": "2026-12-01T23:50:00+00:00", "device": "NVIDIA H200"},
+        {"started": "2026-12-02T00:10:00+00:00", "device": "NVIDIA H200"}]
+    meta = loss_parity.report_meta(summary)
+    assert common.Record("loss_parity", meta, tmp_path).stem == "loss_parity_h200_2026-12-02"
 
 
 def test_loss_parity_one_off_time_is_the_excess_of_slow_steps():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import loss_parity
-    finally:
-        sys.path.pop(0)
+    from benchmarks import loss_parity
+
     # steps of 1 s, except step 1 (autotuning: 31 s) and step 6 (after a resume: 5 s)
     durations = [31.0, 1.0, 1.0, 1.0, 1.0, 5.0, 1.0, 1.0]
     times, clock = [], 0.0
@@ -138,34 +331,61 @@ def test_loss_parity_one_off_time_is_the_excess_of_slow_steps():
     assert loss_parity._one_off_at(one_off, 7) == 34.0 and loss_parity._one_off_at(one_off, 0) == 0
 
 
-def test_bench_selected_coherent_selection_repeats_each_span_start():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_selected
-    finally:
-        sys.path.pop(0)
+def test_selected_coherent_selection_repeats_each_span_start():
+    from benchmarks import selected
+
     idx = torch.arange(2 * 20 * 2, dtype=torch.int32).view(2, 20, 2)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
-    out = bench_selected.coherent_selection(idx, cu, 4, 8)
+    out = selected.coherent_selection(idx, cu, 4, 8)
     # spans of 4 start at 0 and 4 in the first document, at 7, 11, 15, 19 in the second
     starts = [0] * 4 + [4] * 3 + [7] * 4 + [11] * 4 + [15] * 4 + [19]
     assert torch.equal(out, idx[:, starts])
     with pytest.raises(SystemExit, match="must divide the block"):
-        bench_selected.coherent_selection(idx, cu, 3, 8)
+        selected.coherent_selection(idx, cu, 3, 8)
 
 
-@pytest.mark.parametrize("script,result", [
-    ("sweep_topk", "topk_sweep_2026-12-02"),
-    ("sweep_partials", "partials_sweep_2026-12-02"),
-])
-def test_sweep_tables_are_rendered_from_their_committed_json(script, result):
-    """The committed Markdown tables of the GPU sweeps are what the scripts make of the committed
-    JSON (no hand-edited figures)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        module = __import__(script)
-    finally:
-        sys.path.pop(0)
-    results = ROOT / "benchmarks" / "results"
-    data = json.loads((results / f"{result}.json").read_text())
-    assert module.markdown(data) == (results / f"{result}.md").read_text()
+def test_selected_tune_passes_launch_configs_as_settings():
+    from benchmarks import selected
+
+    assert selected.launch_config((64, 4, 2, 1)) == {"BLOCK_M": 64, "num_warps": 4,
+                                                     "num_stages": 2, "PREFETCH": True}
+    fwd = selected.tune_settings("fwd", (128, 8, 3))
+    bwd = selected.tune_settings("bwd", (64, 8, 2))
+    assert fwd.selected_fwd_config["BLOCK_M"] == 128 and fwd.selected_bwd_config is None
+    assert bwd.selected_bwd_config["num_warps"] == 8 and bwd.selected_fwd_config is None
+
+
+def test_gpu_tests_write_their_log_to_out(tmp_path):
+    """`device.sh gpu-tests` runs `pytest -m gpu` over the given paths and keeps the log in
+    $OUT/gpu_tests.log (here no test is marked gpu, and there is no nvidia-smi)."""
+    env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable, WORKERS="1")
+    subprocess.run(["bash", "benchmarks/device.sh", "gpu-tests", "tests/test_flops.py"],
+                   cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    log = (tmp_path / "gpu_tests.log").read_text()
+    assert re.search(r"deselected|no tests ran", log), log[-1000:]
+
+
+def test_the_kernel_entry_points_the_benchmarks_call():
+    """What the GPU benchmarks call, checked on the CPU: the Triton entry points take
+    ``settings=``, and the settings the benchmarks vary are fields of KernelSettings."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    from fsa_train.kernels.settings import default_settings
+
+    for op in ("compressed_attention", "select_blocks", "selected_attention",
+               "window_attention"):
+        module = importlib.import_module(f"fsa_train.kernels.ops.{op}.triton")
+        assert "settings" in inspect.signature(getattr(module, op)).parameters, op
+    assert "fwd_mode" not in inspect.signature(importlib.import_module(
+        "fsa_train.kernels.ops.selected_attention.triton").selected_attention).parameters
+    base = default_settings()
+    for changes in ({"topk_merge": "sort", "topk_tile_blocks": 32}, {"topk_configs": "tuned"},
+                    {"window_bwd": "split"}, {"window_bwd": "atomic"}):
+        assert dataclasses.asdict(dataclasses.replace(base, **changes)).items() >= \
+            changes.items()
+    from benchmarks import compressed, window
+
+    assert isinstance(compressed.tuner_choices(), dict)
+    assert isinstance(window.tuner_choices(), dict)

@@ -10,10 +10,10 @@ import torch
 from fsa_train.config import GPTConfig, NSAConfig
 from fsa_train.model import GPT
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import selection_overlap  # noqa: E402
-
-sys.path.pop(0)
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks import selection_overlap  # noqa: E402
 
 
 def naive_stats(idx: torch.Tensor, lengths: list[int], tile: int) -> dict[str, float]:

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_throughput.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import throughput
+
+    return throughput
+
+
+def written(directory: Path, suffix: str) -> Path:
+    """The one ``throughput_cpu_<date>`` file with ``suffix`` the run wrote."""
+    (path,) = directory.glob(f"throughput_cpu_*{suffix}")
+    return path
 
 
 TINY = ["--device", "cpu", "--n_layer", "1", "--d_model", "64", "--head_dim", "16",
@@ -55,20 +62,20 @@ def test_tokens_per_step_packs_whole_sequences(bench, tmp_path):
                          "--modes", "dense", "sdpa", "--out", str(tmp_path)])
     assert [(r["context"], r["sequences"]) for r in report["rows"]] == [
         (128, 3), (128, 3), (512, 1), (512, 1)]
-    assert "384 tokens per step" in (tmp_path / "throughput.md").read_text()
+    assert "384 tokens per step" in written(tmp_path, ".md").read_text()
 
 
 def test_tiny_cpu_run_writes_json_and_markdown(bench, tmp_path, capsys):
     report = bench.main([*TINY, "--contexts", "256", "512", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "throughput.json").read_text())
+    saved = json.loads(written(tmp_path, ".json").read_text())
     rows = [(r["mode"], r["context"], r["status"]) for r in saved["rows"]]
     assert rows == [(m, c, "ok") for c in (256, 512) for m in ("dense", "sdpa", "nsa")]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in saved["rows"])
     assert saved["model"]["n_head"] == 4 and saved["model"]["n_kv_head"] == 1
     assert saved["environment"]["torch"] == torch.__version__
-    table = (tmp_path / "throughput.md").read_text()
+    table = written(tmp_path, ".md").read_text()
     assert "| nsa | 512 |" in table and "NSA / dense" in table
-    has_png = (tmp_path / "throughput.png").is_file()
+    has_png = bool(list(tmp_path.glob("throughput_cpu_*.png")))
     assert has_png or "no plot" in capsys.readouterr().out
     assert report["rows"] == saved["rows"]
 

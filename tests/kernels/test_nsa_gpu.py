@@ -3,6 +3,7 @@ against the pure-PyTorch reference, bf16, packed documents, outputs and every gr
 
 import pytest
 import torch
+from fsa_testing import cu_seqlens, rel_error
 
 from fsa_train.config import GPTConfig, NSAConfig
 from fsa_train.kernels import CompressionParams, nsa_attention, triton_impl
@@ -10,10 +11,6 @@ from fsa_train.model import GPT
 from fsa_train.model.rope import Rotary
 
 pytestmark = pytest.mark.gpu
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
 def test_auto_dispatch_reaches_the_triton_kernels():
@@ -31,8 +28,7 @@ def test_nsa_core_auto_matches_reference(group, partials):
     device, dtype, h, d = "cuda", torch.bfloat16, 2, 128
     cfg = NSAConfig(selected_partials=partials)
     lengths = [3000, 37, 1100, 4096]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
-                      device=device)
+    cu = cu_seqlens(lengths, device=device)
     total, H = sum(lengths), h * group
     q = torch.randn(total, H, d, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(total, h, d, device=device, dtype=dtype, requires_grad=True)
@@ -57,10 +53,10 @@ def test_nsa_core_auto_matches_reference(group, partials):
     out_auto, grads_auto = results["auto"]
     out_ref, grads_ref = results["reference"]
     assert torch.isfinite(out_auto).all()
-    assert rel_err(out_auto, out_ref) < 1e-2
+    assert rel_error(out_auto, out_ref) < 1e-2
     names = ("q", "k", "v", "gates", "w_k", "w_v", "pe")
     for name, got, want in zip(names, grads_auto, grads_ref, strict=True):
-        assert rel_err(got, want) < 2e-2, name
+        assert rel_error(got, want) < 2e-2, name
 
 
 def test_gpt_trains_on_the_gpu_with_triton_kernels():
@@ -69,8 +65,7 @@ def test_gpt_trains_on_the_gpu_with_triton_kernels():
                     head_dim=128)
     model = GPT(cfg).cuda()
     lengths = [2048, 1000, 1048]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
-                      device="cuda")
+    cu = cu_seqlens(lengths, device="cuda")
     ids = (torch.arange(sum(lengths), device="cuda") * 7) % 512  # next token = this one + 7
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
@@ -128,4 +123,4 @@ def test_nsa_core_captures_in_a_cuda_graph():
                                                                       params.pe))),
                              cu, cfg, rope)
     assert not torch.equal(captured, eager)
-    assert rel_err(captured, expected) < 1e-2
+    assert rel_error(captured, expected) < 1e-2

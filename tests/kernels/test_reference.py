@@ -1,4 +1,5 @@
-"""Tests of the pure-PyTorch NSA reference (fsa_train/kernels/reference.py).
+"""Tests of the pure-PyTorch NSA reference (fsa_train/kernels/reference.py: the naive ops of
+fsa_train/kernels/ops/<op>/naive.py).
 
 The reference is checked against a deliberately naive fp64 implementation written here from
 docs/nsa.md alone: Python loops over documents, tokens and heads, one softmax per (token, head),
@@ -13,10 +14,11 @@ import math
 
 import pytest
 import torch
+from fsa_testing import cu_seqlens
 
 from fsa_train import kernels
 from fsa_train.config import NSAConfig
-from fsa_train.kernels import CompressionParams, reference
+from fsa_train.kernels import CompressionParams, naive_attention, reference
 
 F64 = torch.float64
 
@@ -43,13 +45,6 @@ def no_rope(
     return x
 
 
-def cu_of(lengths: list[int]) -> torch.Tensor:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32)
-
-
 def make_inputs(lengths, H, h, d, kernel, seed=0, dtype=F64):
     """Random q, k, v, gates and compression parameters for a packed batch."""
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +58,7 @@ def make_inputs(lengths, H, h, d, kernel, seed=0, dtype=F64):
         w_k=r(h, kernel * d, d, s=1 / math.sqrt(kernel * d)),
         w_v=r(h, kernel * d, d, s=1 / math.sqrt(kernel * d)),
         pe=r(h, kernel, d, s=0.5),
-        cu=cu_of(lengths),
+        cu=cu_seqlens(lengths, device="cpu"),
     )
 
 
@@ -79,9 +74,9 @@ def one_thread():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force the reference to split documents into several query chunks."""
-    monkeypatch.setattr(reference, "_SCORE_BUDGET", 1)
-    monkeypatch.setattr(reference, "_MIN_CHUNK", 7)
-    monkeypatch.setattr(reference, "_MAX_CHUNK", 7)
+    monkeypatch.setattr(naive_attention, "SCORE_BUDGET", 1)
+    monkeypatch.setattr(naive_attention, "MIN_CHUNK", 7)
+    monkeypatch.setattr(naive_attention, "MAX_CHUNK", 7)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +425,7 @@ def select(q, k_c, cu, cfg, scale=None):
 
 
 def compressed_keys(lengths, h, d, cfg, seed):
-    cu = cu_of(lengths)
+    cu = cu_seqlens(lengths, device="cpu")
     n_c = int(reference.compressed_lengths(cu, cfg.cmp_kernel, cfg.cmp_stride)[-1])
     g = torch.Generator().manual_seed(seed)
     return cu, torch.randn(n_c, h, d, generator=g, dtype=F64)
@@ -494,7 +489,8 @@ def test_topk_ids_are_local_to_each_document():
     second = idx[0, 37:]
     assert int(second.max()) == (29 - 1) // 8
     # the same document alone gives the same ids
-    alone = select(q[37:], k_c[int(reference.compressed_lengths(cu, 8, 4)[1]) :], cu_of([29]), cfg)
+    first_c = int(reference.compressed_lengths(cu, 8, 4)[1])
+    alone = select(q[37:], k_c[first_c:], cu_seqlens([29], device="cpu"), cfg)
     assert torch.equal(alone[0], second)
 
 
@@ -566,7 +562,8 @@ def test_gradcheck_compress():
 
 
 def test_gradcheck_compressed_attention():
-    cu = cu_of([3, 13, 8])  # a document shorter than l: queries with no visible key
+    # a document shorter than l: queries with no visible key
+    cu = cu_seqlens([3, 13, 8], device="cpu")
     cu_c = reference.compressed_lengths(cu, 4, 2)
     n_c = int(cu_c[-1])
     g = torch.Generator().manual_seed(12)
@@ -582,7 +579,7 @@ def test_gradcheck_compressed_attention():
 
 
 def test_gradcheck_selected_attention():
-    cu = cu_of([13, 9])
+    cu = cu_seqlens([13, 9], device="cpu")
     g = torch.Generator().manual_seed(13)
     q = leaf(torch.randn(22, 4, 3, generator=g, dtype=F64))
     k = leaf(torch.randn(22, 2, 3, generator=g, dtype=F64))
@@ -596,7 +593,7 @@ def test_gradcheck_selected_attention():
 
 @pytest.mark.parametrize("window", [3, None])
 def test_gradcheck_window_attention(window, small_chunks):
-    cu = cu_of([10, 1, 6])
+    cu = cu_seqlens([10, 1, 6], device="cpu")
     g = torch.Generator().manual_seed(14)
     q = leaf(torch.randn(17, 2, 3, generator=g, dtype=F64))
     k = leaf(torch.randn(17, 1, 3, generator=g, dtype=F64))
@@ -683,7 +680,8 @@ def test_packing_isolation():
 
 
 def test_no_nan_without_visible_compressed_key():
-    cu = cu_of([5, 20])  # l = 8: the first document has no compressed token at all
+    # l = 8: the first document has no compressed token at all
+    cu = cu_seqlens([5, 20], device="cpu")
     cu_c = reference.compressed_lengths(cu, 8, 4)
     n_c = int(cu_c[-1])
     g = torch.Generator().manual_seed(18)
@@ -751,8 +749,8 @@ def test_chunking_does_not_change_results(monkeypatch):
     out = run_nsa(inp, cfg, **tensors)
     out.backward(torch.ones_like(out))
     grads = {n: t.grad.clone() for n, t in tensors.items()}
-    monkeypatch.setattr(reference, "_SCORE_BUDGET", 1)
-    monkeypatch.setattr(reference, "_MIN_CHUNK", 6)
+    monkeypatch.setattr(naive_attention, "SCORE_BUDGET", 1)
+    monkeypatch.setattr(naive_attention, "MIN_CHUNK", 6)
     tensors = {n: leaf(inp[n]) for n in tensors}
     out_chunked = run_nsa(inp, cfg, **tensors)
     out_chunked.backward(torch.ones_like(out))

@@ -5,21 +5,20 @@ import importlib
 
 import pytest
 import torch
+from fsa_testing import DEVICE, cu_seqlens
 
 from fsa_train.config import NSAConfig
 from fsa_train.kernels import OPS, CompressionParams, nsa_attention, reference, triton_impl
 from fsa_train.model.rope import Rotary
 
 pytest.importorskip("triton")
-compress_mod = importlib.import_module("fsa_train.kernels.triton.compress")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+compress_mod = importlib.import_module("fsa_train.kernels.ops.compress.triton")
 
 
 def packed(lengths, h, d, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     x = torch.randn(sum(lengths), h, d, generator=gen, dtype=torch.float64)
-    return x.to(DEVICE, dtype), cu.to(DEVICE)
+    return x.to(DEVICE, dtype), cu_seqlens(lengths)
 
 
 @pytest.mark.parametrize("lengths", [[5], [40, 3, 29, 64], [16, 17, 1]])
@@ -129,7 +128,7 @@ def test_nsa_core_on_triton_kernels_is_causal():
 
 def test_nsa_core_passes_the_partials_setting_to_the_selected_kernel(monkeypatch):
     """``nsa.selected_partials`` reaches the selected-attention kernels (the only place it acts)."""
-    selected = importlib.import_module("fsa_train.kernels.triton.selected_attention")
+    selected = importlib.import_module("fsa_train.kernels.ops.selected_attention.triton")
     seen = []
     real = selected.partial_dtype
 

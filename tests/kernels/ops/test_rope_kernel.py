@@ -1,44 +1,29 @@
-"""The fused RoPE kernel (fsa_train/kernels/triton/rope.py) against Rotary's torch path.
+"""The fused RoPE kernel (fsa_train/kernels/ops/rope/triton.py) against Rotary's torch path.
 
-On CPU the kernel runs under ``TRITON_INTERPRET=1`` in fp32 and fp16 (the interpreter computes
-bf16 wrongly); bf16 at a real size (64K tokens) is tested on the GPU only.
+On CPU the kernel runs under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) in fp32 and fp16
+(the interpreter computes bf16 wrongly); bf16 at a real size (64K tokens) is tested on the GPU
+only.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
+from fsa_testing import CUDA, DEVICE, cu_seqlens, rel_error
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fsa_train.config import NSAConfig
+from fsa_train.kernels import CompressionParams, nsa_attention
+from fsa_train.kernels.varlen import document_positions
+from fsa_train.model.rope import Rotary
 
 pytest.importorskip("triton")
+rope_mod = importlib.import_module("fsa_train.kernels.ops.rope.triton")
 
-from fsa_train.config import NSAConfig  # noqa: E402
-from fsa_train.kernels import CompressionParams, nsa_attention  # noqa: E402
-from fsa_train.kernels.varlen import document_positions  # noqa: E402
-from fsa_train.model.rope import Rotary  # noqa: E402
-
-rope_mod = importlib.import_module("fsa_train.kernels.triton.rope")
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 LENGTHS = [20, 1, 16]  # 37 tokens: several interpreter tiles, a one-token document
 TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3)}
-
-
-def _cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
-                        device=DEVICE)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _x(n: int, heads: int, d: int, dtype: torch.dtype, strided: bool, seed: int = 0):
@@ -66,13 +51,13 @@ def test_kernel_matches_torch_path(dtype, heads, d, strided):
     rotary = Rotary(d)
     x = _x(n, heads, d, dtype, strided)
     dy = _x(n, heads, d, dtype, strided=not strided, seed=1)
-    positions = document_positions(_cu(LENGTHS), n)
+    positions = document_positions(cu_seqlens(LENGTHS), n)
     y, dx = _value_and_grad(lambda t, p: rope_mod.rope(t, p, d, rotary.base, n), x, positions, dy)
     y_ref, dx_ref = _value_and_grad(rotary._torch_forward, x, positions, dy)
     assert y.dtype == dtype and dx.dtype == dtype and y.is_contiguous()
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
     torch.testing.assert_close(dx, dx_ref, **TOL[dtype])
-    assert _rel(y, x) > 0.1  # positions > 0 do rotate
+    assert rel_error(y, x) > 0.1  # positions > 0 do rotate
 
 
 def test_positions_up_to_the_bound():
@@ -142,7 +127,7 @@ def test_positions_outside_the_table_are_clamped_not_read_out_of_bounds(monkeypa
 def test_rotary_dispatch():
     """The kernel on CUDA (or with interpret=True here), the torch ops otherwise and for fp64."""
     n, d = 37, 16
-    positions = document_positions(_cu(LENGTHS), n)
+    positions = document_positions(cu_seqlens(LENGTHS), n)
     x = _x(n, 2, d, torch.float32, strided=False).requires_grad_()
     kernel = Rotary(d, interpret=True)(x, positions)  # default bound: n
     assert kernel.grad_fn.name() == "RopeFunctionBackward"
@@ -160,7 +145,7 @@ def test_nsa_core_bounds_every_rope_call():
     nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, init_blocks=1,
                     local_blocks=2, window=24)
     lengths, H, h, d = [70, 9, 45], 2, 1, 16
-    total, cu = sum(lengths), _cu(lengths)
+    total, cu = sum(lengths), cu_seqlens(lengths)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(total, heads, d, generator=g).to(DEVICE) for heads in (H, h, h))
     gates = torch.rand(total, H, 3, generator=g).to(DEVICE)
@@ -187,11 +172,10 @@ def test_nsa_core_bounds_every_rope_call():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_real_size_bf16_on_the_gpu():
     n, heads, d = 65536, 16, 128
     lengths = [30000, 17, 20000, n - 50017]
-    positions = document_positions(_cu(lengths), n)
+    positions = document_positions(cu_seqlens(lengths), n)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(n, heads, d, device="cuda", generator=g).bfloat16()
     dy = torch.randn(n, heads, d, device="cuda", generator=g).bfloat16()
@@ -203,7 +187,7 @@ def test_real_size_bf16_on_the_gpu():
     ulp = dict(rtol=2**-7, atol=1e-5)  # fp32 results may round to neighbouring bf16 values
     for got, want64, want32 in ((y, y64, y32), (dx, dx64, dx32)):
         assert torch.isfinite(got).all()
-        assert _rel(got, want64) <= 1e-2
-        assert _rel(got, want32) <= 1e-4
+        assert rel_error(got, want64) <= 1e-2
+        assert rel_error(got, want32) <= 1e-4
         torch.testing.assert_close(got, want32, **ulp)
     assert math.isclose(y.float().norm().item(), x.float().norm().item(), rel_tol=1e-3)

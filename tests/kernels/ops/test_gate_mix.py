@@ -1,32 +1,25 @@
 """gate_mix Triton kernels (forward and backward) against the reference computed in fp64.
 
-Without CUDA the kernels run under ``TRITON_INTERPRET=1`` on tiny fp32/fp16 shapes, with
-non-contiguous branch outputs, gates and output gradients; bf16 is tested on the GPU only (the
-interpreter computes bf16 wrongly), at a real size, with determinism.
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) on tiny
+fp32/fp16 shapes, with non-contiguous branch outputs, gates and output gradients; bf16 is tested
+on the GPU only (the interpreter computes bf16 wrongly), at a real size, with determinism.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
-import os
 
 import pytest
 import torch
+from fsa_testing import DEVICE, rel_error
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import fsa_train.kernels as ops
+from fsa_train.kernels import reference
+from fsa_train.kernels.registry import REGISTRY
 
 pytest.importorskip("triton")
+gm = importlib.import_module("fsa_train.kernels.ops.gate_mix.triton")
 
-import fsa_train.kernels as ops  # noqa: E402
-from fsa_train.kernels import reference  # noqa: E402
-
-gm = importlib.import_module("fsa_train.kernels.triton.gate_mix")
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-4)}
 
 
@@ -67,12 +60,6 @@ def _run(fn, inputs, do, need=(True, True, True, True)):
 def _truth(inputs, do, need=(True, True, True, True)):
     """The reference in fp64 on the same (rounded) inputs."""
     return _run(reference.gate_mix, [x.double() for x in inputs], do.double(), need)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative L2 error; the reference norm is floored at an RMS of 1."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(math.sqrt(b.numel()))).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -130,8 +117,9 @@ def test_no_tokens():
 
 def test_dispatch_and_argument_checks():
     inputs, _ = _inputs(5, 2, 16, torch.float32, strided=False)
-    assert ops.resolve("gate_mix", "triton", inputs[0]) is gm.gate_mix
-    assert ops.resolve("gate_mix", "reference", inputs[0]) is reference.gate_mix
+    op = REGISTRY["gate_mix"]
+    assert op.resolve("triton", inputs[0], tuple(inputs), {}) is gm.gate_mix
+    assert op.resolve("reference", inputs[0], tuple(inputs), {}) is reference.gate_mix
     torch.testing.assert_close(ops.gate_mix(*inputs, backend="triton"),
                                ops.gate_mix(*inputs, backend="reference"))
     o, g = inputs[0], inputs[3]
@@ -143,7 +131,6 @@ def test_dispatch_and_argument_checks():
         gm.gate_mix(*(o[..., :12],) * 3, g)
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_64k_tokens_bf16_deterministic():
     total, H, d, dtype = 65536, 16, 128, torch.bfloat16
@@ -152,9 +139,11 @@ def test_gpu_64k_tokens_bf16_deterministic():
     out, grads = _run(gm.gate_mix, inputs, do)
     _, again = _run(gm.gate_mix, inputs, do)
     want, want_grads = _truth(inputs, do)
-    assert out.dtype == dtype and _rel(out, want) <= 1e-2, _rel(out, want)
+    err = rel_error(out, want, rms_floor=True)
+    assert out.dtype == dtype and err <= 1e-2, err
     for name, got, second, ref in zip(("cmp", "sel", "win", "gates"), grads, again, want_grads,
                                       strict=True):
         assert got.dtype == dtype and torch.isfinite(got).all(), name
-        assert _rel(got, ref) <= 1e-2, (name, _rel(got, ref))
+        err = rel_error(got, ref, rms_floor=True)
+        assert err <= 1e-2, (name, err)
         assert torch.equal(got, second), name

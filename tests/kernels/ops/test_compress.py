@@ -5,12 +5,12 @@ import importlib
 
 import pytest
 import torch
+from fsa_testing import DEVICE, cu_seqlens, rel_error
 
 from fsa_train.kernels import reference
 
 pytest.importorskip("triton")
-compress_mod = importlib.import_module("fsa_train.kernels.triton.compress")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+compress_mod = importlib.import_module("fsa_train.kernels.ops.compress.triton")
 
 # (document lengths, l, s) with l/s = 2, 1 and 4: odd lengths, documents shorter than l, lengths
 # not divisible by s, documents spanning several tiles of the interpreter configs (16 rows,
@@ -22,21 +22,16 @@ GEOMETRIES = [
 ]
 
 
-def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
 def make_inputs(lengths, kernel, h, d, seed=0, d_out=None, device=DEVICE):
     """fp64 ``x, weight, pe`` and int32 ``cu_seqlens``, weights scaled to O(1) outputs."""
     gen = torch.Generator().manual_seed(seed)
     total = sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()],
-                      dtype=torch.int32)
+    cu = cu_seqlens(lengths, device=device)
     x = torch.randn(total, h, d, generator=gen, dtype=torch.float64)
     weight = torch.randn(h, kernel * d, d_out or d, generator=gen, dtype=torch.float64)
     weight /= (kernel * d) ** 0.5
     pe = 0.5 * torch.randn(h, kernel, d, generator=gen, dtype=torch.float64)
-    return x.to(device), weight.to(device), pe.to(device), cu.to(device)
+    return x.to(device), weight.to(device), pe.to(device), cu
 
 
 def run(x, weight, pe, cu, kernel, stride, grad_fn):
@@ -89,14 +84,14 @@ def test_matches_fp64_reference(geometry, use_pe, dtype, param_dtype, tol):
     dout = padded_grad(out, n)[:n]
     want, want_cu, want_grads = reference_fp64(x, weight, pe, cu, kernel, stride, dout)
     assert torch.equal(cu_c, want_cu)
-    assert rel_l2(out[:n], want) <= tol
+    assert rel_error(out[:n], want) <= tol
     for name, got, ref, leaf in zip(("x", "weight", "pe"), grads, want_grads, (x, weight, pe),
                                     strict=True):
         if leaf is None:
             continue
         assert got.dtype == leaf.dtype, name
         assert torch.isfinite(got).all(), name
-        assert rel_l2(got, ref) <= tol, name
+        assert rel_error(got, ref) <= tol, name
 
 
 def test_fp32_forward_equals_reference_in_fp32():
@@ -217,7 +212,7 @@ def test_gradient_of_x_only():
     n = int(cu_c[-1])
     out.backward(padded_grad(out, n))
     want = reference_fp64(x, weight, pe, cu, kernel, stride, padded_grad(out, n)[:n])[2][0]
-    assert rel_l2(x.grad, want) <= 1e-5
+    assert rel_error(x.grad, want) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,11 +247,11 @@ def test_gpu_real_sizes_accurate_and_deterministic(lengths, dtype, param_dtype):
     assert torch.count_nonzero(out[n:]) == 0
     want, _, want_grads = reference_fp64(x, weight, pe, cu, kernel, stride,
                                          padded_grad(out, n)[:n])
-    assert rel_l2(out[:n], want) <= 1e-2
+    assert rel_error(out[:n], want) <= 1e-2
     for name, got, ref, leaf in zip(("x", "weight", "pe"), grads, want_grads, (x, weight, pe),
                                     strict=True):
         assert got.dtype == leaf.dtype, name
-        assert rel_l2(got, ref) <= 1e-2, name
+        assert rel_error(got, ref) <= 1e-2, name
 
 
 @pytest.mark.gpu
