@@ -8,9 +8,11 @@ NVIDIA backend of the local Triton (its bundled ``cuobjdump``). The GPU image's 
 allocates registers differently from a newer one, so check with that version too; it installs
 beside the project's without touching it:
 
-    python benchmarks/kernel_resources.py [--kernels select selected_fwd ...] [--out FILE.md]
+    python -m benchmarks run kernel_resources [--kernels select selected_fwd ...] [--out DIR]
     pip install --no-deps --target /tmp/triton36 triton==3.6.0
-    PYTHONPATH=/tmp/triton36:. python benchmarks/kernel_resources.py --out FILE.md
+    PYTHONPATH=/tmp/triton36:. python -m benchmarks run kernel_resources --tag triton36
+
+Writes ``kernel_resources_sm90_<date>[_<tag>].{json,md}`` to ``--out``.
 
 It is a guide, not a measurement: the autotuner and the benchmarks decide.
 
@@ -20,7 +22,6 @@ Every kernel runs at the benchmark shape: bf16, d = 128, G = 4 and default NSA p
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import re
 import subprocess
@@ -32,7 +33,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
+from benchmarks import REGISTRY, register
+from benchmarks.common import Record, run_meta
+
 TARGET = GPUTarget("cuda", 90, 32)
+DEVICE = "sm90"
+"""The device part of the result names: the offline compile's target."""
 
 
 SMALL_INTS = ("n_docs", "n_iter", "G", "h", "h_kv", "kernel", "stride", "block", "topk",
@@ -94,10 +100,11 @@ def resources(fn, spec: Spec, constexprs: dict, num_warps: int, num_stages: int)
             "sass_instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M))}
 
 
-def _module(name: str):
+def _module(op: str):
+    """The Triton module of ``op`` (``fsa_train.kernels.ops.<op>.triton``)."""
     import importlib
 
-    return importlib.import_module(f"fsa_train.kernels.triton.{name}")
+    return importlib.import_module(f"fsa_train.kernels.ops.{op}.triton")
 
 
 BF16 = "*bf16"
@@ -106,7 +113,7 @@ I32 = "*i32"
 
 SPECS: dict[str, Spec] = {
     "select": Spec(
-        load=lambda: _module("topk")._select_kernel,
+        load=lambda: _module("select_blocks")._select_kernel,
         pointers={"Q": BF16, "K": BF16, "LSE": F32, "IDX": I32, "CU": I32, "CUC": I32},
         floats=("qk_scale",),
         constexprs={"HEAD_DIM": 128, "DOT_PREC": "tf32", "A": 2, "BS": 4, "NBT": 16, "TP": 16,
@@ -134,7 +141,7 @@ SPECS: dict[str, Spec] = {
                   "SEG_KEY": I32, "SEG_OFF": I32, "TOK0": I32, "TOK1": I32},
         floats=("scale", "scale_log2"),
         constexprs={"T": 16, "G": 4, "H": 16, "D": 128, "BLOCK_N": 64, "BLOCK_M": 128,
-                    "WRITE_DQ": True, "IEEE": False, "PREFETCH": False},
+                    "IEEE": False, "PREFETCH": False},
         configs=[({}, 8, 3), ({"BLOCK_M": 64}, 8, 3), ({"BLOCK_M": 64}, 4, 3),
                  ({"BLOCK_M": 128}, 8, 2)],
         note="selected attention backward, block-major (table: 128 rows / 8 warps / 3 stages)",
@@ -244,9 +251,11 @@ def survey(names: list[str], max_configs: int | None = None) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    lines = [f"# Kernel resources, offline sm_90 compile (Triton {triton.__version__}, "
-             f"{datetime.date.today()})", "",
+def table(data: dict) -> str:
+    """The Markdown table of a survey (from its JSON)."""
+    meta, rows = data["meta"], data["rows"]
+    lines = [f"# Kernel resources, offline sm_90 compile (Triton {meta['triton']}, "
+             f"{meta['date'][:10]})", "",
              "bf16, d = 128, G = 4, default NSA parameters. Stack > 0 means register spills.", "",
              "| kernel | config | warps | stages | registers | stack B | shared KB | SASS |",
              "|---|---|---|---|---|---|---|---|"]
@@ -259,19 +268,21 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['kernel']} | {cfg} | {r['num_warps']} | {r['num_stages']} | "
                      f"{r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
                      f"{r['sass_instructions']} |")
-    lines += ["", *(f"- {name}: {SPECS[name].note}" for name in dict.fromkeys(
+    lines += ["", *(f"- {name}: {data['notes'][name]}" for name in dict.fromkeys(
         r["kernel"] for r in rows))]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", nargs="+", choices=sorted(SPECS), default=list(SPECS))
     parser.add_argument("--max_configs", type=int, help="compile only the first N of each list")
     parser.add_argument("--validate_only", action="store_true",
                         help="check the specs against the kernels' signatures, compile nothing")
-    parser.add_argument("--out", help="Markdown file to write")
-    args = parser.parse_args()
+
+
+@register("kernel_resources", summary="registers, spills and shared memory of the hot kernels "
+          "(offline sm_90 compile, no GPU)", arguments=add_arguments, gpu=False)
+def main(args: argparse.Namespace) -> dict | None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernel_resources: unset TRITON_INTERPRET (it needs compiled kernels)")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -279,13 +290,18 @@ def main() -> None:
         for name in args.kernels:
             validate(name)
         print(f"{len(args.kernels)} specs match their kernels")
-        return
-    text = table(survey(args.kernels, args.max_configs))
+        return None
+    meta = {**run_meta("cpu"), "device": f"offline compile for {TARGET.backend} sm_{TARGET.arch}",
+            "device_slug": DEVICE}
+    rows = survey(args.kernels, args.max_configs)
+    data = {"meta": meta, "rows": rows, "notes": {name: SPECS[name].note for name in args.kernels}}
+    text = table(data)
     print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+    record = Record("kernel_resources", meta, args.out, args.tag)
+    record.write(data, text)
+    print(f"results: {record.path('.md')}")
+    return data
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["kernel_resources"].run()

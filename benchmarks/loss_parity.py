@@ -11,17 +11,20 @@ same number of tokens and the same schedule. Then:
   ``val.jsonl`` (``MetricsFile``: losses with tokens and training seconds) and checkpoints.
 * ``evaluate``: exports each run's last checkpoint and runs ``fsa-train position-loss`` (loss
   by token position: does NSA keep up late in long documents?) and ``fsa-train passkey``.
-* ``report``: ``{name}.json``, ``{name}.md`` and ``{name}.png`` (validation loss against tokens and
-  against training time): final validation loss per mode (mean and spread over seeds), NSA
-  minus dense, the training time NSA needs to reach the dense run's final validation loss, the
-  position buckets and passkey accuracy when evaluated.
+* ``report``: ``loss_parity_<device>_<date>[_<tag>].{json,md,png}`` in ``--results`` (the
+  device and last day of the runs' jobs; the plot: validation loss against tokens and against
+  training time): final validation loss per mode (mean and spread over seeds), NSA minus dense,
+  the training time NSA needs to reach the dense run's final validation loss, the position
+  buckets and passkey accuracy when evaluated. The committed run records sit beside the report
+  as ``loss_parity_<device>_<date>/``.
 
-Typical use (``benchmarks/parity_corpus.py`` builds the corpus, ``fsa-train prepare-data`` the
-dataset)::
+Typical use (``python -m benchmarks run parity_corpus`` builds the corpus, ``fsa-train
+prepare-data`` the dataset; ``bash benchmarks/device.sh loss-parity`` runs the steps on a GPU
+machine)::
 
-    python benchmarks/loss_parity.py run --dataset data/parity --out runs/parity --tokens 5e7
-    python benchmarks/loss_parity.py evaluate --dataset data/parity --out runs/parity
-    python benchmarks/loss_parity.py report --out runs/parity --results benchmarks/results
+    python -m benchmarks run loss_parity run --dataset data/parity --out runs/parity --tokens 5e7
+    python -m benchmarks run loss_parity evaluate --dataset data/parity --out runs/parity
+    python -m benchmarks run loss_parity report --out runs/parity --results benchmarks/results
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import REGISTRY, register
+from benchmarks.common import Record, device_slug, run_meta, tag_type
+
 MODES = ("dense", "nsa")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,17 +53,11 @@ def fsa_train(*words: str) -> None:
 
 
 ENV_PROBE = """
-import datetime, json, platform, torch
-try:
-    import triton
-    triton_version = triton.__version__
-except ImportError:
-    triton_version = None
+import datetime, json
+from benchmarks.common import run_meta
 print(json.dumps({
     "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-    or "cpu",
-    "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+    **run_meta("cuda"),
 }))
 """
 
@@ -66,7 +66,7 @@ def record_job(where: Path) -> None:
     """Append this job's device and versions to ``jobs.jsonl`` (probed in a child process, so
     this one holds no CUDA context while the run trains)."""
     probe = subprocess.run([sys.executable, "-c", ENV_PROBE], check=True, capture_output=True,
-                           text=True)
+                           text=True, cwd=REPO)
     with (where / "jobs.jsonl").open("a", encoding="utf-8") as jobs:
         jobs.write(probe.stdout.strip() + "\n")
 
@@ -166,7 +166,7 @@ def command_evaluate(args: argparse.Namespace) -> None:
                   "--trials", str(args.passkey_trials), "--out", str(where / "passkey.json"))
         if where.name.startswith("nsa-") and args.overlap_batches:
             # how much neighbouring queries' selections overlap: the selected kernel's design
-            subprocess.run([sys.executable, str(REPO / "benchmarks" / "selection_overlap.py"),
+            subprocess.run([sys.executable, "-m", "benchmarks", "run", "selection_overlap",
                             str(exported), str(Path(args.dataset).resolve()), "--seq_len",
                             str(args.seq_len), "--batches", str(args.overlap_batches),
                             "--out", str(where / "selection_overlap.json")],
@@ -430,21 +430,30 @@ def plot(summary: dict, path: Path) -> bool:
     return True
 
 
+def report_meta(summary: dict) -> dict:
+    """Device and date of the report's name: the runs' jobs (their device, the day the last one
+    started), or this machine when no job was recorded."""
+    jobs = [job for r in summary["runs"].values() for job in r.get("jobs") or []]
+    if not jobs:
+        return run_meta("cpu")
+    last = max(jobs, key=lambda job: job["started"])
+    return {"device": last["device"], "date": last["started"][:10],
+            "device_slug": last.get("device_slug") or device_slug(last["device"])}
+
+
 def command_report(args: argparse.Namespace) -> None:
     summary = summarize(Path(args.out))
     if not summary["runs"]:
         sys.exit(f"loss_parity: error: no run with a val.jsonl under {args.out}")
-    results = Path(args.results or args.out)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{args.name}.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    record = Record("loss_parity", report_meta(summary), args.results or args.out, args.tag)
+    record.write_json(summary)
     text = markdown(summary, args.title)
-    (results / f"{args.name}.md").write_text(text, encoding="utf-8")
-    plotted = plot(summary, results / f"{args.name}.png")
-    print(text + (f"\nplot: {results / args.name}.png" if plotted else "\n(no matplotlib)"))
+    record.write_text(text)
+    plotted = plot(summary, record.path(".png"))
+    print(text + (f"\nplot: {record.path('.png')}" if plotted else "\n(no matplotlib)"))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train the dense and NSA runs")
     run.add_argument("--dataset", required=True)
@@ -477,16 +486,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rep = sub.add_parser("report", help="JSON, Markdown and PNG of the runs")
     rep.add_argument("--out", required=True)
     rep.add_argument("--results", default=None, help="where to write (default: --out)")
-    rep.add_argument("--name", default="loss_parity")
+    rep.add_argument("--tag", type=tag_type, default=None,
+                     help="suffix of the report's file names (several reports of one day)")
     rep.add_argument("--title", default="Loss parity: NSA vs dense attention")
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+@register("loss_parity", summary="loss parity of NSA against dense attention: run, evaluate, "
+          "report", arguments=add_arguments, gpu=False, record=False)
+def main(args: argparse.Namespace) -> None:
     {"run": command_run, "evaluate": command_evaluate, "report": command_report}[args.command](
         args)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["loss_parity"].run()

@@ -16,7 +16,7 @@ Directories whose files belong together make documents of thousands to tens of t
 tokens: what long-context training needs. ``fsa-train train-tokenizer`` and ``prepare-data`` take
 the written files as they are.
 
-``python benchmarks/parity_corpus.py --out corpus --debian /tmp/debs --code "$(python3 -c
+``python -m benchmarks run parity_corpus --out corpus --debian /tmp/debs --code "$(python3 -c
 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"``
 """
 
@@ -31,6 +31,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from benchmarks import REGISTRY, register
 from fsa_train.data.corpus import demo_corpus_path
 
 DEBIAN_PACKAGES = ("dict-gcide", "linux-doc-6.1", "python3.11-doc")
@@ -110,16 +111,22 @@ def write_jsonl_gz(path: Path, docs: Iterable[dict]) -> tuple[int, int]:
     return count, chars
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the .jsonl.gz files")
     parser.add_argument("--debian", metavar="DIR", help="where the .deb files are (or go)")
     parser.add_argument("--code", metavar="ROOT", action="append", default=[],
                         help="a Python source tree (repeatable)")
     parser.add_argument("--max_doc_kb", type=int, default=256, help="longest document, in KB")
-    args = parser.parse_args(argv)
+
+
+@register("parity_corpus", summary="build the loss-parity corpus (natural text and Python code)",
+          arguments=add_arguments, gpu=False, record=False)
+def main(args: argparse.Namespace) -> None:
+    def error(message: str) -> None:
+        raise SystemExit(f"parity_corpus: error: {message}")
+
     if not args.debian and not args.code:
-        parser.error("give --debian and/or --code")
+        error("give --debian and/or --code")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     max_chars = args.max_doc_kb * 1024
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.code:
         for root in args.code:
             if not Path(root).is_dir():
-                parser.error(f"--code {root}: not a directory")
+                error(f"--code {root}: not a directory")
 
         def code_docs() -> Iterator[dict]:
             for root in args.code:
@@ -142,5 +149,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"code.jsonl.gz: {count} documents, {chars / 1e6:.1f} M characters")
 
 
-if __name__ == "__main__":
-    main()
+
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["parity_corpus"].run()

@@ -3,26 +3,29 @@
 Prints, per shape, the CUDA kernels sorted by total time and the step's total, so the fixed
 costs (compression, RoPE, gate mixing, layout copies) can be told apart from the attention
 kernels. ``--host`` instead measures the host side: the eager step's median time against the
-same step replayed from a CUDA graph (GPU time alone), and a cProfile of the eager steps.
-GPU only: ``PYTHONPATH=$PWD python3 benchmarks/profile_nsa.py --out DIR``.
+same step replayed from a CUDA graph (GPU time alone; ``triton.testing.do_bench``, 25 ms warm-up,
+200 ms of repetitions), and a cProfile of the eager steps. Writes
+``profile_nsa_<device>_<date>[_<tag>].{json,md}`` (``--host``: tag ``host``) to ``--out``.
+GPU only: ``python -m benchmarks run profile_nsa [--host]``.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from bench_nsa import make_inputs  # noqa: E402 - benchmarks/ is the script's directory
-from torch.profiler import ProfilerActivity, profile
 
-from fsa_train.config import NSAConfig
-from fsa_train.kernels import CompressionParams, nsa_attention
-from fsa_train.model.rope import Rotary
+from benchmarks import REGISTRY, register
+from benchmarks.common import Record, bench, join_tags, require_cuda, run_meta
 
 
 def make_step(tokens: int, groups: int, doc: int | None, kv_heads: int):
     """A fwd+bwd step of the NSA core on random inputs, warmed up."""
+    from benchmarks.nsa import make_inputs
+    from fsa_train.config import NSAConfig
+    from fsa_train.kernels import CompressionParams, nsa_attention
+    from fsa_train.model.rope import Rotary
+
     nsa = NSAConfig()
     inp = make_inputs(tokens, doc, groups, kv_heads, 128, nsa, "cuda", torch.bfloat16)
     leaves = [inp[n].requires_grad_() for n in ("q", "k", "v", "gates", "w_k", "w_v", "pe")]
@@ -47,10 +50,8 @@ def host_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: i
     import io
     import pstats
 
-    from triton.testing import do_bench
-
     step = make_step(tokens, groups, doc, kv_heads)
-    eager = do_bench(step, warmup=25, rep=200, return_mode="median")
+    eager = bench(step, warmup=25, rep=200)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -59,7 +60,7 @@ def host_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: i
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    replay = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    replay = bench(graph.replay, warmup=25, rep=200)
     profiler = cProfile.Profile()
     torch.cuda.synchronize()
     profiler.enable()
@@ -76,6 +77,8 @@ def host_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: i
 
 
 def profile_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
     step = make_step(tokens, groups, doc, kv_heads)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -89,30 +92,50 @@ def profile_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows
     return f"{title}\n\n```\n{table}\n```\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
+def parse_shape(text: str) -> tuple[int, int, int, int | None]:
+    """``tokens:G[:kv_heads[:doc]]`` → (tokens, G, kv_heads (default 4), doc (None: one))."""
+    try:
+        fields = [int(x) for x in text.split(":")]
+    except ValueError:
+        fields = []
+    if not 2 <= len(fields) <= 4:
+        raise argparse.ArgumentTypeError(f"a shape is tokens:G[:kv_heads[:doc]], got {text!r}")
+    tokens, groups = fields[:2]
+    kv_heads = fields[2] if len(fields) > 2 else 4
+    doc = fields[3] if len(fields) > 3 else None
+    return tokens, groups, kv_heads, doc
+
+
+def markdown(data: dict) -> str:
+    meta = data["meta"]
+    header = f"# NSA core profile\n\n{meta['device']}, torch {meta['torch']}\n\n"
+    return header + "\n".join(data["parts"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=40)
-    parser.add_argument("--shapes", nargs="+", default=["16384:4", "65536:4", "16384:1"],
+    parser.add_argument("--shapes", nargs="+", type=parse_shape,
+                        default=[parse_shape(s) for s in ("16384:4", "65536:4", "16384:1")],
                         help="tokens:G[:kv_heads[:doc]]")
     parser.add_argument("--host", action="store_true", help="host overhead instead of kernels")
-    parser.add_argument("--name", default="nsa_profile")
-    args = parser.parse_args()
-    parts = []
-    for shape in args.shapes:
-        fields = [int(x) for x in shape.split(":")]
-        tokens, groups = fields[:2]
-        kv_heads = fields[2] if len(fields) > 2 else 4
-        doc = fields[3] if len(fields) > 3 else None
+
+
+@register("profile_nsa", summary="kernel-level (or --host: host-side) profile of the NSA core",
+          arguments=add_arguments)
+def main(args: argparse.Namespace) -> dict:
+    require_cuda("profile_nsa")
+    record = Record("profile_nsa", run_meta(), args.out,
+                    join_tags("host" if args.host else None, args.tag))
+    data = {"meta": record.meta, "host": args.host, "rows": args.rows,
+            "shapes": [list(s) for s in args.shapes], "parts": []}
+    for tokens, groups, kv_heads, doc in args.shapes:
         run = host_shape if args.host else profile_shape
         text = run(tokens, groups, doc, kv_heads, args.rows)
         print(text, flush=True)
-        parts.append(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    header = f"# NSA core profile\n\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n\n"
-    (out / f"{args.name}.md").write_text(header + "\n".join(parts), encoding="utf-8")
+        data["parts"].append(text)
+    record.write(data, markdown(data))
+    return data
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["profile_nsa"].run()

@@ -18,8 +18,9 @@ tokens inside a document):
   kernel over the union relative to the sparse work (1 is free, larger is wasted work);
 * ``adjacent_jaccard``: mean Jaccard similarity of the selections of adjacent tokens.
 
-``python benchmarks/selection_overlap.py EXPORTED DATASET --seq_len 8192 --batches 8
---out overlap.json`` (``fsa-train export`` writes EXPORTED, ``fsa-train prepare-data`` DATASET).
+``python -m benchmarks run selection_overlap EXPORTED DATASET --seq_len 8192 --batches 8
+--out overlap.json`` (``fsa-train export`` writes EXPORTED, ``fsa-train prepare-data`` DATASET);
+``loss_parity evaluate`` runs it on every NSA run and keeps the JSON in the run's directory.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-import fsa_train.kernels as ops
+import fsa_train.kernels.api as ops
+from benchmarks import REGISTRY, register
 from fsa_train.evaluate.runtime import PRECISIONS, pick_device, precision
 from fsa_train.kernels.varlen import document_ids, document_positions
 
@@ -44,7 +46,7 @@ DEFAULT_TILES = (16, 64, 128)
 def recorded_selections() -> Iterator[list[torch.Tensor]]:
     """Every ``select_blocks`` result (``[h, total, topk]``, -1 padded) made inside the block,
     in call order (one per NSA layer per forward). ``nsa_attention`` looks the op up on
-    ``fsa_train.kernels`` at each call, so wrapping it there sees every layer."""
+    ``fsa_train.kernels.api`` at each call, so wrapping it there sees every layer."""
     real = ops.select_blocks
     calls: list[torch.Tensor] = []
 
@@ -151,8 +153,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("exported", help="file written by `fsa-train export` (an NSA model)")
     parser.add_argument("dataset", help="directory written by `fsa-train prepare-data`")
     parser.add_argument("--split", default="val", choices=["val", "train"])
@@ -162,7 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
-    args = parser.parse_args(argv)
+
+
+@register("selection_overlap", summary="how much neighbouring queries of a trained NSA model "
+          "select the same blocks", arguments=add_arguments, gpu=False, record=False)
+def main(args: argparse.Namespace) -> dict:
     from fsa_train.data.packing import PackedWindows, check_seq_len, collate_packed
     from fsa_train.data.shards import load_split
     from fsa_train.export import load_exported
@@ -190,5 +195,6 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    main()
+
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["selection_overlap"].run()

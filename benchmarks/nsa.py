@@ -1,7 +1,8 @@
 """Benchmark of the whole NSA core (issue 4) against dense attention, with a per-branch breakdown.
 
-One process; forward and forward+backward medians (``triton.testing.do_bench`` on a GPU, a
-wall-clock median on the CPU smoke mode) and peak extra memory of:
+One process; forward and forward+backward medians (``triton.testing.do_bench``, 25 ms warm-up,
+100 ms of repetitions, on a GPU; a wall-clock median of 3 calls on the CPU smoke mode) and peak
+extra memory of:
 
 * ``nsa``: :func:`fsa_train.kernels.nsa_attention` (compression, compressed, selected and window
   branches, gates) on ``backend="auto"`` — Triton where an op has a kernel; once as a standalone
@@ -13,63 +14,29 @@ wall-clock median on the CPU smoke mode) and peak extra memory of:
   (one document only; K/V expanded to all heads), FlexAttention with a document mask.
 
 Default shapes: 16K, 32K, 64K and 128K tokens; G = 1, 4, 16 with 4 KV heads; d = 128; bf16;
-default NSA parameters; one document and 4K-token packed documents. Writes ``{--name}.json``
-and ``{--name}.md`` (default ``nsa_core``) to ``--out`` after every shape, so a run cut short
-still reports. GPU: ``PYTHONPATH=$PWD python3 benchmarks/bench_nsa.py --out DIR``;
-CPU smoke test: ``--device cpu --tokens 256 --groups 2 --head_dim 32 --kv_heads 1 --tiny_nsa``.
+default NSA parameters; one document and 4K-token packed documents (``--layouts one`` for one
+document only). Writes ``nsa_<device>_<date>[_<tag>].{json,md}`` to ``--out`` after every shape,
+so a run cut short still reports. GPU: ``python -m benchmarks run nsa``; CPU smoke test:
+``--device cpu --tokens 256 --groups 2 --head_dim 32 --kv_heads 1 --tiny_nsa``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib
-import json
-import platform
-import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from benchmarks import REGISTRY, register
+from benchmarks.common import Record, peak_mib, require_cuda, run_meta, timer
 from fsa_train import kernels as ops
 from fsa_train.config import NSAConfig
 from fsa_train.kernels import CompressionParams, nsa_attention, nsa_varlen
-from fsa_train.kernels.triton.tuning import autotune_choices, choices_markdown
+from fsa_train.kernels.varlen import document_ids, document_positions
 from fsa_train.model.rope import Rotary
 
 PACKED_DOC = 4096
-
-
-def timer(device: str) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of ``fn``: do_bench on CUDA, a wall-clock median on the CPU."""
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_median(fn: Callable[[], object]) -> float:
-        fn()
-        samples = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
-
-    return cpu_median
-
-
-def peak_mib(device: str, fn: Callable[[], object]) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def make_inputs(tokens: int, doc: int | None, groups: int, kv_heads: int, head_dim: int,
@@ -130,7 +97,7 @@ def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool) -> list[dict
                 step = fwd_bwd(fwd, do if fwd().shape == do.shape else torch.ones_like(fwd()),
                                leaves)
                 row["fwd_bwd_ms"] = time_ms(step)
-                row["peak_mib"] = peak_mib(device, step)
+                row["peak_mib"] = peak_mib(step, device)
         except torch.OutOfMemoryError:
             row["error"] = "OOM"
             if device == "cuda":
@@ -145,11 +112,11 @@ def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool) -> list[dict
 
     # branches; the attention ops take the raw leaves (same cost as RoPE'd inputs, and gradients)
     with torch.no_grad():
-        positions = ops.varlen.document_positions(cu, q.shape[0])
+        positions = document_positions(cu, q.shape[0])
         k_c, cu_c = ops.compress(k, w_k, pe, cu, nsa.cmp_kernel, nsa.cmp_stride)
         v_c, _ = ops.compress(v, w_v, None, cu, nsa.cmp_kernel, nsa.cmp_stride)
         q_r = rope(q, positions)
-        k_cr = rope(k_c, ops.varlen.document_positions(cu_c, k_c.shape[0]) * nsa.cmp_stride,
+        k_cr = rope(k_c, document_positions(cu_c, k_c.shape[0]) * nsa.cmp_stride,
                     max_position=q.shape[0])
         _, lse = ops.compressed_attention(q_r, k_cr, v_c, cu, cu_c, nsa.cmp_kernel,
                                           nsa.cmp_stride)
@@ -201,7 +168,7 @@ def flex_row(q, k, v, cu, do, leaves, time_ms) -> dict:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     total = q.shape[0]
-    doc = ops.varlen.document_ids(cu, total)
+    doc = document_ids(cu, total)
     # Every shape recompiles; past dynamo's default limit (8) flex would fall back to its eager
     # path, which materialises the whole score matrix and runs out of memory.
     torch._dynamo.config.cache_size_limit = 256
@@ -227,12 +194,14 @@ def flex_row(q, k, v, cu, do, leaves, time_ms) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: the smoke mode (wall-clock medians, fp32)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--layouts", nargs="+", choices=["one", "packed"],
+                        default=["one", "packed"],
+                        help=f"one document, and/or packed {PACKED_DOC}-token documents")
     parser.add_argument("--kv_heads", type=int, default=4)
     parser.add_argument("--head_dim", type=int, default=128)
     parser.add_argument("--tiny_nsa", action="store_true",
@@ -240,19 +209,36 @@ def main() -> None:
     parser.add_argument("--no_flex", action="store_true")
     parser.add_argument("--selected_partials", choices=["fp32", "half"], default="fp32",
                         help="the selected branch's O/dQ partials (nsa.selected_partials)")
-    parser.add_argument("--name", default="nsa_core", help="output file stem")
-    args = parser.parse_args()
+
+
+def shape_layouts(tokens: int, layouts: list[str]) -> list[int | None]:
+    """The document lengths (None: one document) of one token count, in the order measured."""
+    docs = []
+    if "one" in layouts:
+        docs.append(None)
+    if "packed" in layouts:
+        docs.append(PACKED_DOC if tokens > PACKED_DOC else None)
+    return list(dict.fromkeys(docs))  # a packed layout of one document is the one document
+
+
+@register("nsa", summary="the whole NSA core (and each branch) against dense attention",
+          arguments=add_arguments)
+def main(args: argparse.Namespace) -> dict:
+    if args.device == "cuda":
+        require_cuda("nsa")
     nsa = (NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, window=32,
                      selected_partials=args.selected_partials)
            if args.tiny_nsa else NSAConfig(selected_partials=args.selected_partials))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    results = []
+    meta = {**run_meta(args.device), "dtype": "bf16" if args.device == "cuda" else "fp32",
+            "kv_heads": args.kv_heads, "head_dim": args.head_dim, "nsa": vars(nsa),
+            "merge": ops.default_settings().topk_merge}
+    record = Record("nsa", meta, args.out, args.tag)
+    results: list[dict] = []
+    data = {"meta": meta, "rows": results}
     for tokens in args.tokens:
         for groups in args.groups:
-            for doc in (None, PACKED_DOC if tokens > PACKED_DOC else None):
-                if doc is None and results and results[-1]["doc"] is None \
-                        and results[-1]["tokens"] == tokens and results[-1]["G"] == groups:
-                    continue
+            for doc in shape_layouts(tokens, args.layouts):
                 inp = make_inputs(tokens, doc, groups, args.kv_heads, args.head_dim, nsa,
                                   args.device, dtype)
                 layout = "1 doc" if doc is None else f"{tokens // doc}x{doc // 1024}K"
@@ -265,7 +251,9 @@ def main() -> None:
                 print(f"{tokens} G={groups} {layout}: {time.perf_counter() - start:.1f}s",
                       flush=True)
                 del inp
-                write(results, args, nsa, Path(args.out))  # after every shape: partial runs report
+                write(record, data)  # after every shape: partial runs report
+    print(f"results: {record.path('.md')}")
+    return data
 
 
 def _cell(row: dict, key: str) -> str:
@@ -275,28 +263,24 @@ def _cell(row: dict, key: str) -> str:
     return f"{value:.3f}"
 
 
-def write(results: list[dict], args, nsa: NSAConfig, out: Path) -> None:
-    device = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor()
-    meta = {
-        "device": device or args.device,
-        "torch": torch.__version__,
-        "triton": getattr(__import__("triton"), "__version__", "n/a"),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "dtype": "bf16" if args.device == "cuda" else "fp32",
-        "kv_heads": args.kv_heads,
-        "head_dim": args.head_dim,
-        "nsa": vars(nsa),
-        "merge": importlib.import_module("fsa_train.kernels.triton.topk").MERGE,
-        "autotune": autotune_choices(),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2),
-                                       encoding="utf-8")
+def write(record: Record, data: dict) -> None:
+    from fsa_train.kernels.tuning import autotune_choices
+
+    data["meta"]["autotune"] = autotune_choices()
+    record.write(data, markdown(data), indent=2)
+
+
+def markdown(data: dict) -> str:
+    """The table of a run (from its JSON)."""
+    from fsa_train.kernels.tuning import choices_markdown
+
+    meta, results = data["meta"], data["rows"]
     lines = [
         "# NSA core benchmark",
         "",
         f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, {meta['date']}; "
-        f"{meta['dtype']}, d = {args.head_dim}, {args.kv_heads} KV heads, NSA {vars(nsa)}. "
+        f"{meta['dtype']}, d = {meta['head_dim']}, {meta['kv_heads']} KV heads, "
+        f"NSA {meta['nsa']}. "
         f"Top-k merge: {meta['merge']}. Median ms; speedup = dense cuDNN (else our dense kernel) "
         "fwd+bwd over NSA fwd+bwd.",
         "",
@@ -316,8 +300,8 @@ def write(results: list[dict], args, nsa: NSAConfig, out: Path) -> None:
                      f"{_cell(row, 'fwd_ms')} | {_cell(row, 'fwd_bwd_ms')} | "
                      f"{_cell(row, 'peak_mib')} | {speedup} |")
     lines += choices_markdown(meta["autotune"])
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["nsa"].run()

@@ -1,42 +1,54 @@
 """Selected-attention benchmark: ours vs the reference, dense SDPA (cuDNN, FA2) and FlexAttention.
 
-Times forward and forward+backward (median of ``triton.testing.do_bench``) and measures the peak
-extra memory of one forward+backward, in one process, on one GPU: 16K and 64K tokens; G = 1, 2, 4,
-8, 16 with 4 KV heads and d = 128; (block, topk) = (64, 16) and (128, 8); one document and packed
-documents of 4K and 1K tokens. Selections are realistic random valid ones (first block, the two
-local blocks, the rest random among earlier blocks), generated on the GPU. Dense SDPA baselines
-cannot mask documents, so they are reported once per (tokens, G) for one document; FlexAttention
-gets a document-causal block mask.
+Times forward and forward+backward (median of ``triton.testing.do_bench``, 25 ms warm-up, 100 ms
+of repetitions) and measures the peak extra memory of one forward+backward, in one process, on
+one GPU: 16K and 64K tokens; G = 1, 2, 4, 8, 16 with 4 KV heads and d = 128; (block, topk) =
+(64, 16) and (128, 8); one document and packed documents of 4K and 1K tokens. Selections are
+realistic random valid ones (first block, the two local blocks, the rest random among earlier
+blocks), generated on the GPU. Dense SDPA baselines cannot mask documents, so they are reported
+once per (tokens, G) for one document; FlexAttention gets a document-causal block mask.
 
-``--modes`` picks our paths: ``auto``, ``block``, ``query`` and ``fwd/dq`` pairs.
 ``--selections coherent:S`` gives every span of S tokens (S dividing the block) the selection of
 its first token, the regime where neighbouring queries share their blocks (what a trained model
-does is measured by ``selection_overlap.py``); ``random`` (default) shares only the forced
-blocks.
+does is measured by ``selection_overlap``); ``random`` (default) shares only the forced blocks.
+``--parts`` adds ``profile`` (per-kernel device time) and ``tune`` (launch configurations of the
+block-major kernels, passed as ``KernelSettings.selected_fwd_config`` / ``selected_bwd_config``).
 
-Writes ``selected_attention.json`` and ``selected_attention.md`` to ``--out`` (default
-``benchmarks/results``). ``--deadline`` (seconds) skips what is left once it passes (marked
-"skipped: time"), so the run fits a device lease.
+``--sweep-partials`` instead runs the partials sweep: fp32 against half-precision O/dQ partials
+(``partials=``, in training ``model.config.nsa.selected_partials``), time and accuracy side by
+side: forward and forward+backward medians (10 ms warm-up, 60 ms of repetitions) and the
+relative L2 error of o, dq, dk, dv of each against the same kernels run on the inputs cast to
+fp32 (exact "ieee" dots, fp32 partials); bf16, d = 128, 4 KV heads, block 64, top-16.
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_selected.py --out $OUT
+Writes ``selected_<device>_<date>[_<tag>].{json,md}`` (the sweep: tag ``partials_sweep``) to
+``--out``. ``--deadline`` (seconds) skips what is left once it passes (marked "skipped: time"),
+so the run fits a device lease.
+
+    python -m benchmarks run selected --out $OUT
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import importlib
 import json
 import math
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-sa = importlib.import_module("fsa_train.kernels.triton.selected_attention")
+from benchmarks import REGISTRY, register
+from benchmarks.common import (
+    Record,
+    bench,
+    join_tags,
+    peak_mib,
+    rel,
+    require_cuda,
+    run_meta,
+    run_shapes,
+)
 
 # Quoted from ../shared/docs/kernels.md (H200, torch 2.11, Triton 3.6, bf16, d=128, 4 KV heads,
 # one document, B=64, T=16): forward+backward ms of the selected branch. Not measured here.
@@ -45,6 +57,8 @@ QUOTED = {
             "nsa": {1: 45.0, 2: 45.8, 4: 46.8, 8: 50.7, 16: 59.7}},
     16384: {"fsa": {1: 8.9, 16: 50.6}, "nsa": {1: 11.4, 16: 14.1}},
 }
+MODES = "auto"
+"""The ``modes`` label of our rows (the block-major paths; the query-major ones are gone)."""
 
 START = time.time()
 
@@ -53,24 +67,21 @@ def elapsed() -> float:
     return time.time() - START
 
 
-def bench(fn, grad_to_none=None):
-    import triton
-
-    return float(
-        triton.testing.do_bench(
-            fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"
-        )
-    )
+def triton_op():
+    """The Triton selected-attention module (imported on first use: GPU runs only)."""
+    return importlib.import_module("fsa_train.kernels.ops.selected_attention.triton")
 
 
-def peak_extra(fn) -> float:
-    """GiB allocated above the current level by one call of ``fn``."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+def random_selection(*args):
+    from fsa_train.kernels.ops.selected_attention.sampling import random_selection
+
+    return random_selection(*args)
+
+
+def base_settings():
+    from fsa_train.kernels.settings import default_settings
+
+    return default_settings()
 
 
 def layouts(n: int, which: list[str]) -> list[tuple[str, list[int]]]:
@@ -88,7 +99,7 @@ def timed_pair(fwd, fwdbwd, leaves):
         fb = bench(fwdbwd, grad_to_none=leaves)
         for x in leaves:
             x.grad = None
-        mem = peak_extra(fwdbwd)
+        mem = peak_mib(fwdbwd) / 1024
         for x in leaves:
             x.grad = None
         return {"fwd_ms": f, "fwdbwd_ms": fb, "peak_gib": mem}
@@ -114,7 +125,7 @@ def coherent_selection(idx: torch.Tensor, cu: torch.Tensor, span: int, block: in
     selection. ``span`` divides ``block``, so a span never crosses a block and the first
     token's selection (forced blocks included) is valid for the whole span."""
     if block % span:
-        raise SystemExit(f"bench_selected: error: coherent span {span} must divide the block "
+        raise SystemExit(f"selected: error: coherent span {span} must divide the block "
                          f"{block}")
     total = idx.shape[1]
     cu64 = cu.to(torch.int64)
@@ -126,7 +137,7 @@ def coherent_selection(idx: torch.Tensor, cu: torch.Tensor, span: int, block: in
 
 def selections(args, cu, topk, block, gen):
     """(name, idx) for every ``--selections`` kind."""
-    base = sa.random_selection(cu, 4, topk, block, gen)
+    base = random_selection(cu, 4, topk, block, gen)
     for kind in args.selections:
         if kind == "random":
             yield kind, base
@@ -135,6 +146,7 @@ def selections(args, cu, topk, block, gen):
 
 
 def run_ours(args, results):
+    sa = triton_op()
     for n in args.tokens:
         for G in args.groups:
             q, k, v, do = make(n, G)
@@ -144,25 +156,22 @@ def run_ours(args, results):
                                       dtype=torch.int32, device="cuda")
                     gen = torch.Generator(device="cuda").manual_seed(n + G + block)
                     for kind, idx in selections(args, cu, topk, block, gen):
-                        for modes in args.modes:
-                            label = modes if kind == "random" else f"{modes} @{kind}"
-                            key = dict(tokens=n, G=G, block=block, topk=topk, layout=lname,
-                                       impl="ours", modes=label)
-                            if elapsed() > args.deadline:
-                                results.append({**key, "error": "skipped: time"})
-                                continue
-                            fm, qm = modes.split("/") if "/" in modes else (modes, modes)
+                        label = MODES if kind == "random" else f"{MODES} @{kind}"
+                        key = dict(tokens=n, G=G, block=block, topk=topk, layout=lname,
+                                   impl="ours", modes=label)
+                        if elapsed() > args.deadline:
+                            results.append({**key, "error": "skipped: time"})
+                            continue
 
-                            def fwd(q=q, k=k, v=v, fm=fm, qm=qm, cu=cu, idx=idx, block=block):
-                                return sa.selected_attention(q, k, v, idx, cu, block,
-                                                             fwd_mode=fm, dq_mode=qm)
+                        def fwd(q=q, k=k, v=v, cu=cu, idx=idx, block=block):
+                            return sa.selected_attention(q, k, v, idx, cu, block)
 
-                            def fwdbwd(fwd=fwd, do=do):
-                                fwd().backward(do)
+                        def fwdbwd(fwd=fwd, do=do):
+                            fwd().backward(do)
 
-                            r = timed_pair(fwd, fwdbwd, [q, k, v])
-                            results.append({**key, **r})
-                            print(json.dumps(results[-1]), flush=True)
+                        r = timed_pair(fwd, fwdbwd, [q, k, v])
+                        results.append({**key, **r})
+                        print(json.dumps(results[-1]), flush=True)
                         del idx
             del q, k, v, do
             torch.cuda.empty_cache()
@@ -177,7 +186,7 @@ def run_reference(args, results):
             block, topk = args.configs[0]
             cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
             gen = torch.Generator(device="cuda").manual_seed(1)
-            idx = sa.random_selection(cu, 4, topk, block, gen)
+            idx = random_selection(cu, 4, topk, block, gen)
             key = dict(tokens=n, G=G, block=block, topk=topk, layout="1 doc", impl="reference")
             if elapsed() > args.deadline:
                 results.append({**key, "error": "skipped: time"})
@@ -277,10 +286,11 @@ def run_profile(args, results):
     """Per-kernel device time of one forward+backward (torch.profiler), one document."""
     from torch.profiler import ProfilerActivity, profile
 
+    sa = triton_op()
     for n, G, block, topk in _shapes(args):
         q, k, v, do = make(n, G)
         cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-        idx = sa.random_selection(cu, 4, topk, block, torch.Generator(device="cuda").manual_seed(5))
+        idx = random_selection(cu, 4, topk, block, torch.Generator(device="cuda").manual_seed(5))
 
         def step(q=q, k=k, v=v, do=do, idx=idx, cu=cu, block=block):
             sa.selected_attention(q, k, v, idx, cu, block).backward(do)
@@ -310,28 +320,38 @@ FWD_CFGS = [(64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 8, 2), (64, 8, 3)]
 BWD_CFGS = [(64, 8, 2), (64, 4, 2), (32, 4, 2), (64, 8, 1), (128, 8, 2)]
 
 
+def launch_config(cfg: tuple[int, ...]) -> dict:
+    """``(BLOCK_M, num_warps, num_stages[, prefetch])`` as a selected kernel's launch config."""
+    bm, warps, stages = cfg[:3]
+    return {"BLOCK_M": bm, "num_warps": warps, "num_stages": stages,
+            "PREFETCH": len(cfg) > 3 and bool(cfg[3])}
+
+
+def tune_settings(which: str, cfg: tuple[int, ...]):
+    """The process's settings with the forward (``which="fwd"``) or backward launch config."""
+    field = "selected_fwd_config" if which == "fwd" else "selected_bwd_config"
+    return dataclasses.replace(base_settings(), **{field: launch_config(cfg)})
+
+
 def run_tune(args, results):
     """Forward and forward+backward time of the block-major kernels under several configs."""
+    sa = triton_op()
     for n, G, block, topk in _shapes(args):
         q, k, v, do = make(n, G)
         cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-        idx = sa.random_selection(cu, 4, topk, block, torch.Generator(device="cuda").manual_seed(6))
-
-        def fwd(q=q, k=k, v=v, idx=idx, cu=cu, block=block):
-            return sa.selected_attention(q, k, v, idx, cu, block)
-
-        def fwdbwd(fwd=fwd, do=do):
-            fwd().backward(do)
-
+        idx = random_selection(cu, 4, topk, block, torch.Generator(device="cuda").manual_seed(6))
         for which, cfgs in (("fwd", args.fwd_cfgs), ("bwd", args.bwd_cfgs)):
             for cfg in cfgs:
-                bm, warps, stages = cfg[:3]
                 if elapsed() > args.deadline:
                     break
-                sa.CONFIG_OVERRIDE.clear()
-                sa.CONFIG_OVERRIDE[which] = {"BLOCK_M": bm, "num_warps": warps,
-                                             "num_stages": stages,
-                                             "PREFETCH": len(cfg) > 3 and bool(cfg[3])}
+                settings = tune_settings(which, cfg)
+
+                def fwd(q=q, k=k, v=v, idx=idx, cu=cu, block=block, settings=settings):
+                    return sa.selected_attention(q, k, v, idx, cu, block, settings=settings)
+
+                def fwdbwd(fwd=fwd, do=do):
+                    fwd().backward(do)
+
                 try:
                     ms = bench(fwd) if which == "fwd" else bench(fwdbwd, grad_to_none=[q, k, v])
                 except Exception as error:
@@ -339,7 +359,6 @@ def run_tune(args, results):
                 results.append(dict(tokens=n, G=G, block=block, topk=topk, impl="tune",
                                     kernel=which, cfg=list(cfg), ms=ms))
                 print(json.dumps(results[-1]), flush=True)
-        sa.CONFIG_OVERRIDE.clear()
         del q, k, v, do
         torch.cuda.empty_cache()
 
@@ -422,55 +441,147 @@ def markdown(meta, results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# ------------------------------------------------------------------------------ partials sweep
+
+SWEEP_SHAPES = [("16K 1 doc G=1", 16384, 1), ("16K 1 doc G=4", 16384, 4),
+                ("64K 1 doc G=1", 65536, 1), ("64K 1 doc G=4", 65536, 4),
+                ("16K 1 doc G=16", 16384, 16)]
+KV_HEADS, D, BLOCK, TOPK = 4, 128, 64, 16
+
+
+def sweep_bench(fn) -> float:
+    """The sweeps' budget: 10 ms warm-up, 60 ms of repetitions (as the compressed benchmark)."""
+    return bench(fn, warmup=10, rep=60)
+
+
+def grads(q, k, v, do, idx, cu, partials="fp32"):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = triton_op().selected_attention(q, k, v, idx, cu, BLOCK, partials=partials)
+    o.backward(do)
+    return [o.detach(), q.grad, k.grad, v.grad]
+
+
+def partials_shape(n: int, G: int) -> dict:
+    sa = triton_op()
+    gen = torch.Generator(device="cuda").manual_seed(G)
+    H = KV_HEADS * G
+    q, do = (torch.randn(n, H, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+             for _ in range(2))
+    k, v = (torch.randn(n, KV_HEADS, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+            for _ in range(2))
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    idx = random_selection(cu, KV_HEADS, TOPK, BLOCK, gen)
+    truth = grads(*(x.float() for x in (q, k, v, do)), idx, cu)
+    row: dict = {}
+    for partials in ("fp32", "half"):
+        ours = grads(q, k, v, do, idx, cu, partials)
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+        def fwd(leaves=leaves, partials=partials):
+            return sa.selected_attention(*leaves, idx, cu, BLOCK, partials=partials)
+
+        def fwd_bwd(fwd=fwd, leaves=leaves):
+            return torch.autograd.grad(fwd(), leaves, do)
+
+        row[partials] = {
+            "fwd_ms": sweep_bench(fwd),
+            "fwd_bwd_ms": sweep_bench(fwd_bwd),
+            **{f"rel_err_{name}": rel(a, b)
+               for name, a, b in zip(("o", "dq", "dk", "dv"), ours, truth, strict=True)},
+        }
+    row["fwd_bwd_speedup"] = row["fp32"]["fwd_bwd_ms"] / row["half"]["fwd_bwd_ms"]
+    return row
+
+
+def partials_markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# Selected attention: fp32 against half (bf16) O/dQ partials",
+        "",
+        f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, {meta['date']}. "
+        f"bf16, d = {D}, {KV_HEADS} KV heads, block {BLOCK}, top-{TOPK}, one document, block-"
+        "major paths; errors are relative L2 against the same kernels on fp32 inputs.",
+        "",
+        "| shape | partials | fwd ms | fwd+bwd ms | err o | err dq | err dk | err dv |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, row in results["shapes"].items():
+        for partials in ("fp32", "half"):
+            r = row[partials]
+            lines.append(
+                f"| {shape} | {partials} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                f"{r['rel_err_o']:.2e} | {r['rel_err_dq']:.2e} | {r['rel_err_dk']:.2e} | "
+                f"{r['rel_err_dv']:.2e} |")
+        lines.append(f"| {shape} | fp32 / half (fwd+bwd) | | {row['fwd_bwd_speedup']:.2f}× | | | "
+                     "| |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------- the runner
+
+RUNNERS = {"ours": run_ours, "dense": run_dense, "flex": run_flex, "reference": run_reference,
+           "profile": run_profile, "tune": run_tune}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--configs", nargs="+", default=["64:16", "128:8"])
-    p.add_argument("--layouts", nargs="+", default=["one", "4k", "1k"])
-    p.add_argument("--modes", nargs="+", default=["auto"],
-                   help="ours' paths: auto, block, query, or fwd/dq like block/query")
+    p.add_argument("--configs", nargs="+", default=["64:16", "128:8"], help="block:topk pairs")
+    p.add_argument("--layouts", nargs="+", choices=["one", "4k", "1k"],
+                   default=["one", "4k", "1k"])
     p.add_argument("--selections", nargs="+", default=["random"],
                    help="random, or coherent:S (spans of S tokens share one selection)")
-    p.add_argument("--parts", nargs="+", default=["ours", "dense", "flex", "reference"])
+    p.add_argument("--parts", nargs="+", choices=sorted(RUNNERS),
+                   default=["ours", "dense", "flex", "reference"])
     p.add_argument("--flex-groups", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--ref-tokens", type=int, nargs="+", default=[16384])
     p.add_argument("--ref-groups", type=int, nargs="+", default=[1])
     p.add_argument("--deadline", type=float, default=1e9)
     p.add_argument("--fwd-cfgs", nargs="+", default=[",".join(map(str, c)) for c in FWD_CFGS],
-                   help="tune: forward BLOCK_M,num_warps,num_stages triples")
+                   help="tune: forward BLOCK_M,num_warps,num_stages[,prefetch]")
     p.add_argument("--bwd-cfgs", nargs="+", default=[",".join(map(str, c)) for c in BWD_CFGS])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = p.parse_args()
+    p.add_argument("--sweep-partials", action="store_true",
+                   help="the fp32 / half partials sweep instead (fixed shapes; tag "
+                        "partials_sweep)")
+
+
+def parse_lists(args: argparse.Namespace) -> argparse.Namespace:
+    """The ``a:b`` and ``a,b,c`` flags as tuples of ints."""
     args.configs = [tuple(int(x) for x in c.split(":")) for c in args.configs]
     args.fwd_cfgs = [tuple(int(x) for x in c.split(",")) for c in args.fwd_cfgs]
     args.bwd_cfgs = [tuple(int(x) for x in c.split(",")) for c in args.bwd_cfgs]
+    for kind in args.selections:
+        if kind != "random" and not (kind.startswith("coherent:")
+                                     and kind.split(":", 1)[1].isdigit()):
+            raise SystemExit(f"selected: error: --selections takes random or coherent:S, "
+                             f"got {kind!r}")
+    return args
 
-    import triton
 
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
-    }
+@register("selected", summary="selected attention (and --sweep-partials) against the reference "
+          "and dense SDPA / FlexAttention", arguments=add_arguments)
+def main(args: argparse.Namespace) -> dict:
+    global START
+    args = parse_lists(args)
+    require_cuda("selected")
+    START = time.time()
+    if args.sweep_partials:
+        record = Record("selected", run_meta(), args.out, join_tags("partials_sweep", args.tag))
+        return run_shapes(record, record.meta, SWEEP_SHAPES, partials_shape, partials_markdown)
+    meta = {**run_meta(), "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    record = Record("selected", meta, args.out, args.tag)
     results: list[dict] = []
-    runners = {"ours": run_ours, "dense": run_dense, "flex": run_flex, "reference": run_reference,
-               "profile": run_profile, "tune": run_tune}
     for part in args.parts:
-        runners[part](args, results)
+        RUNNERS[part](args, results)
     meta["seconds"] = elapsed()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "selected_attention.json"), "w") as f:
-        json.dump({"meta": meta, "quoted_from_kernels_md_H200": QUOTED, "results": results}, f,
-                  indent=1, default=str)
+    record.write({"meta": meta, "quoted_from_kernels_md_H200": QUOTED, "results": results},
+                 default=str)
     md = markdown(meta, results)
-    with open(os.path.join(args.out, "selected_attention.md"), "w") as f:
-        f.write(md)
+    record.write_text(md)
     print(md)
     assert not math.isnan(meta["seconds"])
+    return {"meta": meta, "results": results}
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["selected"].run()

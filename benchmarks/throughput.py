@@ -10,15 +10,16 @@ Modes (issue 7):
   this benchmark feeds every mode.
 
 Each (mode, context) row times forward + backward + AdamW step over ``--steps`` steps after
-``--warmup`` steps (CUDA events on the GPU, wall clock on the CPU) on random tokens: one
+``--warmup`` steps (:class:`benchmarks.common.StepTimer`: CUDA events around the timed steps on
+the GPU, wall clock on the CPU; the mean step) on random tokens: one
 sequence per step, or ``--tokens_per_step N``: N // context sequences of ``context`` tokens (at
 least one), as a trainer with a fixed token budget per step feeds them. It records tokens/s,
 MFU (actual and dense-equivalent, ``fsa_train.flops``) and peak memory. Out of memory is
 recorded as ``OOM`` for that row; with ``--activation_checkpointing auto`` a row that runs out
-of memory is retried with checkpointing first. Writes ``{name}.json``, ``{name}.md`` and
-``{name}.png`` (matplotlib permitting) to ``--out``.
+of memory is retried with checkpointing first. Writes
+``throughput_<device>_<date>[_<tag>].{json,md,png}`` (the plot matplotlib permitting) to ``--out``.
 
-GPU: ``PYTHONPATH=$PWD python benchmarks/bench_throughput.py --out benchmarks/results``.
+GPU: ``python -m benchmarks run throughput``.
 CPU smoke test: ``--device cpu --contexts 256 512 --n_layer 1 --d_model 64 --steps 2``.
 """
 
@@ -26,20 +27,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
-import platform
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import REGISTRY, register
+from benchmarks.common import Record, StepTimer, add_output_arguments, require_cuda, run_meta
 from fsa_train.config import GPTConfig, NSAConfig
 from fsa_train.flops import batch_flops, device_peak_flops
-from fsa_train.kernels.triton.tuning import autotune_choices, choices_markdown
+from fsa_train.kernels.tuning import autotune_choices, choices_markdown
 from fsa_train.model import GPT
 from fsa_train.model.attention import Attention
 
@@ -114,28 +114,6 @@ def build_model(cfg: GPTConfig, mode: str, device: torch.device, sequences: int 
     return model.to(device)
 
 
-class Timer:
-    """CUDA events on the GPU, ``perf_counter`` elsewhere; seconds between start and stop."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def start(self) -> None:
-        if self.cuda:
-            self.begin = torch.cuda.Event(enable_timing=True)
-            self.end = torch.cuda.Event(enable_timing=True)
-            self.begin.record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        if self.cuda:
-            self.end.record()
-            torch.cuda.synchronize()
-            return self.begin.elapsed_time(self.end) / 1e3
-        return time.perf_counter() - self.t0
-
-
 def time_training(args: argparse.Namespace, mode: str, context: int, checkpointing: bool,
                   device: torch.device) -> dict:
     """Seconds per training step and peak memory of one (mode, context, checkpointing)."""
@@ -162,7 +140,7 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    timer = Timer(device)
+    timer = StepTimer(device)
     timer.start()
     for _ in range(args.steps):
         step()
@@ -208,20 +186,11 @@ def run_row(args: argparse.Namespace, mode: str, context: int, device: torch.dev
 
 
 def environment(device: torch.device) -> dict:
-    """Device, versions and date for the report."""
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "device": platform.processor() or platform.machine()}
+    """Device, versions, date and commit for the report (:func:`benchmarks.common.run_meta`)."""
+    info = run_meta(device.type)
     if device.type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
     return info
 
 
@@ -310,8 +279,7 @@ def plot(report: dict, path: Path) -> str:
     return f"plot: {path}"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--n_layer", type=int, default=24)
@@ -328,22 +296,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--activation_checkpointing", choices=["off", "on", "auto"], default="auto")
     p.add_argument("--kernel_backend", choices=["auto", "reference", "triton"], default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda", help="cpu: the smoke mode (wall-clock timing)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on the CPU)")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--name", default="throughput", help="output file stem")
-    args = p.parse_args(argv)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's flags (``python -m benchmarks run throughput --help``)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks run throughput",
+                                description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    add_output_arguments(p)
+    return with_defaults(p.parse_args(argv))
+
+
+def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """bf16 autocast on CUDA and off on the CPU unless ``--bf16`` / ``--no-bf16`` said."""
     if args.bf16 is None:
         args.bf16 = torch.device(args.device).type == "cuda"
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+@register("throughput", summary="end-to-end training throughput: dense, cuDNN SDPA and NSA GPT",
+          arguments=add_arguments)
+def run(args: argparse.Namespace) -> dict:
     """Run every (mode, context) row, write JSON, Markdown and the plot; returns the report."""
-    args = parse_args(argv)
+    args = with_defaults(args)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        require_cuda("throughput")
     env = environment(device)
+    record = Record("throughput", env, args.out, args.tag)
     peak = device_peak_flops(env["device"], "bf16-mixed" if args.bf16 else "32-true")
     rows = []
     for context in args.contexts:
@@ -352,12 +335,17 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             rate = f"{row['tokens_per_s']:,.0f} tokens/s" if row["status"] == "ok" else "OOM"
             print(f"{mode:>5} {context:>7}: {rate}", flush=True)
-            write_report(args, env, peak, rows, final=False)  # a run cut short still reports
-    return write_report(args, env, peak, rows, final=True)
+            write_report(record, args, env, peak, rows, final=False)  # a cut run still reports
+    return write_report(record, args, env, peak, rows, final=True)
 
 
-def write_report(args: argparse.Namespace, env: dict, peak: float | None, rows: list[dict],
-                 final: bool) -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    """``run`` on the command-line flags ``argv``."""
+    return run(parse_args(argv))
+
+
+def write_report(record: Record, args: argparse.Namespace, env: dict, peak: float | None,
+                 rows: list[dict], final: bool) -> dict:
     """Write JSON and Markdown (and, when ``final``, the plot) for the rows so far."""
     report = {
         "environment": env, "peak_flops": peak, "bf16": args.bf16, "steps": args.steps,
@@ -365,15 +353,13 @@ def write_report(args: argparse.Namespace, env: dict, peak: float | None, rows: 
         "nsa": dataclasses.asdict(NSAConfig()), "args": vars(args), "rows": rows,
         "autotune": autotune_choices(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(report))
+    record.write_text(json.dumps(report, indent=1) + "\n", ".json")
+    record.write_text(markdown(report))
     if final:
         print(markdown(report))
-        print(plot(report, out / f"{args.name}.png"))
+        print(plot(report, record.path(".png")))
     return report
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["throughput"].run()

@@ -1,9 +1,11 @@
 """Benchmark of the window_attention Triton kernel against dense attention baselines.
 
-One process, ``triton.testing.do_bench`` medians, forward and forward+backward, peak memory:
+One process, ``triton.testing.do_bench`` medians (25 ms warm-up, 100 ms of repetitions), forward
+and forward+backward, peak memory:
 
 * ours: ``window_attention`` with ``window=None`` (dense causal per document) and ``window=512``;
-  also the split backward schedule (two kernels) for comparison with the default fused one;
+  also the split backward schedule (two kernels) and the atomic-dq one, for comparison with the
+  default fused one (``KernelSettings.window_bwd``);
 * cuDNN SDPA and the SDPA flash backend (FlashAttention-2), causal, on ``[B, H, L, d]``: one
   document is B = 1; equal-length packed documents are a batch (B = n_docs), which is exactly the
   block-diagonal causal mask. K/V are expanded to the H query heads (GQA as MHA; the reduction of
@@ -11,30 +13,30 @@ One process, ``triton.testing.do_bench`` medians, forward and forward+backward, 
 * FlexAttention (``torch.compile``) with a document mask, and a sliding-window + document mask.
 
 Shapes: 16K and 64K tokens; G = 1, 4, 16 with 4 KV heads; d = 128; bf16; one document and packed
-4K-token documents. Writes ``window_attention.json`` and ``window_attention.md`` to ``$OUT`` (or
-``--out``). Usage: ``PYTHONPATH=$PWD python3 benchmarks/bench_window.py``.
+4K-token documents. Writes ``window_<device>_<date>[_<tag>].{json,md}`` to ``--out``.
+Usage: ``python -m benchmarks run window``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import importlib
-import json
-import os
-import platform
 import time
 
 import torch
-import triton
-from triton.testing import do_bench
 
-wa = importlib.import_module("fsa_train.kernels.triton.window_attention")
+from benchmarks import REGISTRY, register
+from benchmarks.common import Record, bench, peak_mib, rel, require_cuda, run_meta
 
 D = 128
 KV_HEADS = 4
 DOC = 4096
 WINDOW = 512
+
+
+def triton_op():
+    return importlib.import_module("fsa_train.kernels.ops.window_attention.triton")
 
 
 def causal_pairs(lengths: list[int], window: int | None) -> int:
@@ -46,24 +48,6 @@ def causal_pairs(lengths: list[int], window: int | None) -> int:
         else:
             total += window * (window + 1) // 2 + (n - window) * window
     return total
-
-
-def peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def bench(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 class Case:
@@ -91,14 +75,16 @@ class Case:
         return f"{self.n // 1024}K {docs} G={self.G}"
 
 
-def ours(case: Case, window):
+def ours(case: Case, window, settings):
+    """Forward and forward+backward of our kernel with the backward schedule of ``settings``."""
+    wa = triton_op()
     q, k, v = (x.detach().requires_grad_() for x in (case.q, case.k, case.v))
 
     def fwd():
-        return wa.window_attention(q, k, v, case.cu, window)
+        return wa.window_attention(q, k, v, case.cu, window, settings=settings)
 
     def fwd_bwd():
-        o = wa.window_attention(q, k, v, case.cu, window)
+        o = wa.window_attention(q, k, v, case.cu, window, settings=settings)
         return torch.autograd.grad(o, (q, k, v), case.do)
 
     return fwd, fwd_bwd
@@ -176,11 +162,12 @@ def measure(fwd, fwd_bwd) -> dict:
 
 
 def tuner_choices() -> dict:
-    choices = {}
-    for name in ("_fwd_tuned", "_bwd_tuned", "_dkdv_tuned", "_dq_tuned", "_atomic_tuned"):
-        tuner = getattr(wa, name)
-        choices[name] = {str(k): str(v) for k, v in getattr(tuner, "cache", {}).items()}
-    return choices
+    """What the window-attention tuners chose: ``{tuner: {key: config}}``."""
+    from fsa_train.kernels.tuning import autotune_choices
+
+    return {name: {", ".join(entry["key"]): entry["config"] for entry in entries}
+            for name, entries in autotune_choices().items()
+            if name.startswith("window_attention.")}
 
 
 def markdown(results: dict) -> str:
@@ -220,41 +207,37 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--layouts", nargs="+", default=["doc", "packed"])
+    parser.add_argument("--layouts", nargs="+", choices=["doc", "packed"],
+                        default=["doc", "packed"])
     parser.add_argument("--flex-groups", type=int, nargs="*", default=[4])
     parser.add_argument("--flex-window-seqs", type=int, nargs="*", default=[16384])
     parser.add_argument("--split-groups", type=int, nargs="*", default=[])
     parser.add_argument("--atomic-groups", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip Flex rows after this")
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    args = parser.parse_args()
 
+
+@register("window", summary="window / dense varlen attention against cuDNN, FA2 and "
+          "FlexAttention", arguments=add_arguments)
+def main(args: argparse.Namespace) -> dict:
+    require_cuda("window")
+    from fsa_train.kernels.settings import default_settings
+
+    base = default_settings()
+    fused, split, atomic = (dataclasses.replace(base, window_bwd=mode)
+                            for mode in ("fused", "split", "atomic"))
     start = time.time()
     props = torch.cuda.get_device_properties(0)
-    results = {
-        "meta": {
-            "device": f"{props.name} ({props.multi_processor_count} SMs)",
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "bwd_mode_default": wa.BWD_MODE,
-        },
-        "rows": [],
-        "checks": {},
-    }
-    os.makedirs(args.out, exist_ok=True)
+    meta = {**run_meta(), "device": f"{props.name} ({props.multi_processor_count} SMs)",
+            "bwd_mode_default": base.window_bwd}
+    record = Record("window", meta, args.out, args.tag)
+    results = {"meta": meta, "rows": [], "checks": {}}
 
     def save():
         results["autotune"] = tuner_choices()
-        with open(os.path.join(args.out, "window_attention.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(args.out, "window_attention.md"), "w") as f:
-            f.write(markdown(results))
+        record.write(results, markdown(results))
 
     def add(case, method, window, timing):
         flops = 4 * D * case.H * causal_pairs(case.lengths, window)
@@ -288,25 +271,19 @@ def main():
                 add(case, "FA2 (SDPA flash)", None, measure(run, fb))
                 del run, fb
                 torch.cuda.empty_cache()
-                wa.BWD_MODE = "fused"
-                fwd, fb = ours(case, None)
+                fwd, fb = ours(case, None, fused)
                 add(case, "ours", None, measure(fwd, fb))
                 results["checks"][case.name()] = rel(fwd(), o_ref)
                 del o_ref
                 if layout == "doc" and G in args.split_groups:
-                    wa.BWD_MODE = "split"
-                    add(case, "ours (split bwd)", None, measure(fwd, fb))
-                    wa.BWD_MODE = "fused"
+                    add(case, "ours (split bwd)", None, measure(*ours(case, None, split)))
                 if G in args.atomic_groups:
-                    wa.BWD_MODE = "atomic"
-                    add(case, "ours (atomic dq)", None, measure(fwd, fb))
-                    wa.BWD_MODE = "fused"
-                fwd, fb = ours(case, WINDOW)
+                    add(case, "ours (atomic dq)", None, measure(*ours(case, None, atomic)))
+                fwd, fb = ours(case, WINDOW, fused)
                 add(case, f"ours W={WINDOW}", WINDOW, measure(fwd, fb))
                 if G in args.atomic_groups:
-                    wa.BWD_MODE = "atomic"
-                    add(case, f"ours W={WINDOW} (atomic dq)", WINDOW, measure(fwd, fb))
-                    wa.BWD_MODE = "fused"
+                    add(case, f"ours W={WINDOW} (atomic dq)", WINDOW,
+                        measure(*ours(case, WINDOW, atomic)))
                 del fwd, fb
                 if G in args.flex_groups:
                     pending_flex.append((n, layout, G, None))
@@ -334,7 +311,8 @@ def main():
     save()
     print()
     print(markdown(results))
+    return results
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["window"].run()

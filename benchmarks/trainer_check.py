@@ -1,16 +1,23 @@
-"""Summarise benchmarks/trainer_gpu_check.sh: loss agreement of ZeRO-2/3 with one GPU, exact
-resume under ZeRO-2, and 2-GPU scaling efficiency. Writes trainer_check.json and .md."""
+"""Summary of the multi-GPU trainer check (``bash benchmarks/device.sh trainer-check``, which
+trains the runs): loss agreement of ZeRO-2/3 with one GPU, exact resume under ZeRO-2, and 2-GPU
+scaling efficiency. Writes ``trainer_check_<device>x<gpus>_<date>[_<tag>].{json,md}`` to
+``--out``; ``--scaling`` (the ``SCALING_ONLY`` runs) the JSON with tag ``scaling``.
+
+    python -m benchmarks run trainer_check RUNS [--scaling] --out DIR
+"""
 
 from __future__ import annotations
 
-import datetime
+import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+
+from benchmarks import REGISTRY, register
+from benchmarks.common import Record, device_slug, join_tags, utc_now
 
 WARMUP_RECORDS = 6
 
@@ -32,15 +39,24 @@ def tokens_per_s_per_device(rows: list[dict]) -> float:
     return statistics.harmonic_mean(rates)
 
 
-def main(runs: Path, out: Path) -> None:
+def device_meta() -> dict:
+    """Device (and its count), torch version and date of the summary."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    gpus = torch.cuda.device_count()
+    return {"device": device, "gpus": gpus, "torch": torch.__version__, "date": utc_now()}
+
+
+def record(meta: dict, out: Path, tag: str | None) -> Record:
+    slug = device_slug(meta["device"], meta["gpus"])
+    return Record("trainer_check", meta, out, tag, device=slug)
+
+
+def summarize(runs: Path, out: Path, tag: str | None = None) -> None:
     single, zero2, zero3 = (records(runs / name) for name in ("single", "zero2", "zero3"))
     resumed = records(runs / "resume")
     ref = losses(single, micro_batches=2)
     result = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "gpus": torch.cuda.device_count(),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **device_meta(),
         "steps": len(ref),
         "final_loss": {"single": ref[-1], "zero2": losses(zero2)[-1], "zero3": losses(zero3)[-1]},
         "max_abs_loss_diff_vs_single": {
@@ -60,8 +76,16 @@ def main(runs: Path, out: Path) -> None:
     result["scaling_efficiency"] = {
         name: per_device[name] / per_device["single"] for name in ("zero2", "zero3")
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "trainer_check.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    files = record(result, out, tag)
+    files.write_json(result, indent=2)
+    text = markdown(result)
+    files.write_text(text)
+    print(text, end="")
+
+
+def markdown(result: dict) -> str:
+    """The table of a summary (from its JSON)."""
+    per_device = result["tokens_per_s_per_device"]
     lines = [
         "# Trainer check: DeepSpeed ZeRO on 2 GPUs against 1 GPU",
         "",
@@ -72,7 +96,7 @@ def main(runs: Path, out: Path) -> None:
         "",
         "| run | final loss | max abs loss diff vs 1 GPU | tokens/s per GPU | scaling efficiency |",
         "|---|---|---|---|---|",
-        f"| 1 GPU | {ref[-1]:.4f} | 0 | {per_device['single']:.0f} | 1.00 |",
+        f"| 1 GPU | {result['final_loss']['single']:.4f} | 0 | {per_device['single']:.0f} | 1.00 |",
     ]
     for name in ("zero2", "zero3"):
         lines.append(
@@ -86,30 +110,35 @@ def main(runs: Path, out: Path) -> None:
         f"{result['steps']}): max abs loss difference against the uninterrupted ZeRO-2 run "
         f"{result['resume_max_abs_loss_diff_vs_uninterrupted_zero2']:.2e}.",
     ]
-    (out / "trainer_check.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
-def scaling(runs: Path, out: Path) -> None:
+def scaling(runs: Path, out: Path, tag: str | None = None) -> None:
     """``SCALING_ONLY`` runs: tokens/s per GPU of 2-GPU ZeRO-2 over 1 GPU, same micro-batch."""
     one, two = (tokens_per_s_per_device(records(runs / name)) for name in ("scale1", "scale2"))
     log = next(runs.glob("scale1.*.log"))
     run_config = log.read_text(encoding="utf-8", errors="replace")[-2000:]
     result = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **device_meta(),
         "extra_args": os.environ.get("EXTRA_ARGS", ""),
         "tokens_per_s_per_device": {"1 GPU": one, "2 GPUs ZeRO-2": two},
         "scaling_efficiency": two / one, "log_tail_1gpu": run_config,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scaling.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    record(result, out, join_tags("scaling", tag)).write_json(result, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k != "log_tail_1gpu"}, indent=2))
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "--scaling":
-        scaling(Path(sys.argv[2]), Path(sys.argv[3]))
-    else:
-        main(Path(sys.argv[1]), Path(sys.argv[2]))
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", type=Path, help="the run directories (RUNS of device.sh)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="the SCALING_ONLY runs (scale1, scale2): 1 vs 2 GPUs")
+
+
+@register("trainer_check", summary="summary of the multi-GPU trainer check (ZeRO-2/3 losses, "
+          "resume, scaling)", arguments=add_arguments, gpu=False)
+def main(args: argparse.Namespace) -> None:
+    (scaling if args.scaling else summarize)(args.runs, Path(args.out), args.tag)
+
+
+if __name__ == "__main__":  # as `python -m benchmarks run` does
+    REGISTRY["trainer_check"].run()
