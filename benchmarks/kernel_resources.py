@@ -1,8 +1,8 @@
 """Registers, stack (spills), shared memory and SASS size of our hot Triton kernels, compiled
 offline for Hopper (sm_90) on a machine without a GPU.
 
-Spills are the recurring suspect in our slow kernels (``NOTES_window.md``,
-``NOTES_compressed.md``), and a GPU session is short: this checks each launch configuration in
+Spills are the recurring suspect in our slow kernels (``docs/notes/window.md``,
+``docs/notes/compressed.md``), and a GPU session is short: this checks each launch configuration in
 the autotune lists, and candidates for them, before any device time is spent. It needs the
 NVIDIA backend of the local Triton (its bundled ``cuobjdump``). The GPU image's Triton (3.6)
 allocates registers differently from a newer one, so check with that version too; it installs

@@ -1,12 +1,12 @@
 """How much do neighbouring queries of a trained NSA model select the same blocks?
 
-The selected branch's kernel design depends on it (``NOTES_selected.md``, ``NOTES_core.md``): the
-block-major kernel (FSA's order) writes an fp32 partial output per (query, selected block) and
-costs the same whatever the pattern, while a query-major kernel over a tile of M consecutive
-queries would load the *union* of the blocks its queries chose and mask the rest: no partials,
-but it does ``union × M`` block-rows of work where the sparse branch needs only the selected
-ones. Random selections (what the kernel benchmarks feed) share nothing beyond the forced
-blocks; a trained model's may share most. This script measures it on real text.
+The selected branch's kernel design depends on it (``docs/notes/selected.md``,
+``docs/notes/core.md``): the block-major kernel (FSA's order) writes an fp32 partial output per
+(query, selected block) and costs the same whatever the pattern, while a query-major kernel over a
+tile of M consecutive queries would load the *union* of the blocks its queries chose and mask the
+rest: no partials, but it does ``union × M`` block-rows of work where the sparse branch needs only
+the selected ones. Random selections (what the kernel benchmarks feed) share nothing beyond the
+forced blocks; a trained model's may share most. This script measures it on real text.
 
 For every NSA layer and KV head it records the selections ``select_blocks`` makes during a
 forward over validation windows and reports, per query-tile size M (tiles of M consecutive

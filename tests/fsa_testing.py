@@ -45,7 +45,7 @@ def packed_qkv(
 def rel_error(got: torch.Tensor, want: torch.Tensor, rms_floor: bool = False) -> float:
     """Relative L2 error ``|got - want| / |want|`` in fp64. ``rms_floor``: the reference norm is
     floored at an RMS of 1 (for references that may be exactly zero)."""
-    got, want = got.double(), want.double()
+    got, want = got.detach().double(), want.detach().double()
     floor = math.sqrt(max(1, want.numel())) if rms_floor else 1e-30
     return float((got - want).norm() / want.norm().clamp_min(floor))
 

@@ -24,7 +24,7 @@ Design:
   fixed order (deterministic).
 
 GQA: per query head (K/V re-reads hit L2); the G-stacked alternative was not built (see
-benchmarks/NOTES_compressed.md).
+docs/notes/compressed.md).
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ _CONFIGS = [
 # The fixed configuration validated on the GPU (H200, Triton 3.6) with fp32 inputs. fp16/bf16 are
 # autotuned over _CONFIGS (validated on the H200 with bf16/fp16 after the tf32 mapping dot was
 # removed, and about 30 % faster); FSA_TOPK_CONFIGS=safe makes them use the fixed one too (see
-# benchmarks/NOTES_compressed.md).
+# docs/notes/compressed.md).
 _FIXED_FP32 = {"BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
 _FIXED_INTERP = {"BLOCK_M": 16}
 

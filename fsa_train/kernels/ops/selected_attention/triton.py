@@ -81,6 +81,22 @@ def _segment_block(
 
 
 @triton.jit
+def _chunk_pairs(PAIRS, c, p1, qi, C, T):
+    """The chunk of pairs ``c .. c + C`` of a segment ending at ``p1``: which of its rows are valid
+    (row ``r`` holds pair ``c + qi[r]``, one row per query head), the pairs and their tokens."""
+    rv = (qi < C) & (c + qi < p1)
+    pair = tl.load(PAIRS + c + qi, mask=rv, other=0)
+    return rv, pair, pair // T
+
+
+@triton.jit
+def _gather_rows(X, t, head, rv, sxt, sxh, sxd, offs_d):
+    """``x[t[r], head[r], :]`` for each row ``r`` of a chunk (0 where the row is not valid)."""
+    return tl.load(X + t[:, None] * sxt + head[:, None] * sxh + offs_d[None, :] * sxd,
+                   mask=rv[:, None], other=0.0)
+
+
+@triton.jit
 def _fwd_block_kernel(
     Q, K, V, OP, LP,
     PAIRS, BLK_START, SEG_KEY, SEG_OFF, TOK0, TOK1,
@@ -104,30 +120,18 @@ def _fwd_block_kernel(
     qi = r // G
     head = hh * G + r % G
     if PREFETCH:  # the next chunk's gathers are issued before this chunk's math
-        rv_n = (qi < C) & (p0 + qi < p1)
-        pair_n = tl.load(PAIRS + p0 + qi, mask=rv_n, other=0)
-        q_n = tl.load(
-            Q + (pair_n // T)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
-            mask=rv_n[:, None], other=0.0,
-        )
+        rv_n, pair_n, t_n = _chunk_pairs(PAIRS, p0, p1, qi, C, T)
+        q_n = _gather_rows(Q, t_n, head, rv_n, sqt, sqh, sqd, offs_d)
     for c in range(p0, p1, C):
         if PREFETCH:
             rv = rv_n
             pair = pair_n
             q = q_n
-            rv_n = (qi < C) & (c + C + qi < p1)
-            pair_n = tl.load(PAIRS + c + C + qi, mask=rv_n, other=0)
-            q_n = tl.load(
-                Q + (pair_n // T)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
-                mask=rv_n[:, None], other=0.0,
-            )
+            rv_n, pair_n, t_n = _chunk_pairs(PAIRS, c + C, p1, qi, C, T)
+            q_n = _gather_rows(Q, t_n, head, rv_n, sqt, sqh, sqd, offs_d)
         else:
-            rv = (qi < C) & (c + qi < p1)
-            pair = tl.load(PAIRS + c + qi, mask=rv, other=0)
-            q = tl.load(
-                Q + (pair // T)[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
-                mask=rv[:, None], other=0.0,
-            )
+            rv, pair, t = _chunk_pairs(PAIRS, c, p1, qi, C, T)
+            q = _gather_rows(Q, t, head, rv, sqt, sqh, sqd, offs_d)
         t = pair // T
         s = _dot(q, kt, IEEE) * scale_log2
         vis = (offs_n[None, :] <= t[:, None]) & rv[:, None]
@@ -211,13 +215,9 @@ def _bwd_block_kernel(
     qi = r // G
     head = hh * G + r % G
     if PREFETCH:  # the next chunk's gathers are issued before this chunk's math
-        rv_n = (qi < C) & (p0 + qi < p1)
-        pair_n = tl.load(PAIRS + p0 + qi, mask=rv_n, other=0)
-        t_n = pair_n // T
-        q_n = tl.load(Q + t_n[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
-                      mask=rv_n[:, None], other=0.0)
-        do_n = tl.load(DO + t_n[:, None] * sdt + head[:, None] * sdh + offs_d[None, :] * sdd,
-                       mask=rv_n[:, None], other=0.0)
+        rv_n, pair_n, t_n = _chunk_pairs(PAIRS, p0, p1, qi, C, T)
+        q_n = _gather_rows(Q, t_n, head, rv_n, sqt, sqh, sqd, offs_d)
+        do_n = _gather_rows(DO, t_n, head, rv_n, sdt, sdh, sdd, offs_d)
         lse_n = tl.load(LSE + head * total + t_n, mask=rv_n, other=0.0)
         delta_n = tl.load(DELTA + head * total + t_n, mask=rv_n, other=0.0)
     for c in range(p0, p1, C):
@@ -229,23 +229,15 @@ def _bwd_block_kernel(
             do = do_n
             lse2 = lse_n * LOG2E_JIT
             delta = delta_n
-            rv_n = (qi < C) & (c + C + qi < p1)
-            pair_n = tl.load(PAIRS + c + C + qi, mask=rv_n, other=0)
-            t_n = pair_n // T
-            q_n = tl.load(Q + t_n[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
-                          mask=rv_n[:, None], other=0.0)
-            do_n = tl.load(DO + t_n[:, None] * sdt + head[:, None] * sdh + offs_d[None, :] * sdd,
-                           mask=rv_n[:, None], other=0.0)
+            rv_n, pair_n, t_n = _chunk_pairs(PAIRS, c + C, p1, qi, C, T)
+            q_n = _gather_rows(Q, t_n, head, rv_n, sqt, sqh, sqd, offs_d)
+            do_n = _gather_rows(DO, t_n, head, rv_n, sdt, sdh, sdd, offs_d)
             lse_n = tl.load(LSE + head * total + t_n, mask=rv_n, other=0.0)
             delta_n = tl.load(DELTA + head * total + t_n, mask=rv_n, other=0.0)
         else:
-            rv = (qi < C) & (c + qi < p1)
-            pair = tl.load(PAIRS + c + qi, mask=rv, other=0)
-            t = pair // T
-            q = tl.load(Q + t[:, None] * sqt + head[:, None] * sqh + offs_d[None, :] * sqd,
-                        mask=rv[:, None], other=0.0)
-            do = tl.load(DO + t[:, None] * sdt + head[:, None] * sdh + offs_d[None, :] * sdd,
-                         mask=rv[:, None], other=0.0)
+            rv, pair, t = _chunk_pairs(PAIRS, c, p1, qi, C, T)
+            q = _gather_rows(Q, t, head, rv, sqt, sqh, sqd, offs_d)
+            do = _gather_rows(DO, t, head, rv, sdt, sdh, sdd, offs_d)
             lse2 = tl.load(LSE + head * total + t, mask=rv, other=0.0) * LOG2E_JIT
             delta = tl.load(DELTA + head * total + t, mask=rv, other=0.0)
         s = _dot(q, kt, IEEE) * scale_log2

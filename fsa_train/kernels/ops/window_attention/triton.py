@@ -6,7 +6,7 @@ token ``t`` of every document and every query head ``j``, softmax attention over
 KV head ``j // G`` (``G = H / h``). It is the project's dense attention for packed batches and the
 window branch of NSA (docs/nsa.md step 7).
 
-Design (see benchmarks/NOTES_window.md for the measurements behind it):
+Design (see docs/notes/window.md for the measurements behind it):
 
 * **Varlen without host synchronisation.** A tile grid of static size: a document starting at
   ``cu[b]`` owns the tile *slots* ``cu[b] // BLOCK + b .. cu[b+1] // BLOCK + b`` (at least
@@ -437,7 +437,7 @@ _KEY = ["HEAD_DIM", "G", "HAS_WINDOW"]
 
 # Hopper-oriented: 128-row tiles, 8 warps, 2-3 stages. Register use (ptxas, sm_90, d = 128):
 # forward 176-255 registers without spills; the backward keeps dk and dv (2 x 64 registers per
-# thread) plus k, v in shared memory and spills a little at BLOCK_M1 = 64 (see NOTES_window.md).
+# thread) plus k, v in shared memory and spills a little at BLOCK_M1 = 64 (docs/notes/window.md).
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
