@@ -588,16 +588,10 @@ class _WindowAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def window_attention_with_lse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    window: int | None = None,
-    scale: float | None = None,
-    *,
-    settings: KernelSettings | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def window_attention_with_lse(q, k, v, cu_seqlens, window: int | None = None,
+                              scale: float | None = None, *,
+                              settings: KernelSettings | None = None,
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`window_attention` that also returns the natural-log LSE ``[H, total]`` (fp32).
 
     The LSE carries no gradient.
