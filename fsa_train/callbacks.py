@@ -141,15 +141,21 @@ class MetricsFile(L.Callback):
 
     Args:
         path: the ``.jsonl`` file of training steps; created with its directory, appended to on
-            resume.
+            resume. None (the presets' choice): ``metrics.jsonl`` in the run directory, with
+            the validations in ``val.jsonl`` beside it.
         val_path: the ``.jsonl`` file of validation results (``val/*`` metrics), or None.
     """
 
-    def __init__(self, path: str, val_path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, val_path: str | None = None) -> None:
         self.path = path
         self.val_path = val_path
         self.train_time_s = 0.0
         self._batch_start: float | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.path is None:
+            self.path = os.path.join(trainer.default_root_dir, "metrics.jsonl")
+            self.val_path = self.val_path or os.path.join(trainer.default_root_dir, "val.jsonl")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_start = time.perf_counter()

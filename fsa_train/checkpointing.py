@@ -1,4 +1,4 @@
-"""Checkpoints that an interrupted save cannot spoil, and finding the newest one to resume from.
+"""Checkpoints that an interrupted save cannot spoil, and finding the one to resume from.
 
 A checkpoint (a file, or a directory under DeepSpeed) is written under ``NAME.partial`` and
 renamed to ``NAME`` only when every rank has finished writing, so a run killed mid-save leaves
@@ -7,7 +7,6 @@ the previous checkpoints untouched and at worst a ``.partial`` entry that resumi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -47,35 +46,47 @@ class SafeModelCheckpoint(ModelCheckpoint):
                 os.replace(final, replaced)
             os.replace(partial, final)
             _remove(replaced)
-            write_run_info(final.parent, trainer)
         trainer.strategy.barrier("safe_checkpoint_end")
         self._last_checkpoint_saved = str(final)
 
 
-RUN_INFO = "run.json"
-"""Beside the checkpoints: what a restarted run needs before it loads one (the wandb run id)."""
+class CheckpointError(ValueError):
+    """A path that is not a readable checkpoint (missing, truncated, corrupt, another format)."""
 
 
-def write_run_info(directory: Path, trainer: L.Trainer) -> None:
-    """Record the wandb run id next to the checkpoints (atomically)."""
-    from lightning.pytorch.loggers import WandbLogger
+def _load_meta(path: Path) -> dict:
+    """The checkpoint's top-level dict, tensors memory-mapped (nothing large is read)."""
+    import torch
 
-    info = {"global_step": trainer.global_step}
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger.version is not None:
-            info["wandb_run_id"] = logger.version
-    temporary = directory / (RUN_INFO + PARTIAL_SUFFIX)
-    temporary.write_text(json.dumps(info), encoding="utf-8")
-    os.replace(temporary, directory / RUN_INFO)
+    if path.is_dir():  # DeepSpeed: <dir>/checkpoint/mp_rank_00_model_states.pt holds the state
+        states = sorted(path.glob("checkpoint/*model_states.pt")) or sorted(
+            path.glob("**/*model_states.pt"))
+        if not states:
+            raise CheckpointError(f"{path} is a directory but not a DeepSpeed checkpoint "
+                                  "(no *model_states.pt inside)")
+        return torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
-def read_run_info(directory: str | Path) -> dict:
-    """What :func:`write_run_info` recorded, or an empty dict."""
-    path = Path(directory) / RUN_INFO
+def read_checkpoint_meta(path: str | Path) -> dict:
+    """``{"global_step": int, "run": {...}}`` of a Lightning checkpoint (file or DeepSpeed
+    directory); ``run`` is what :class:`fsa_train.lit_module.LitGPT` records (run identity and
+    wandb run id), empty for checkpoints written before it did. One-line
+    :class:`CheckpointError` for anything that is not a readable checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+        checkpoint = _load_meta(path)
+    except CheckpointError:
+        raise
+    except Exception as error:  # truncated zip, pickle garbage, a text file, ...
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"not a readable checkpoint: {path} ({reason[:200]})") from None
+    if not isinstance(checkpoint, dict) or "global_step" not in checkpoint:
+        raise CheckpointError(f"not a Lightning checkpoint: {path} (no global_step)")
+    record = checkpoint.get("fsa_train") or {}
+    return {"global_step": int(checkpoint["global_step"]), "run": dict(record.get("run") or {})}
 
 
 def complete_checkpoints(directory: str | Path) -> list[Path]:
@@ -95,6 +106,13 @@ def complete_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def find_resume_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint in ``directory``, or None when there is none."""
-    checkpoints = complete_checkpoints(directory)
-    return checkpoints[-1] if checkpoints else None
+    """The complete checkpoint of ``directory`` with the highest global step (the newest of
+    equal steps), or None when there is none. A ``last-v2.ckpt`` of step 1 never wins over a
+    ``last.ckpt`` of step 300, whatever their ages; an unreadable one is a :class:`CheckpointError`
+    (move it away or pass ``--resume PATH``), never skipped silently."""
+    best: tuple[int, int, Path] | None = None
+    for order, path in enumerate(complete_checkpoints(directory)):  # oldest first
+        step = read_checkpoint_meta(path)["global_step"]
+        if best is None or (step, order) > best[:2]:
+            best = (step, order, path)
+    return best[2] if best else None

@@ -10,31 +10,91 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from fsa_train.checkpointing import find_resume_checkpoint, read_run_info
+from fsa_train.checkpointing import CheckpointError, find_resume_checkpoint, read_checkpoint_meta
 from fsa_train.config import ConfigError
 from fsa_train.data.datamodule import TextDataModule
 from fsa_train.data.prepare import DatasetFormatError
 from fsa_train.lit_module import LitGPT
 from fsa_train.loggers import AutoWandbLogger
+from fsa_train.runs import (
+    check_resumable,
+    default_run_name,
+    latest_run_dir,
+    new_run_dir,
+    run_identity,
+)
 
 
 class FSATrainCLI(LightningCLI):
-    """LightningCLI with the tokenizer's vocabulary size wired into the model config and
-    ``--resume auto`` (continue from the newest complete checkpoint, or start fresh)."""
+    """LightningCLI with one directory per run (:mod:`fsa_train.runs`), the tokenizer's
+    vocabulary size wired into the model config, and ``--resume auto | PATH``: continue from
+    this run's complete checkpoint of the highest step, after checking that it belongs to this
+    run (model config, tokenizer, dataset)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate`` (the model has no test or predict step)."""
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.config.vocab_size")
         parser.add_argument(
-            "--resume",
-            type=str | None,
-            default=None,
-            help="'auto': resume from the newest complete checkpoint of the run's checkpoint "
-            "directory (start fresh if there is none); or a checkpoint path.",
+            "--run_dir", type=str | None, default=None,
+            help="Directory of every output of the run (checkpoints, wandb, config, metrics); "
+            "default: trainer.default_root_dir if set, else runs/<name>-<timestamp>.",
         )
+        parser.add_argument(
+            "--name", type=str | None, default=None,
+            help="Run name (wandb run name and run-directory prefix); default: from the config "
+            "files, e.g. gpt-150m-nsa.",
+        )
+        parser.add_argument(
+            "--resume", type=str | None, default=None,
+            help="(fit) 'auto': continue this run from its complete checkpoint of the highest "
+            "step (start fresh if there is none); or a checkpoint path. Refused when the "
+            "checkpoint's model config, tokenizer or dataset differ from this run's.",
+        )
+
+    # ---- before anything is built: where the run's outputs go ------------------------------
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        resume = config.get("resume")
+        if resume is not None and self.subcommand != "fit":
+            raise ConfigError(f"--resume is for fit; {self.subcommand} takes --ckpt_path")
+        if resume is not None and config.get("ckpt_path"):
+            raise ConfigError("--resume and --ckpt_path both name the checkpoint to start from: "
+                              "give one of them")
+        name = config.get("name") or default_run_name(config.get("config") or [])
+        run_dir = config.get("run_dir") or config.trainer.get("default_root_dir")
+        if not run_dir and self.subcommand == "validate" and config.get("ckpt_path"):
+            run_dir = run_dir_of_checkpoint(config.ckpt_path)
+        if not run_dir and resume == "auto":
+            run_dir = latest_run_dir(name)
+        if not run_dir and resume not in (None, "auto"):
+            run_dir = run_dir_of_checkpoint(resume)
+        run_dir = str(run_dir or new_run_dir(name))
+        self.run_dir, self.run_name = run_dir, name
+        config.trainer.default_root_dir = run_dir
+        for logger in _entries(config.trainer.get("logger")):
+            args = logger.get("init_args")
+            if args is not None and "save_dir" in args and not args.get("save_dir"):
+                args.save_dir = run_dir
+            if args is not None and "name" in args and not args.get("name"):
+                args.name = name
+        for callback in _entries(config.trainer.get("callbacks")):
+            args = callback.get("init_args")
+            if args is not None and callback.get("class_path", "").endswith("ModelCheckpoint") \
+                    and not args.get("dirpath"):
+                args.dirpath = os.path.join(run_dir, "checkpoints")
+
+    # ---- before fit / validate: which checkpoint, and is it this run's ---------------------
 
     def before_fit(self) -> None:
         resume = self.config_init["fit"].get("resume")
@@ -47,12 +107,38 @@ class FSATrainCLI(LightningCLI):
                 print(f"fsa-train: --resume auto: no checkpoint in {directory}; starting fresh")
                 return
             resume = str(found)
-        print(f"fsa-train: resuming from {resume}")
+        meta = read_checkpoint_meta(resume)
+        record = meta["run"]
+        check_resumable(resume, record.get("identity"),
+                        run_identity(self.model.config, self.datamodule))
+        print(f"fsa-train: resuming from {resume} (step {meta['global_step']})")
         self.config_init["fit"]["ckpt_path"] = resume
-        run_id = read_run_info(os.path.dirname(os.path.abspath(resume))).get("wandb_run_id")
+        self._continue_wandb_run(record.get("wandb_run_id"))
+
+    def before_validate(self) -> None:
+        path = self.config_init["validate"].get("ckpt_path")
+        if path:
+            self._continue_wandb_run(read_checkpoint_meta(path)["run"].get("wandb_run_id"))
+
+    def _continue_wandb_run(self, run_id: str | None) -> None:
         for logger in self.trainer.loggers:
             if run_id and isinstance(logger, AutoWandbLogger) and logger.version is None:
                 logger.continue_run(run_id)
+
+
+def _entries(value) -> list:
+    """The class entries of a ``trainer.logger`` / ``trainer.callbacks`` value (one or a list;
+    booleans and None have none)."""
+    if value is None or isinstance(value, bool):
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if hasattr(item, "get")]
+
+
+def run_dir_of_checkpoint(path: str | os.PathLike) -> str | None:
+    """The run directory a checkpoint lives in (``<run>/checkpoints/x.ckpt``), or None."""
+    parent = Path(path).resolve().parent
+    return str(parent.parent) if parent.name == "checkpoints" else None
 
 
 def checkpoint_directory(trainer) -> str | None:
@@ -64,8 +150,16 @@ def checkpoint_directory(trainer) -> str | None:
 
 
 def build_cli(argv: list[str] | None = None) -> FSATrainCLI:
-    """Parse ``argv`` (default: the command line) and run the subcommand; returns the CLI."""
-    return FSATrainCLI(LitGPT, TextDataModule, save_config_kwargs={"overwrite": True}, args=argv)
+    """Parse ``argv`` (default: the command line) and run the subcommand; returns the CLI.
+
+    ``fit`` saves its resolved config as ``config.yaml`` in the run directory; ``validate`` as
+    ``config.validate.yaml`` beside it, so it never overwrites the training run's."""
+    words = list(argv if argv is not None else sys.argv[1:])
+    sub = next((w for w in words if not w.startswith("-")), "fit")
+    filename = "config.yaml" if sub == "fit" else f"config.{sub}.yaml"
+    return FSATrainCLI(LitGPT, TextDataModule, args=argv,
+                       save_config_kwargs={"overwrite": True, "config_filename": filename},
+                       parser_kwargs={"allow_abbrev": False})
 
 
 TOOL_COMMANDS = {
@@ -79,7 +173,8 @@ TOOL_COMMANDS = {
 """Subcommands outside LightningCLI: corpus → tokenizer or token shards; checkpoint → one file;
 exported model → text, passkey retrieval, loss by token position."""
 
-USER_ERRORS = (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, CheckpointError, DatasetFormatError, FileNotFoundError,
+               FileExistsError)
 """Errors caused by the user's config or files: reported as one line, without a traceback."""
 
 

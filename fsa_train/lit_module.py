@@ -134,7 +134,25 @@ class LitGPT(L.LightningModule):
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
             "rng": capture_rng_state(),
+            "run": self.run_record(),
         }
+
+    def run_record(self) -> dict:
+        """What the checkpoint says about its run: the identity a resuming config must match
+        (:func:`fsa_train.runs.run_identity`), the run directory and the wandb run id, so that
+        a resumed run or ``validate`` logs into the same wandb run."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        from fsa_train.runs import run_identity
+
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        record: dict = {"identity": run_identity(self.config, datamodule),
+                        "run_dir": str(trainer.default_root_dir)}
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger.version is not None:
+                record["wandb_run_id"] = str(logger.version)
+        return record
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("fsa_train")

@@ -28,7 +28,8 @@ class AutoWandbLogger(WandbLogger):
     Args:
         project: wandb project.
         name: run name.
-        save_dir: directory that receives the ``wandb/`` run folder.
+        save_dir: directory that receives the ``wandb/`` run folder (None: the run directory,
+            which ``fsa-train`` fills in; ``runs`` when used on its own).
         offline: force offline (True) or online (False); None decides from the environment.
         id: run id to resume (the same run continues after a restart).
         entity: wandb entity (team or user).
@@ -40,7 +41,7 @@ class AutoWandbLogger(WandbLogger):
         self,
         project: str = "fsa-train",
         name: str | None = None,
-        save_dir: str = "runs",
+        save_dir: str | None = None,
         offline: bool | None = None,
         id: str | None = None,
         entity: str | None = None,
@@ -49,6 +50,7 @@ class AutoWandbLogger(WandbLogger):
     ) -> None:
         if offline is None:
             offline = not wandb_configured()
+        save_dir = save_dir or "runs"
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(

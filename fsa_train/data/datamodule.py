@@ -142,6 +142,7 @@ class TextDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.tokenizer: Tokenizer | None = None
+        self.data_dir: Path | None = None
         self.train_set: PackedWindows | None = None
         self.val_set: PackedWindows | None = None
         self._sources: list[Source] | None = None
@@ -267,6 +268,7 @@ class TextDataModule(L.LightningDataModule):
                     f"data.vocab_size={self.vocab_size} (the model's vocabulary follows it): "
                     f"set data.vocab_size: {meta['vocab_size']}"
                 )
+        self.data_dir = data_dir
         train = load_split(data_dir, "train", tokenizer)
         val = load_split(data_dir, "val", tokenizer)
         train_set = PackedWindows(train, self.seq_len, self.document_mask)
