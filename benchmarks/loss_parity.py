@@ -157,7 +157,8 @@ def command_run(args: argparse.Namespace) -> None:
 def command_evaluate(args: argparse.Namespace) -> None:
     for where in sorted(p for p in Path(args.out).iterdir() if (p / "val.jsonl").is_file()):
         exported = where / "model.pt"
-        fsa_train("export", str(where / "checkpoints" / "last.ckpt"), str(exported))
+        fsa_train("export", str(where / "checkpoints" / "last.ckpt"), str(exported),
+                  "--overwrite")
         fsa_train("position-loss", str(exported), str(Path(args.dataset).resolve()),
                   "--seq_len", str(args.seq_len),
                   *(["--batches", str(args.batches)] if args.batches else []),

@@ -173,9 +173,31 @@ TOOL_COMMANDS = {
 """Subcommands outside LightningCLI: corpus → tokenizer or token shards; checkpoint → one file;
 exported model → text, passkey retrieval, loss by token position."""
 
+TOOL_SUMMARIES = {
+    "prepare-data": "tokenize a corpus into a dataset directory of token shards",
+    "train-tokenizer": "train a sentencepiece BPE tokenizer on a corpus",
+    "export": "consolidate a checkpoint (file or ZeRO directory) into one file",
+    "generate": "sample text from an exported model",
+    "passkey": "passkey retrieval accuracy of an exported model by length and depth",
+    "position-loss": "loss by token position of an exported model on a dataset",
+}
+
 USER_ERRORS = (ConfigError, CheckpointError, DatasetFormatError, FileNotFoundError,
                FileExistsError)
 """Errors caused by the user's config or files: reported as one line, without a traceback."""
+
+
+def print_overview() -> None:
+    """The command list ``fsa-train --help`` starts with (LightningCLI's help of fit/validate
+    follows)."""
+    print("fsa-train: long-context GPT pretraining with Native Sparse Attention\n\n"
+          "training (LightningCLI; `fsa-train fit --help` for every option):\n"
+          "  fit        train from YAML configs (--config ...), --resume auto | PATH\n"
+          "  validate   evaluate a checkpoint (--ckpt_path)\n"
+          "tools (`fsa-train COMMAND --help`):")
+    for name, summary in TOOL_SUMMARIES.items():
+        print(f"  {name:<16}{summary}")
+    print()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
         # fp32 matrix products (fp32 runs, the LM head under autocast) may use TF32 tensor cores.
         torch.set_float32_matmul_precision("high")
     try:
+        if not words or words[0] in ("-h", "--help"):
+            print_overview()
+            if not words:
+                raise SystemExit(2)
         if words and words[0] in TOOL_COMMANDS:
             module, function = TOOL_COMMANDS[words[0]]
             getattr(importlib.import_module(module), function)(words[1:])

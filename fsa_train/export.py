@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fsa_train.checkpointing import CheckpointError, read_checkpoint_meta
 from fsa_train.config import GPTConfig, NSAConfig
 from fsa_train.model import GPT
 
@@ -35,12 +36,18 @@ def _read_training_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write ``output``: ``{"format", "config", "state_dict", "tokenizer_model", "step"}``.
 
     Loadable with ``torch.load(..., weights_only=True)``: the config is a plain dict, weights
-    are fp32 tensors without the Lightning module prefix, the tokenizer is its model bytes.
+    are fp32 tensors without the Lightning module prefix, the tokenizer is its model bytes. An
+    existing ``output`` is kept unless ``overwrite``; a checkpoint that is not readable is a
+    one-line :class:`CheckpointError` before anything is written.
     """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    read_checkpoint_meta(checkpoint)  # a truncated or foreign file fails here, in one line
     state = _read_training_checkpoint(Path(checkpoint))
     hparams = state.get("hyper_parameters") or {}
     config = hparams.get("config")
@@ -64,7 +71,6 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
         "tokenizer_model": tokenizer_bytes,
         "step": state.get("global_step"),
     }
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     torch.save(payload, partial)
@@ -74,9 +80,17 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` from an exported file; tokenizer is None if none was recorded."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not an fsa-train export (format {payload.get('format')!r})")
+    if not Path(path).is_file():
+        raise CheckpointError(f"exported model not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"not a readable fsa-train export: {path} ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not an fsa-train export (format {found!r}); "
+                              "`fsa-train export CHECKPOINT OUTPUT` writes one")
     fields = dict(payload["config"])
     fields["nsa"] = NSAConfig(**fields["nsa"])
     model = GPT(GPTConfig(**fields))
@@ -103,8 +117,9 @@ def export_main(argv: list[str]) -> None:
     )
     parser.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint dir")
     parser.add_argument("output", help="the consolidated file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     args = parser.parse_args(argv)
-    path = export_checkpoint(args.checkpoint, args.output)
+    path = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {path}")
 
 
