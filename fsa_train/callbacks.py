@@ -80,6 +80,7 @@ class ThroughputMonitor(L.Callback):
         self._batch_started: float | None = None
         self._previous_end: float | None = None
         self._peak: float | None = None
+        self._smoothed: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from fsa_train.flops import device_peak_flops
@@ -126,8 +127,11 @@ class ThroughputMonitor(L.Callback):
         if engine is not None and engine.get_global_grad_norm() is not None:
             log["train/grad_norm"] = float(engine.get_global_grad_norm())
         pl_module.log_dict(log, on_step=True)
-        pl_module.log("tok/s", log["throughput/tokens_per_s"], prog_bar=True, on_step=True,
-                      logger=False)
+        rate = log["throughput/tokens_per_s"]
+        # the progress bar's tok/s: an exponential average over about 10 steps (one step's rate
+        # jumps with autotuning, validation and data waits); the logs keep every step's
+        self._smoothed = rate if self._smoothed is None else 0.9 * self._smoothed + 0.1 * rate
+        pl_module.log("tok/s", self._smoothed, prog_bar=True, on_step=True, logger=False)
 
 
 class MetricsFile(L.Callback):

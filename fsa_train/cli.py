@@ -22,6 +22,7 @@ from fsa_train.data.prepare import DatasetFormatError
 from fsa_train.lit_module import LitGPT
 from fsa_train.loggers import AutoWandbLogger
 from fsa_train.runs import (
+    check_before_work,
     check_resumable,
     default_run_name,
     latest_run_dir,
@@ -81,6 +82,7 @@ class FSATrainCLI(LightningCLI):
             run_dir = run_dir_of_checkpoint(resume)
         run_dir = str(run_dir or new_run_dir(name))
         self.run_dir, self.run_name = run_dir, name
+        self.run_dir_existed = Path(run_dir).exists()
         config.trainer.default_root_dir = run_dir
         for logger in _entries(config.trainer.get("logger")):
             args = logger.get("init_args")
@@ -96,7 +98,21 @@ class FSATrainCLI(LightningCLI):
 
     # ---- before fit / validate: which checkpoint, and is it this run's ---------------------
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a start that fails leaves no empty run directory behind."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_if_empty(getattr(self, "run_dir", None),
+                            getattr(self, "run_dir_existed", True))
+            raise
+
+    def _check_before_work(self) -> None:
+        for warning in check_before_work(self.model.config, self.datamodule):
+            print(f"fsa-train: warning: {warning}", file=sys.stderr)
+
     def before_fit(self) -> None:
+        self._check_before_work()
         resume = self.config_init["fit"].get("resume")
         if resume is None:
             return
@@ -116,6 +132,7 @@ class FSATrainCLI(LightningCLI):
         self._continue_wandb_run(record.get("wandb_run_id"))
 
     def before_validate(self) -> None:
+        self._check_before_work()
         path = self.config_init["validate"].get("ckpt_path")
         if path:
             self._continue_wandb_run(read_checkpoint_meta(path)["run"].get("wandb_run_id"))
@@ -124,6 +141,17 @@ class FSATrainCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if run_id and isinstance(logger, AutoWandbLogger) and logger.version is None:
                 logger.continue_run(run_id)
+
+
+def remove_if_empty(run_dir: str | None, existed: bool) -> None:
+    """Remove ``run_dir`` (made by this command) when it holds no file, only empty folders."""
+    if run_dir is None or existed or not Path(run_dir).is_dir():
+        return
+    if any(p.is_file() for p in Path(run_dir).rglob("*")):
+        return
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _entries(value) -> list:

@@ -114,6 +114,28 @@ def run_identity(model_config: Any, datamodule: Any | None) -> dict[str, Any]:
     return identity
 
 
+def check_before_work(model_config: Any, datamodule: Any) -> list[str]:
+    """The config checks that need no data, run before a tokenizer is trained or a wandb run is
+    created: one-line :class:`ConfigError` for a bad value, and the warnings to print (a top-k
+    larger than the blocks of one window selects every block: NSA is then dense attention)."""
+    from fsa_train.data.packing import check_seq_len
+
+    for key in ("batch_size", "seq_len"):
+        value = getattr(datamodule, key, None)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"data.{key} must be an integer >= 1, got {value!r}")
+    nsa = model_config.nsa if getattr(model_config, "attention", None) == "nsa" else None
+    check_seq_len(datamodule.seq_len, nsa)
+    warnings = []
+    blocks = datamodule.seq_len // nsa.sel_block if nsa is not None else 0
+    if nsa is not None and nsa.sel_topk >= blocks:
+        warnings.append(
+            f"model.config.nsa.sel_topk={nsa.sel_topk} covers all {blocks} selection blocks of "
+            f"a {datamodule.seq_len}-token window: the selected branch is dense attention "
+            "(raise data.seq_len or lower sel_topk)")
+    return warnings
+
+
 def _show(value: Any) -> str:
     if isinstance(value, str) and len(value) == 64 and re.fullmatch(r"[0-9a-f]+", value):
         return value[:12] + "…"  # a checksum
