@@ -204,3 +204,14 @@ def test_export_generate_and_validate_a_checkpoint(small_corpus, tmp_path, monke
     checked = build_cli(["validate", *tiny_run_args(small_corpus, tmp_path, "nsa", steps=4)[1:],
                          "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt")])
     assert math.isfinite(float(checked.trainer.callback_metrics["val/loss"]))
+
+
+def test_presets_lists_every_shipped_config_with_its_summary(capsys):
+    main(["presets"])
+    printed = capsys.readouterr().out.splitlines()
+    shipped = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+    assert len(printed) == len(shipped) and len(shipped) >= 10
+    for line, path in zip(printed, shipped, strict=True):
+        name, _, summary = line.partition("  ")
+        assert path.as_posix().endswith(name.strip()) and summary.strip(), line
+    assert any("ZeRO stage 3" in line for line in printed)
