@@ -84,6 +84,12 @@ class FSATrainCLI(LightningCLI):
         self.run_dir, self.run_name = run_dir, name
         self.run_dir_existed = Path(run_dir).exists()
         config.trainer.default_root_dir = run_dir
+        # Lightning's type is Union[float, int], so the parser makes `1` a float, which Lightning
+        # reads as 100 %: a whole number counts batches (1: one batch; null: all of them).
+        for key in ("limit_train_batches", "limit_val_batches"):
+            value = config.trainer.get(key)
+            if isinstance(value, float) and value.is_integer():
+                config.trainer[key] = int(value)
         for logger in _entries(config.trainer.get("logger")):
             args = logger.get("init_args")
             if args is not None and "save_dir" in args and not args.get("save_dir"):
