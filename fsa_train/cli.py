@@ -84,12 +84,6 @@ class FSATrainCLI(LightningCLI):
         self.run_dir, self.run_name = run_dir, name
         self.run_dir_existed = Path(run_dir).exists()
         config.trainer.default_root_dir = run_dir
-        # Lightning's type is Union[float, int], so the parser makes `1` a float, which Lightning
-        # reads as 100 %: a whole number counts batches (1: one batch; null: all of them).
-        for key in ("limit_train_batches", "limit_val_batches"):
-            value = config.trainer.get(key)
-            if isinstance(value, float) and value.is_integer():
-                config.trainer[key] = int(value)
         for logger in _entries(config.trainer.get("logger")):
             args = logger.get("init_args")
             if args is not None and "save_dir" in args and not args.get("save_dir"):
@@ -103,6 +97,17 @@ class FSATrainCLI(LightningCLI):
                 args.dirpath = os.path.join(run_dir, "checkpoints")
 
     # ---- before fit / validate: which checkpoint, and is it this run's ---------------------
+
+    def after_instantiate_classes(self) -> None:
+        """Lightning types ``limit_*_batches`` as ``Union[float, int]``, so the parser turns
+        ``1`` into ``1.0``, which Lightning reads as 100 %: a whole number counts batches here
+        (``1``: one batch; null: all of them)."""
+        super().after_instantiate_classes()
+        raw = self.config[self.subcommand].trainer
+        for key in ("limit_train_batches", "limit_val_batches"):
+            value = raw.get(key)
+            if isinstance(value, float) and value.is_integer() and value >= 1:
+                setattr(self.trainer, key, int(value))
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a start that fails leaves no empty run directory behind."""

@@ -215,3 +215,12 @@ def test_presets_lists_every_shipped_config_with_its_summary(capsys):
         name, _, summary = line.partition("  ")
         assert path.as_posix().endswith(name.strip()) and summary.strip(), line
     assert any("ZeRO stage 3" in line for line in printed)
+
+
+def test_limit_val_batches_one_means_one_batch(small_corpus, tmp_path, monkeypatch):
+    """Lightning types the key Union[float, int], so the parser turns `1` into 1.0 (100 %)."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = tiny_run_args(small_corpus, tmp_path, "dense", steps=2)
+    cli = build_cli([*args, "--trainer.limit_val_batches", "1"])
+    assert cli.trainer.limit_val_batches == 1 and cli.trainer.num_val_batches == [1]
