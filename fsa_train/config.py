@@ -49,7 +49,8 @@ class NSAConfig:
     def __post_init__(self) -> None:
         _require(
             self.selected_partials in ("fp32", "half"),
-            f"nsa.selected_partials must be 'fp32' or 'half', got {self.selected_partials!r}",
+            f"model.config.nsa.selected_partials must be 'fp32' or 'half', got "
+            f"{self.selected_partials!r}",
         )
         for name in ("cmp_kernel", "cmp_stride", "sel_block", "sel_topk", "window"):
             value = getattr(self, name)
@@ -59,24 +60,27 @@ class NSAConfig:
             )
         _require(
             isinstance(self.init_blocks, int) and self.init_blocks >= 0,
-            f"nsa.init_blocks must be an integer >= 0, got {self.init_blocks!r}",
+            f"model.config.nsa.init_blocks must be an integer >= 0, got {self.init_blocks!r}",
         )
         _require(
             isinstance(self.local_blocks, int) and self.local_blocks >= 1,
-            f"nsa.local_blocks must be an integer >= 1 (a query must see its own block), "
+            f"model.config.nsa.local_blocks must be an integer >= 1 (a query must see its own "
+            f"block), "
             f"got {self.local_blocks!r}",
         )
         _require(
             self.cmp_kernel % self.cmp_stride == 0,
-            f"nsa.cmp_stride={self.cmp_stride} must divide nsa.cmp_kernel={self.cmp_kernel}",
+            f"model.config.nsa.cmp_stride={self.cmp_stride} must divide "
+            f"model.config.nsa.cmp_kernel={self.cmp_kernel}",
         )
         _require(
             self.sel_block % self.cmp_stride == 0,
-            f"nsa.cmp_stride={self.cmp_stride} must divide nsa.sel_block={self.sel_block}",
+            f"model.config.nsa.cmp_stride={self.cmp_stride} must divide "
+            f"model.config.nsa.sel_block={self.sel_block}",
         )
         _require(
             self.sel_topk >= self.init_blocks + self.local_blocks,
-            f"nsa.sel_topk={self.sel_topk} must be >= init_blocks + local_blocks "
+            f"model.config.nsa.sel_topk={self.sel_topk} must be >= init_blocks + local_blocks "
             f"= {self.init_blocks + self.local_blocks}",
         )
 
@@ -134,42 +138,45 @@ class GPTConfig:
             )
         _require(
             self.n_head % self.n_kv_head == 0,
-            f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head} "
+            f"model.config.n_head={self.n_head} must be a multiple of "
+            f"model.config.n_kv_head={self.n_kv_head} "
             f"(the group size n_head / n_kv_head must be an integer)",
         )
         _require(
             1 <= self.n_head // self.n_kv_head <= 16,
-            f"model.n_head / model.n_kv_head = {self.n_head // self.n_kv_head} must be in 1..16",
+            f"model.config.n_head / model.config.n_kv_head = {self.n_head // self.n_kv_head} must "
+            f"be in 1..16",
         )
         if self.head_dim is None:
             _require(
                 self.d_model % self.n_head == 0,
-                f"model.d_model={self.d_model} must be a multiple of model.n_head={self.n_head} "
-                f"(or set model.head_dim)",
+                f"model.config.d_model={self.d_model} must be a multiple of "
+                f"model.config.n_head={self.n_head} "
+                f"(or set model.config.head_dim)",
             )
             self.head_dim = self.d_model // self.n_head
         _require(
             isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0,
-            f"model.head_dim must be a positive even integer (RoPE rotates pairs), "
+            f"model.config.head_dim must be a positive even integer (RoPE rotates pairs), "
             f"got {self.head_dim!r}",
         )
         if self.ffn_hidden is None:
             self.ffn_hidden = -(-int(8 * self.d_model / 3) // 64) * 64
         _require(
             isinstance(self.ffn_hidden, int) and self.ffn_hidden > 0,
-            f"model.ffn_hidden must be a positive integer, got {self.ffn_hidden!r}",
+            f"model.config.ffn_hidden must be a positive integer, got {self.ffn_hidden!r}",
         )
         _require(
             self.attention in ("dense", "nsa"),
-            f"model.attention must be 'dense' or 'nsa', got {self.attention!r}",
+            f"model.config.attention must be 'dense' or 'nsa', got {self.attention!r}",
         )
         _require(
             self.kernel_backend in ("auto", "reference", "triton"),
-            f"model.kernel_backend must be 'auto', 'reference' or 'triton', "
+            f"model.config.kernel_backend must be 'auto', 'reference' or 'triton', "
             f"got {self.kernel_backend!r}",
         )
-        _require(self.rope_base > 0, f"model.rope_base must be > 0, got {self.rope_base!r}")
-        _require(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps!r}")
+        _require(self.rope_base > 0, f"model.config.rope_base must be > 0, got {self.rope_base!r}")
+        _require(self.norm_eps > 0, f"model.config.norm_eps must be > 0, got {self.norm_eps!r}")
 
     @property
     def group_size(self) -> int:

@@ -105,8 +105,8 @@ def test_print_config_resolves_links(capsys, monkeypatch):
     ("override", "message"),
     [
         (["--model.config.n_kv_hed", "2"], "n_kv_hed"),
-        (["--model.config.nsa.sel_topk", "2"], "sel_topk"),
-        (["--model.config.n_kv_head", "3"], "n_head"),
+        (["--model.config.nsa.sel_topk", "2"], "model.config.nsa.sel_topk=2"),
+        (["--model.config.n_kv_head", "3"], "model.config.n_head=4"),
         (["--data.corpus", "/nonexistent/corpus.jsonl"], "/nonexistent/corpus.jsonl"),
     ],
 )
