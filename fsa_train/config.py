@@ -56,7 +56,7 @@ class NSAConfig:
             value = getattr(self, name)
             _require(
                 isinstance(value, int) and value > 0,
-                f"nsa.{name} must be a positive integer, got {value!r}",
+                f"model.config.nsa.{name} must be a positive integer, got {value!r}",
             )
         _require(
             isinstance(self.init_blocks, int) and self.init_blocks >= 0,
@@ -134,7 +134,7 @@ class GPTConfig:
             value = getattr(self, name)
             _require(
                 isinstance(value, int) and value > 0,
-                f"model.{name} must be a positive integer, got {value!r}",
+                f"model.config.{name} must be a positive integer, got {value!r}",
             )
         _require(
             self.n_head % self.n_kv_head == 0,

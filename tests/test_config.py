@@ -25,7 +25,7 @@ def test_defaults_are_valid():
     ],
 )
 def test_nsa_violations_name_the_field(kwargs, field):
-    with pytest.raises(ConfigError, match=rf"nsa\.{field}") as info:
+    with pytest.raises(ConfigError, match=rf"model\.config\.nsa\.{field}") as info:
         NSAConfig(**kwargs)
     assert "\n" not in str(info.value)
 
@@ -43,7 +43,7 @@ def test_nsa_violations_name_the_field(kwargs, field):
     ],
 )
 def test_gpt_violations_name_the_field(kwargs, field):
-    with pytest.raises(ConfigError, match=rf"model\.{field}") as info:
+    with pytest.raises(ConfigError, match=rf"model\.config\.{field}") as info:
         GPTConfig(**kwargs)
     assert "\n" not in str(info.value)
 
@@ -51,5 +51,5 @@ def test_gpt_violations_name_the_field(kwargs, field):
 def test_nsa_given_as_mapping_is_validated():
     cfg = GPTConfig(nsa={"cmp_kernel": 16, "cmp_stride": 8, "sel_block": 32, "sel_topk": 4})
     assert isinstance(cfg.nsa, NSAConfig) and cfg.nsa.sel_block == 32
-    with pytest.raises(ConfigError, match="nsa.sel_topk"):
+    with pytest.raises(ConfigError, match="model.config.nsa.sel_topk"):
         GPTConfig(nsa={"sel_topk": 1})
