@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -184,10 +186,14 @@ def evaluate_passkey(
     seed: int = 0,
     device: torch.device | None = None,
     precision_name: str = "auto",
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Score ``trials`` random keys per (length, depth); returns cells and overall accuracy."""
+    """Score ``trials`` random keys per (length, depth); returns cells and overall accuracy.
+    ``progress`` receives one line per finished cell."""
     device = device or next(model.parameters()).device
     cells = []
+    started = time.perf_counter()
+    n_cells = len(lengths) * len(depths)
     for length in lengths:
         for depth in depths:
             results = []
@@ -204,6 +210,10 @@ def evaluate_passkey(
                 "mean_key_logprob": sum(r["key_logprob"] for r in results) / trials,
                 "trials": results,
             })
+            if progress is not None:
+                progress(f"passkey: cell {len(cells)}/{n_cells} (length {length}, depth "
+                         f"{depth:g}): exact match {cells[-1]['accuracy']:.2f}, "
+                         f"{time.perf_counter() - started:.0f} s so far")
     overall = sum(c["accuracy"] for c in cells) / len(cells) if cells else 0.0
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed,
             "accuracy": overall, "cells": cells}
@@ -229,7 +239,9 @@ def format_table(result: dict) -> str:
 def passkey_main(argv: list[str]) -> None:
     """``fsa-train passkey EXPORTED --lengths 4096 8192 --depths 0 0.5 1 --trials 5``."""
     parser = argparse.ArgumentParser(prog="fsa-train passkey",
-                                     description="Passkey retrieval on an exported model.")
+                                     description="Passkey retrieval on an exported model.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("exported", help="file written by `fsa-train export`")
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -251,7 +263,8 @@ def passkey_main(argv: list[str]) -> None:
     if tokenizer is None:
         raise ValueError(f"{args.exported}: the export holds no tokenizer; cannot build prompts")
     result = evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.trials,
-                              args.seed, device, args.precision)
+                              args.seed, device, args.precision,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True))
     result["exported"] = str(args.exported)
     print(format_table(result))
     if args.out:

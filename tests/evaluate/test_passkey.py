@@ -101,3 +101,12 @@ def test_cli_too_short_length_is_one_line(exported, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "passkey length 16 is too short" in err[0], err
+
+
+def test_progress_has_one_line_per_cell(tiny_model, tokenizer):
+    lines = []
+    evaluate_passkey(tiny_model, tokenizer, [256, 384], [0.0, 0.5, 1.0], trials=1,
+                     progress=lines.append)
+    assert len(lines) == 6
+    assert lines[0].startswith("passkey: cell 1/6 (length 256, depth 0)")
+    assert lines[-1].startswith("passkey: cell 6/6 (length 384, depth 1)")
