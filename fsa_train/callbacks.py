@@ -30,6 +30,10 @@ class TrainingSummary(L.Callback):
                 run = logger.experiment
                 mode = "offline" if getattr(run.settings, "_offline", False) else "online"
                 lines.append(f"wandb run ({mode}): {os.path.abspath(run.dir)}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, MetricsFile) and callback.path:
+                lines.append(f"metrics: {os.path.abspath(callback.path)} "
+                             f"(fsa-train plot {os.path.abspath(trainer.default_root_dir)})")
         val_loss = trainer.callback_metrics.get("val/loss")
         if val_loss is not None:
             lines.append(f"validation loss: {float(val_loss):.4f}")

@@ -209,6 +209,7 @@ TOOL_COMMANDS = {
     "passkey": ("fsa_train.evaluate.passkey", "passkey_main"),
     "position-loss": ("fsa_train.evaluate.position_loss", "position_loss_main"),
     "presets": ("fsa_train.presets", "presets_main"),
+    "plot": ("fsa_train.plotting", "plot_main"),
 }
 """Subcommands outside LightningCLI: corpus → tokenizer or token shards; checkpoint → one file;
 exported model → text, passkey retrieval, loss by token position."""
@@ -221,6 +222,7 @@ TOOL_SUMMARIES = {
     "passkey": "passkey retrieval accuracy of an exported model by length and depth",
     "position-loss": "loss by token position of an exported model on a dataset",
     "presets": "list the shipped configs (configs/**/*.yaml) with one line each",
+    "plot": "loss, learning rate, tokens/s and MFU of a run directory to a PNG",
 }
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetFormatError, FileNotFoundError,
