@@ -62,6 +62,16 @@ class FSATrainCLI(LightningCLI):
             "checkpoint's model config, tokenizer or dataset differ from this run's.",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyperparameters while parsing: a file that is
+        not a readable checkpoint is a one-line :class:`CheckpointError` first."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        path = config.get("ckpt_path") if config is not None else None
+        if path:
+            read_checkpoint_meta(path)
+        super()._parse_ckpt_path()
+
     # ---- before anything is built: where the run's outputs go ------------------------------
 
     def before_instantiate_classes(self) -> None:
@@ -88,7 +98,8 @@ class FSATrainCLI(LightningCLI):
             args = logger.get("init_args")
             if args is not None and "save_dir" in args and not args.get("save_dir"):
                 args.save_dir = run_dir
-            if args is not None and "name" in args and not args.get("name"):
+            if args is not None and "name" in args and (config.get("name")
+                                                         or not args.get("name")):
                 args.name = name
         for callback in _entries(config.trainer.get("callbacks")):
             args = callback.get("init_args")

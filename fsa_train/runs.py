@@ -30,7 +30,7 @@ RUNS_ROOT = Path("runs")
 """Where run directories go by default (relative to the working directory)."""
 
 _STAMP = "%Y%m%d-%H%M%S"
-_STAMP_RE = re.compile(r"-(\d{8}-\d{6})(?:-\d+)?$")
+_STAMP_RE = re.compile(r"-(\d{8}-\d{6})(?:-(\d+))?$")
 
 
 class ResumeError(ConfigError):
@@ -71,8 +71,8 @@ def latest_run_dir(name: str, root: str | Path = RUNS_ROOT) -> Path | None:
             continue
         checkpoints = entry / "checkpoints"
         if checkpoints.is_dir() and any(p.name.endswith(".ckpt") for p in checkpoints.iterdir()):
-            found.append((match.group(1), entry.name, entry))
-    return max(found)[2] if found else None
+            found.append((match.group(1), int(match.group(2) or 1), entry))
+    return max(found, key=lambda item: item[:2])[2] if found else None
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

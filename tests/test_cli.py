@@ -129,12 +129,16 @@ def test_resume_auto_continues_from_the_newest_complete_checkpoint(small_corpus,
     straight = build_cli(tiny_run_args(small_corpus, tmp_path / "straight", "nsa", steps=20))
     first = build_cli(tiny_run_args(small_corpus, tmp_path / "split", "nsa", steps=20, stop_at=10))
     assert first.trainer.global_step == 10
+    import wandb
+
+    wandb.finish()  # one process: without it Lightning would reuse the open run whatever the id
     resumed = build_cli(
         tiny_run_args(small_corpus, tmp_path / "split", "nsa", steps=20) + ["--resume", "auto"]
     )
     assert resumed.trainer.global_step == 20
     assert resumed.model.tokens_seen == straight.model.tokens_seen == 20 * 4 * 128
     assert resumed.trainer.logger.version == first.trainer.logger.version  # same wandb run
+    assert straight.trainer.logger.version != first.trainer.logger.version
     expected = straight.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
