@@ -22,12 +22,15 @@ from fsa_train.data.prepare import DatasetFormatError
 from fsa_train.lit_module import LitGPT
 from fsa_train.loggers import AutoWandbLogger
 from fsa_train.runs import (
+    RUN_DIR_ENV,
     check_before_work,
     check_resumable,
     default_run_name,
+    inherited_run_dir,
     latest_run_dir,
     new_run_dir,
     run_identity,
+    shared_run_dir,
 )
 
 
@@ -86,11 +89,15 @@ class FSATrainCLI(LightningCLI):
         run_dir = config.get("run_dir") or config.trainer.get("default_root_dir")
         if not run_dir and self.subcommand == "validate" and config.get("ckpt_path"):
             run_dir = run_dir_of_checkpoint(config.ckpt_path)
+        run_dir = run_dir or inherited_run_dir()
+        shared = shared_run_dir(name) if not run_dir else None
         if not run_dir and resume == "auto":
-            run_dir = latest_run_dir(name)
+            run_dir = (shared if shared is not None and shared.is_dir() else None) \
+                or latest_run_dir(name)
         if not run_dir and resume not in (None, "auto"):
             run_dir = run_dir_of_checkpoint(resume)
-        run_dir = str(run_dir or new_run_dir(name))
+        run_dir = str(run_dir or shared or new_run_dir(name))
+        os.environ[RUN_DIR_ENV] = run_dir  # for the ranks Lightning starts from this process
         self.run_dir, self.run_name = run_dir, name
         self.run_dir_existed = Path(run_dir).exists()
         config.trainer.default_root_dir = run_dir

@@ -46,6 +46,43 @@ def default_run_name(config_files: Iterable[str | Path]) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
+RUN_DIR_ENV = "FSA_TRAIN_RUN_DIR"
+"""Set by the first process for the ones Lightning starts on the same node (same run dir)."""
+
+
+def launcher_run_id(environ: Mapping[str, str] | None = None) -> str | None:
+    """The id every rank of one launch shares, when an outside launcher starts them:
+    ``FSA_TRAIN_RUN_ID``, else SLURM's job id (kept when SLURM requeues the job), else
+    torchrun's run id. None for a launch from one process."""
+    import os
+
+    env = os.environ if environ is None else environ
+    for key in ("FSA_TRAIN_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = env.get(key)
+        if value and value != "none":
+            return re.sub(r"[^A-Za-z0-9_.-]", "_", value)
+    return None
+
+
+def inherited_run_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    """The run directory of the process that started this one (Lightning's DDP launcher on one
+    node starts ranks 1.. with ``LOCAL_RANK`` set and this process's environment)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if env.get("LOCAL_RANK", "0") != "0":
+        return env.get(RUN_DIR_ENV) or None
+    return None
+
+
+def shared_run_dir(name: str, root: str | Path = RUNS_ROOT,
+                   environ: Mapping[str, str] | None = None) -> Path | None:
+    """``root/<name>-job<id>`` for a launch whose ranks share :func:`launcher_run_id` (every
+    rank computes the same directory; a requeued job finds its own again), else None."""
+    run_id = launcher_run_id(environ)
+    return Path(root) / f"{name}-job{run_id}" if run_id else None
+
+
 def new_run_dir(name: str, root: str | Path = RUNS_ROOT,
                 now: datetime.datetime | None = None) -> Path:
     """A run directory that does not exist yet: ``root/<name>-<timestamp>`` (a ``-2``, ``-3``
@@ -60,18 +97,27 @@ def new_run_dir(name: str, root: str | Path = RUNS_ROOT,
 
 
 def latest_run_dir(name: str, root: str | Path = RUNS_ROOT) -> Path | None:
-    """The newest ``root/<name>-<timestamp>`` directory that holds a checkpoint, or None."""
+    """The newest ``root/<name>-<timestamp>`` (or launcher-named ``root/<name>-job<id>``)
+    directory that holds a checkpoint, or None."""
     root = Path(root)
     if not root.is_dir():
         return None
     found = []
     for entry in root.iterdir():
-        match = _STAMP_RE.search(entry.name)
-        if not entry.is_dir() or match is None or entry.name[: match.start()] != name:
+        if not entry.is_dir():
             continue
         checkpoints = entry / "checkpoints"
-        if checkpoints.is_dir() and any(p.name.endswith(".ckpt") for p in checkpoints.iterdir()):
+        ckpts = [p for p in checkpoints.iterdir() if p.name.endswith(".ckpt")] \
+            if checkpoints.is_dir() else []
+        if not ckpts:
+            continue
+        match = _STAMP_RE.search(entry.name)
+        if match is not None and entry.name[: match.start()] == name:
             found.append((match.group(1), int(match.group(2) or 1), entry))
+        elif re.fullmatch(re.escape(name) + r"-job[A-Za-z0-9_.-]+", entry.name):
+            # a launcher-named run (SLURM, torchrun): as new as its newest checkpoint
+            newest = max(p.stat().st_mtime for p in ckpts)
+            found.append((datetime.datetime.fromtimestamp(newest).strftime(_STAMP), 0, entry))
     return max(found, key=lambda item: item[:2])[2] if found else None
 
 

@@ -600,3 +600,26 @@ def test_resume_with_ckpt_path_or_on_validate_is_refused(trained, command, small
                           else "--resume is for fit")
     assert not (tmp_path / "runs").exists()
     assert snapshot(trained.run_dir) == before
+
+
+def test_ranks_of_one_launch_share_a_run_directory(tmp_path):
+    """SLURM / torchrun start every rank themselves: all compute the same directory from the
+    launch's id; ranks that Lightning starts inherit the first process's directory."""
+    from fsa_train.runs import inherited_run_dir, launcher_run_id, shared_run_dir
+
+    assert launcher_run_id({}) is None and shared_run_dir("demo", tmp_path, {}) is None
+    assert launcher_run_id({"TORCHELASTIC_RUN_ID": "none"}) is None
+    slurm = {"SLURM_JOB_ID": "4242"}
+    assert shared_run_dir("demo", tmp_path, slurm) == tmp_path / "demo-job4242"
+    assert launcher_run_id({"FSA_TRAIN_RUN_ID": "a/b", **slurm}) == "a_b"
+    assert inherited_run_dir({"LOCAL_RANK": "1", "FSA_TRAIN_RUN_DIR": "/r"}) == "/r"
+    assert inherited_run_dir({"LOCAL_RANK": "0", "FSA_TRAIN_RUN_DIR": "/r"}) is None
+    assert inherited_run_dir({"FSA_TRAIN_RUN_DIR": "/r"}) is None
+    # a later job of the same experiment resumes the launcher-named run when it is the newest
+    job = tmp_path / "demo-job4242" / "checkpoints"
+    job.mkdir(parents=True)
+    (job / "last.ckpt").write_bytes(b"x")
+    stamped = tmp_path / "demo-20200101-000000" / "checkpoints"
+    stamped.mkdir(parents=True)
+    (stamped / "last.ckpt").write_bytes(b"x")
+    assert latest_run_dir("demo", tmp_path) == tmp_path / "demo-job4242"
