@@ -111,7 +111,7 @@ def export_main(argv: list[str]) -> None:
     """``fsa-train export CHECKPOINT OUTPUT``."""
     import argparse
 
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False,
         prog="fsa-train export",
         description="Consolidate a checkpoint (file or ZeRO directory) into one file.",
     )
@@ -127,7 +127,7 @@ def generate_main(argv: list[str]) -> None:
     """``fsa-train generate EXPORTED --prompt TEXT``: sample from an exported model."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="fsa-train generate",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="fsa-train generate",
                                      description="Sample text from an exported model.")
     parser.add_argument("exported", help="file written by `fsa-train export`")
     parser.add_argument("--prompt", default="")

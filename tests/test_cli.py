@@ -228,3 +228,14 @@ def test_limit_val_batches_one_means_one_batch(small_corpus, tmp_path, monkeypat
     args = tiny_run_args(small_corpus, tmp_path, "dense", steps=2)
     cli = build_cli([*args, "--trainer.limit_val_batches", "1"])
     assert cli.trainer.limit_val_batches == 1 and cli.trainer.num_val_batches == [1]
+
+
+@pytest.mark.parametrize("command", ["export", "generate", "passkey", "position-loss",
+                                     "prepare-data", "train-tokenizer", "plot"])
+def test_tool_commands_refuse_abbreviated_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "a", "b", "--ov"])  # a prefix of no option, or of --overwrite / --out
+    assert exit_info.value.code == 2
+    unrecognized = [line for line in capsys.readouterr().err.splitlines()
+                    if "unrecognized arguments:" in line]
+    assert unrecognized and unrecognized[0].endswith(" --ov")

@@ -37,7 +37,7 @@ def _corpus_arguments(parser: ArgumentParser) -> None:
 
 
 def tokenizer_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+    parser = ArgumentParser(allow_abbrev=False,
         prog="fsa-train train-tokenizer",
         description="Train a sentencepiece tokenizer (lossless by default) on a corpus; writes "
                     "OUTPUT.model and OUTPUT.vocab.",
@@ -64,7 +64,7 @@ def tokenizer_parser() -> ArgumentParser:
 
 
 def prepare_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+    parser = ArgumentParser(allow_abbrev=False,
         prog="fsa-train prepare-data",
         description="Tokenize a corpus into a dataset directory of token shards, a document "
                     "index and meta.json, split into train/val by document.",

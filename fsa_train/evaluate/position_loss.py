@@ -132,7 +132,7 @@ def format_buckets(result: dict) -> str:
 
 def position_loss_main(argv: list[str]) -> None:
     """``fsa-train position-loss EXPORTED DATASET --seq_len 8192 --batches 50 --buckets pow2``."""
-    parser = argparse.ArgumentParser(prog="fsa-train position-loss",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="fsa-train position-loss",
                                      description="Validation loss bucketed by token position.")
     parser.add_argument("exported", help="file written by `fsa-train export`")
     parser.add_argument("dataset", help="directory written by `fsa-train prepare-data`")
