@@ -12,7 +12,6 @@ import datetime
 import hashlib
 import os
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -304,17 +303,6 @@ def test_find_resume_checkpoint_takes_the_highest_step_not_the_newest_file(tmp_p
 # ---- end to end -------------------------------------------------------------------------------
 
 
-def _appears(folder: Path, pattern: str, seconds: float = 20.0) -> bool:
-    """Whether ``pattern`` matches under ``folder`` within ``seconds`` (wandb's service writes
-    the offline run file on its own schedule, later on a loaded machine)."""
-    deadline = time.monotonic() + seconds
-    while not list(folder.glob(pattern)):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
 def test_two_experiments_keep_separate_outputs_and_resume_auto_continues_the_first(
         small_corpus, cache_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -344,7 +332,6 @@ def test_two_experiments_keep_separate_outputs_and_resume_auto_continues_the_fir
         assert steps_of(run_dir / "metrics.jsonl") == list(range(1, steps + 1))
         assert steps_of(run_dir / "val.jsonl") == [steps]
         assert wandb_run_ids(run_dir) == {run_id}
-        assert _appears(run_dir / "wandb", f"offline-run-*-{run_id}/run-{run_id}.wandb")
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "checkpoints").exists()
     second_files = snapshot(second_dir)
 
