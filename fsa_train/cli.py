@@ -212,7 +212,7 @@ def build_cli(argv: list[str] | None = None) -> FSATrainCLI:
     ``fit`` saves its resolved config as ``config.yaml`` in the run directory; ``validate`` as
     ``config.validate.yaml`` beside it, so it never overwrites the training run's."""
     words = list(argv if argv is not None else sys.argv[1:])
-    sub = next((w for w in words if not w.startswith("-")), "fit")
+    sub = next((w for w in words if w in FSATrainCLI.subcommands()), "fit")
     filename = "config.yaml" if sub == "fit" else f"config.{sub}.yaml"
     return FSATrainCLI(LitGPT, TextDataModule, args=argv,
                        save_config_kwargs={"overwrite": True, "config_filename": filename},

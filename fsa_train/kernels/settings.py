@@ -12,7 +12,7 @@ a mutable module global at call time.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 
 _MERGES = ("bitonic", "sort")
@@ -79,9 +79,6 @@ class KernelSettings:
                     <= _LAUNCH_KEYS:
                 raise ValueError(f"{name} needs the keys BLOCK_M, num_warps, num_stages "
                                  f"(and optionally PREFETCH), got {sorted(config)}")
-
-    def __hash__(self) -> int:  # the config dicts are not hashable; settings are compared rarely
-        return hash(tuple(str(getattr(self, f.name)) for f in fields(self)))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> KernelSettings:

@@ -102,6 +102,7 @@ class KernelTuner:
         self.reset_to_zero = list(reset_to_zero) if reset_to_zero else None
         self.tuners: dict[tuple[int, bool], Autotuner] = {}
         self.ruled: dict[tuple, Config] = {}
+        self._chosen: dict[tuple, Config] = {}
         _TUNERS[name] = self
 
     def autotuner(self, size: int, autotune: bool = True) -> Autotuner:
@@ -118,11 +119,16 @@ class KernelTuner:
         return tuner
 
     def choose(self, meta: dict) -> Config:
-        """The rule's configuration for the launch constexprs ``meta`` (recorded)."""
-        config = self.rule(meta)
-        if config not in self.configs:
-            raise ValueError(f"{self.name}: the rule chose {config}, not one of its configs")
-        self.ruled[tuple(sorted((k, str(v)) for k, v in meta.items()))] = config
+        """The rule's configuration for the launch constexprs ``meta``, decided (and checked and
+        recorded) once per distinct ``meta``: a launch on the hot path is one dict lookup."""
+        key = tuple(meta.items())
+        config = self._chosen.get(key)
+        if config is None:
+            config = self.rule(meta)
+            if config not in self.configs:
+                raise ValueError(f"{self.name}: the rule chose {config}, not one of its configs")
+            self._chosen[key] = config
+            self.ruled[tuple(sorted((k, str(v)) for k, v in meta.items()))] = config
         return config
 
     def run(
