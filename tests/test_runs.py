@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -137,8 +138,11 @@ def snapshot(directory: Path) -> dict[str, tuple[str, int | str]]:
 
 
 def wandb_run_ids(run_dir: Path) -> set[str]:
-    """The ids of the wandb runs in ``<run>/wandb`` (``offline-run-<time>-<id>``)."""
-    return {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    """The ids of the wandb runs in ``<run>/wandb``: ``offline-run-<time>-<id>``, with a ``-N``
+    suffix when a resumed run starts in the same second as the folder it continues."""
+    pattern = re.compile(r"offline-run-\d{8}_\d{6}-([A-Za-z0-9]+)(?:-\d+)?")
+    return {pattern.fullmatch(p.name).group(1)
+            for p in (run_dir / "wandb").glob("offline-run-*")}
 
 
 def steps_of(path: Path) -> list[int]:
