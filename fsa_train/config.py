@@ -35,6 +35,10 @@ class NSAConfig:
             and dQ: ``"fp32"`` (default) or ``"half"`` (the activations' bf16/fp16: 1.3× faster
             branch on an H200, slightly larger rounding error; kernels only, the reference is
             exact).
+        selection: selection granularity: ``"token"`` (exact NSA: one selection per token and
+            KV head) or ``"block"`` (the B queries of each selection block share one selection;
+            block-sparse kernels without partials; an experiment until its loss parity says
+            otherwise, see docs/nsa.md).
     """
 
     cmp_kernel: int = 32
@@ -45,8 +49,13 @@ class NSAConfig:
     local_blocks: int = 2
     window: int = 512
     selected_partials: Literal["fp32", "half"] = "fp32"
+    selection: Literal["token", "block"] = "token"
 
     def __post_init__(self) -> None:
+        _require(
+            self.selection in ("token", "block"),
+            f"model.config.nsa.selection must be 'token' or 'block', got {self.selection!r}",
+        )
         _require(
             self.selected_partials in ("fp32", "half"),
             f"model.config.nsa.selected_partials must be 'fp32' or 'half', got "

@@ -22,6 +22,7 @@ def test_defaults_are_valid():
         ({"window": 0}, "window"),
         ({"cmp_stride": 2.5}, "cmp_stride"),
         ({"selected_partials": "bf16"}, "selected_partials"),
+        ({"selection": "query"}, "selection"),
     ],
 )
 def test_nsa_violations_name_the_field(kwargs, field):

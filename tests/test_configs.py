@@ -39,20 +39,25 @@ def test_demo_config_parses(capsys):
     assert "attention: nsa" in printed
 
 
-@pytest.mark.parametrize("value,ok", [("half", True), ("fp32", True), ("bf16", False)])
-def test_selected_partials_is_a_config_key(value, ok, capsys, tmp_path):
-    """``model.config.nsa.selected_partials`` comes from YAML; a bad value is refused by name."""
+@pytest.mark.parametrize("key,value,ok", [
+    ("selected_partials", "half", True), ("selected_partials", "fp32", True),
+    ("selected_partials", "bf16", False),
+    ("selection", "block", True), ("selection", "token", True), ("selection", "query", False),
+])
+def test_nsa_run_options_are_config_keys(key, value, ok, capsys, tmp_path):
+    """``model.config.nsa.selected_partials`` and ``.selection`` come from YAML; a bad value is
+    refused by name."""
     preset = (ROOT / "configs" / "model" / "gpt-150m-nsa.yaml").read_text()
-    edited = preset.replace("window: 512}", f"window: 512, selected_partials: {value}}}")
+    edited = preset.replace("window: 512}", f"window: 512, {key}: {value}}}")
     assert edited != preset
     config = tmp_path / "model.yaml"
     config.write_text(edited)
     if ok:
         printed = parse(capsys, ROOT / "configs" / "base.yaml", config)
-        assert f"selected_partials: {value}" in printed
+        assert f"{key}: {value}" in printed
         return
     with pytest.raises((SystemExit, ValueError)) as info:
         build_cli(["fit", "--config", str(ROOT / "configs" / "base.yaml"), "--config", str(config),
                    "--print_config"])
     captured = capsys.readouterr()
-    assert "selected_partials" in captured.err + captured.out + str(info.value)
+    assert key in captured.err + captured.out + str(info.value)

@@ -130,9 +130,10 @@ def nsa_attention(
         idx = ops.select_blocks(
             q.detach(), k_c.detach(), lse.detach(), cu_seqlens, cu_seqlens_c,
             cfg.cmp_kernel, cfg.cmp_stride, cfg.sel_block, cfg.sel_topk,
-            cfg.init_blocks, cfg.local_blocks, scale, **run,
+            cfg.init_blocks, cfg.local_blocks, scale, selection=cfg.selection, **run,
         )
     o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale,
-                                   partials=cfg.selected_partials, **run)
+                                   partials=cfg.selected_partials, selection=cfg.selection,
+                                   **run)
     o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, **run)
     return ops.gate_mix(o_cmp, o_sel, o_win, gates, **run)

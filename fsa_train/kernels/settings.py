@@ -19,6 +19,7 @@ _MERGES = ("bitonic", "sort")
 _TOPK_CONFIGS = ("tuned", "safe")
 _WINDOW_BWD = ("fused", "split", "atomic")
 _LAUNCH_KEYS = {"BLOCK_M", "num_warps", "num_stages", "PREFETCH"}
+_BLOCK_SPARSE_KEYS = {"SPLIT", "PACK", "num_warps", "num_stages"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class KernelSettings:
             (keys BLOCK_M, num_warps, num_stages, optional PREFETCH) replacing the measured table;
             None (the default) keeps the table. Set by benchmarks that sweep configurations (no
             environment variable).
+        block_sparse_autotune: autotune the block-shared selected kernels
+            (``FSA_BLOCK_SPARSE_AUTOTUNE``; off: the first configuration of each list).
+        block_sparse_config: one launch configuration (keys SPLIT, PACK, num_warps, num_stages)
+            for all the block-shared selected kernels, replacing the autotuner; None (default)
+            autotunes. Set by tests and sweeps (no environment variable).
     """
 
     compressed_autotune: bool = True
@@ -57,6 +63,8 @@ class KernelSettings:
     compressed_dkdv_splits: int = 0
     selected_fwd_config: dict | None = None
     selected_bwd_config: dict | None = None
+    block_sparse_autotune: bool = True
+    block_sparse_config: dict | None = None
 
     def __post_init__(self) -> None:
         if self.topk_merge not in _MERGES:
@@ -80,6 +88,11 @@ class KernelSettings:
                 raise ValueError(f"{name} needs the keys BLOCK_M, num_warps, num_stages "
                                  f"(and optionally PREFETCH), got {sorted(config)}")
 
+        config = self.block_sparse_config
+        if config is not None and set(config) != _BLOCK_SPARSE_KEYS:
+            raise ValueError(f"block_sparse_config needs exactly the keys "
+                             f"{sorted(_BLOCK_SPARSE_KEYS)}, got {sorted(config)}")
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> KernelSettings:
         """The settings named by the ``FSA_*`` variables of ``environ`` (default ``os.environ``)."""
@@ -102,6 +115,7 @@ class KernelSettings:
             topk_tile_blocks=tile_blocks,
             topk_configs=env.get("FSA_TOPK_CONFIGS", "tuned"),
             window_bwd=env.get("FSA_WINDOW_BWD", "fused"),
+            block_sparse_autotune=flag("FSA_BLOCK_SPARSE_AUTOTUNE"),
         )
 
 

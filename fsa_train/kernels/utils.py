@@ -22,6 +22,17 @@ the branch's memory traffic; "half" halves it at the cost of one rounding of eac
 (docs/notes/selected.md)."""
 
 
+SELECTIONS = ("token", "block")
+"""NSA selection granularities: "token" (exact NSA, one selection per token and KV head) or
+"block" (the queries of each selection block share one selection; docs/nsa.md, the variant)."""
+
+
+def check_selection(selection: str) -> None:
+    """One-line error for a selection mode not in :data:`SELECTIONS`."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels on the CPU (``TRITON_INTERPRET=1``, the CPU test suite)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

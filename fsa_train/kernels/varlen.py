@@ -51,3 +51,36 @@ def compressed_lengths(cu_seqlens: torch.Tensor, kernel: int, stride: int) -> to
     cu_c = torch.zeros_like(cu)
     cu_c[1:] = torch.cumsum(counts, 0)
     return cu_c.to(torch.int32)
+
+
+def block_rows(total: int, n_docs: int, block: int) -> int:
+    """Static number of rows of the per-block layout (block-shared selections): document ``d``'s
+    query block ``j`` is row ``cu[d] // block + d + j``, so ``total // block + n_docs`` rows hold
+    every block of any batch with these sizes (rows no block owns are padding)."""
+    return total // block + n_docs
+
+
+def document_first_rows(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
+    """The row of each document's first block in the per-block layout (:func:`block_rows`),
+    ``[n_docs]`` int64; strictly increasing, on ``cu_seqlens``'s device."""
+    cu = cu_seqlens.to(torch.int64)
+    return cu[:-1] // block + torch.arange(cu.numel() - 1, device=cu.device)
+
+
+def token_block_rows(cu_seqlens: torch.Tensor, total: int, block: int) -> torch.Tensor:
+    """Each packed token's row in the per-block layout (:func:`block_rows`), ``[total]`` int64."""
+    ids = document_ids(cu_seqlens, total)
+    positions = document_positions(cu_seqlens, total)
+    return document_first_rows(cu_seqlens, block)[ids] + positions // block
+
+
+def block_row_owners(cu_seqlens: torch.Tensor, block: int, n_rows: int) -> tuple[torch.Tensor, ...]:
+    """For each row of the per-block layout: ``(document, block id in it, exists)``, ``[n_rows]``
+    each; ``exists`` is False for padding rows (no block of the document starts there)."""
+    cu = cu_seqlens.to(torch.int64)
+    first = document_first_rows(cu_seqlens, block)
+    rows = torch.arange(n_rows, device=cu.device)
+    doc = (torch.searchsorted(first, rows, right=True) - 1).clamp_min(0)
+    j = rows - first[doc]
+    exists = j * block < (cu[1:] - cu[:-1])[doc]
+    return doc, j, exists

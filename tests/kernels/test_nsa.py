@@ -59,11 +59,12 @@ def test_compress_gradients_ignore_padding_rows():
     torch.testing.assert_close(weight.grad, w2.grad)
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_nsa_core_on_triton_kernels_matches_reference(group):
+@pytest.mark.parametrize("group,selection", [(1, "token"), (4, "token"), (1, "block"),
+                                             (4, "block")])
+def test_nsa_core_on_triton_kernels_matches_reference(group, selection):
     assert all(triton_impl(op) is not None for op in OPS)  # every op runs its GPU-path code
     nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, init_blocks=1,
-                    local_blocks=2, window=24)
+                    local_blocks=2, window=24, selection=selection)
     h, d = 2, 16
     lengths = [70, 9, 45]
     dtype = torch.float32
@@ -97,11 +98,15 @@ def test_nsa_core_on_triton_kernels_matches_reference(group):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=name)
 
 
-def test_nsa_core_on_triton_kernels_is_causal():
+@pytest.mark.parametrize("selection", ["token", "block"])
+def test_nsa_core_on_triton_kernels_is_causal(selection):
     """Changing the key and value of token p (inside a compression window, a selection block and
-    the sliding window of the rows after it) leaves every earlier output bit-identical."""
-    nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=2, init_blocks=1,
-                    local_blocks=1, window=8)
+    the sliding window of the rows after it) leaves every earlier output bit-identical. In block
+    mode the earlier *blocks*: a query block's shared selection is scored by all of its tokens,
+    so inside p's own block the selection (never a gradient, never a key) may depend on p
+    (docs/nsa.md). ``sel_topk = 3`` leaves the selection a free choice."""
+    nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, init_blocks=1,
+                    local_blocks=1, window=8, selection=selection)
     h, group, d, total = 1, 2, 16, 72
     q, cu = packed([total], h * group, d, torch.float32, seed=2)
     k, _ = packed([total], h, d, torch.float32, seed=3)
@@ -122,7 +127,8 @@ def test_nsa_core_on_triton_kernels_is_causal():
             k2[p] += 3.0
             v2[p] -= 3.0
             out = nsa_attention(q, k2, v2, gates, params, cu, nsa, rope, backend="triton")
-            torch.testing.assert_close(out[:p], base[:p], rtol=0, atol=0, msg=f"p={p}")
+            seen = p if selection == "token" else p - p % nsa.sel_block
+            torch.testing.assert_close(out[:seen], base[:seen], rtol=0, atol=0, msg=f"p={p}")
             assert not torch.allclose(out[p:], base[p:]), p
 
 

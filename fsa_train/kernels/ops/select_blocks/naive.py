@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 
 from fsa_train.kernels import naive_attention as na
+from fsa_train.kernels.utils import check_selection
+from fsa_train.kernels.varlen import block_rows
 
 
 def overlap_weights(kernel: int, stride: int, block: int) -> list[int]:
@@ -47,6 +49,41 @@ def block_scores(
     return scores
 
 
+def _top_blocks(scores: torch.Tensor, own: torch.Tensor, topk: int, init_blocks: int,
+                local_blocks: int) -> torch.Tensor:
+    """Top-``topk`` block ids ``[h, rows, <=topk]`` of ``scores [h, rows, n_blocks]`` for rows
+    whose own block is ``own [rows]``: forced blocks +inf, blocks after ``own`` never valid, ties
+    to the lower id (a stable sort), valid ids ascending, then -1."""
+    n_blocks = scores.shape[-1]
+    b = torch.arange(n_blocks, device=scores.device)[None, :]
+    own = own[:, None]
+    valid = b <= own  # [rows, n_blocks]
+    forced = valid & ((b < init_blocks) | (b > own - local_blocks))
+    scores = scores.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
+    chosen_valid = valid.expand(scores.shape[0], *valid.shape).gather(-1, order)
+    order = torch.where(chosen_valid, order, n_blocks).sort(dim=-1).values
+    return torch.where(order == n_blocks, -1, order).to(torch.int32)
+
+
+def _token_scores(q, k_c, lse, b0, t0, t1, c0, m, G, scale, cdt, kernel, stride, block):
+    """Per-token block scores ``[h, t1 - t0, n_blocks]`` of document tokens ``t0 .. t1`` (packed
+    from ``b0``), over the first ``m`` compressed tokens of the document (from ``c0``)."""
+    n = t1 - t0
+    h = k_c.shape[1]
+    n_blocks = (t1 - 1) // block + 1
+    if m == 0:
+        return torch.zeros(h, n, n_blocks, dtype=cdt, device=q.device)
+    qh = q[b0 + t0 : b0 + t1].to(cdt).reshape(n, h, G, -1).permute(1, 2, 0, 3)
+    kh = k_c[c0 : c0 + m].to(cdt).permute(1, 2, 0).unsqueeze(1)
+    logits = torch.matmul(qh, kh) * scale  # [h, G, n, m]
+    row_lse = lse[:, b0 + t0 : b0 + t1].to(cdt).reshape(h, G, n, 1)
+    visible = na.compressed_mask(t0, t1, m, kernel, stride, q.device)
+    visible = visible & torch.isfinite(row_lse)
+    p = torch.where(visible, torch.exp(logits - row_lse), 0.0).sum(dim=1)
+    return block_scores(p, kernel, stride, block, n_blocks)
+
+
 @torch.no_grad()
 def select_blocks(
     q: torch.Tensor,
@@ -61,18 +98,28 @@ def select_blocks(
     init_blocks: int,
     local_blocks: int,
     scale: float | None = None,
+    selection: str = "token",
 ) -> torch.Tensor:
-    """Top-``topk`` selection blocks per (KV head, token), nsa.md step 5; no gradient.
+    """Top-``topk`` selection blocks per (KV head, token) or per (KV head, query block), nsa.md
+    step 5 and its block-shared variant; no gradient.
 
     Score of block b for query t and KV head: the sum over the group's G query heads and over the
     visible compressed tokens i of ``exp(σ q·k̃_i - lse[t]) ·`` overlap weight. Blocks
-    ``< init_blocks`` and the ``local_blocks`` ending at ``floor(t/B)`` are forced (+inf), blocks
-    after ``floor(t/B)`` are never valid, ties go to the lower block id. Scores are fp32 (fp64 for
-    fp64 inputs).
+    ``< init_blocks`` and the ``local_blocks`` ending at the own block are forced (+inf), blocks
+    after the own block are never valid, ties go to the lower block id. Scores are fp32 (fp64
+    for fp64 inputs).
+
+    ``selection="token"`` (exact NSA): one selection per token, own block ``floor(t/B)``.
+    ``selection="block"``: the tokens of query block j share one selection, scored by the sum of
+    their per-token scores, own block j.
 
     Returns:
-        ``idx [h, total, topk]`` int32: document-local block ids, valid ones ascending, then -1.
+        token: ``idx [h, total, topk]`` int32; block: ``idx [h, total // B + n_docs, topk]``,
+        document d's query block j in row ``cu[d] // B + d + j`` (rows no block owns are -1;
+        :func:`fsa_train.kernels.varlen.block_rows`). Document-local block ids, valid ones
+        ascending, then -1.
     """
+    check_selection(selection)
     total, H, _ = q.shape
     h = k_c.shape[1]
     if H % h:
@@ -80,33 +127,30 @@ def select_blocks(
     G = H // h
     scale = na.softmax_scale(scale, q.shape[-1])
     cdt = na.stat_dtype(q.dtype)
-    idx = torch.full((h, total, topk), -1, dtype=torch.int32, device=q.device)
     overlap_weights(kernel, stride, block)  # validates the divisibility
+    by_block = selection == "block"
+    n_docs = cu_seqlens.numel() - 1
+    rows = block_rows(total, n_docs, block) if by_block else total
+    idx = torch.full((h, rows, topk), -1, dtype=torch.int32, device=q.device)
     docs = zip(na.documents(cu_seqlens), na.documents(cu_seqlens_c), strict=True)
-    for (b0, b1), (c0, c1) in docs:
-        for t0, t1 in na.chunks(b1 - b0, H, max(c1 - c0, (b1 - b0) // block + 1)):
-            n = t1 - t0
-            n_blocks = (t1 - 1) // block + 1
+    for d, ((b0, b1), (c0, c1)) in enumerate(docs):
+        length = b1 - b0
+        if by_block and length:
+            n_blocks = (length - 1) // block + 1
+            shared = torch.zeros(h, n_blocks, n_blocks, dtype=cdt, device=q.device)
+        for t0, t1 in na.chunks(length, H, max(c1 - c0, length // block + 1)):
             m = na.visible_compressed(t1, c1 - c0, kernel, stride)
-            if m > 0:
-                qh = q[b0 + t0 : b0 + t1].to(cdt).reshape(n, h, G, -1).permute(1, 2, 0, 3)
-                kh = k_c[c0 : c0 + m].to(cdt).permute(1, 2, 0).unsqueeze(1)
-                logits = torch.matmul(qh, kh) * scale  # [h, G, n, m]
-                row_lse = lse[:, b0 + t0 : b0 + t1].to(cdt).reshape(h, G, n, 1)
-                visible = na.compressed_mask(t0, t1, m, kernel, stride, q.device)
-                visible = visible & torch.isfinite(row_lse)
-                p = torch.where(visible, torch.exp(logits - row_lse), 0.0).sum(dim=1)
-                scores = block_scores(p, kernel, stride, block, n_blocks)  # [h, n, n_blocks]
-            else:
-                scores = torch.zeros(h, n, n_blocks, dtype=cdt, device=q.device)
-            own = (torch.arange(t0, t1, device=q.device) // block)[:, None]
-            b = torch.arange(n_blocks, device=q.device)[None, :]
-            valid = b <= own  # [n, n_blocks]
-            forced = valid & ((b < init_blocks) | (b > own - local_blocks))
-            scores = scores.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
-            order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
-            chosen_valid = valid.expand(h, n, n_blocks).gather(-1, order)
-            order = torch.where(chosen_valid, order, n_blocks).sort(dim=-1).values
-            order = torch.where(order == n_blocks, -1, order)
-            idx[:, b0 + t0 : b0 + t1, : order.shape[-1]] = order.to(torch.int32)
+            scores = _token_scores(q, k_c, lse, b0, t0, t1, c0, m, G, scale, cdt, kernel,
+                                   stride, block)
+            own = torch.arange(t0, t1, device=q.device) // block
+            if by_block:  # each token's scores added onto its own block's row
+                shared[:, :, : scores.shape[-1]].index_add_(1, own, scores)
+                continue
+            order = _top_blocks(scores, own, topk, init_blocks, local_blocks)
+            idx[:, b0 + t0 : b0 + t1, : order.shape[-1]] = order
+        if by_block and length:
+            own = torch.arange(n_blocks, device=q.device)
+            order = _top_blocks(shared, own, topk, init_blocks, local_blocks)
+            row0 = b0 // block + d
+            idx[:, row0 : row0 + n_blocks, : order.shape[-1]] = order
     return idx

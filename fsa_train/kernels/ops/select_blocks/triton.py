@@ -42,7 +42,15 @@ import triton.language as tl
 from fsa_train.kernels.settings import KernelSettings, resolve_settings
 from fsa_train.kernels.triton_utils import LOG2E_JIT, head_tile_of_program, n_visible_compressed
 from fsa_train.kernels.tuning import KernelTuner
-from fsa_train.kernels.utils import LOG2E, as_int32, interpreting, rowmajor, search_steps
+from fsa_train.kernels.utils import (
+    LOG2E,
+    as_int32,
+    check_selection,
+    interpreting,
+    rowmajor,
+    search_steps,
+)
+from fsa_train.kernels.varlen import block_rows
 
 __all__ = ["select_blocks", "supports"]
 
@@ -96,8 +104,10 @@ def _select_kernel(
     HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
     A: tl.constexpr, BS: tl.constexpr, NBT: tl.constexpr, TP: tl.constexpr,
     BITONIC: tl.constexpr, LOG_TP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_MODE: tl.constexpr,
 ):
     BN: tl.constexpr = NBT * BS
+    ROWS: tl.constexpr = 1 if BLOCK_MODE else BLOCK_M  # selections the program makes
     kvh, doc, bos, seqlen, start_m = head_tile_of_program(CU, tl.program_id(0), h, total, n_docs,
                                                          n_iter, BLOCK_M)
     if start_m >= seqlen:
@@ -110,7 +120,10 @@ def _select_kernel(
     offs_b = tl.arange(0, NBT)
     rows = start_m + offs_m
     row_ok = rows < seqlen
-    own = rows // block
+    if BLOCK_MODE:  # the tile is one query block (BLOCK_M = block): one shared selection
+        own = tl.full([ROWS], start_m // block, tl.int32)
+    else:
+        own = rows // block
     m_last = tl.minimum(start_m + BLOCK_M, seqlen) - 1
     hi = n_visible_compressed(m_last, kernel, stride)  # compressed keys seen by the tile's last row
     n_tiles = (m_last // block) // NBT + 1  # block tiles up to the last row's own block
@@ -128,8 +141,8 @@ def _select_kernel(
     q_off = (bos64 + rows)[:, None] * sq_t + offs_d[None, :]
     lse_off = bos + rows
 
-    best = tl.zeros([BLOCK_M, TP], dtype=tl.int64)  # running top-TP keys, sorted descending
-    spill = tl.zeros([BLOCK_M], dtype=tl.float32)
+    best = tl.zeros([ROWS, TP], dtype=tl.int64)  # running top-TP keys, sorted descending
+    spill = tl.zeros([ROWS], dtype=tl.float32)
     for tile in range(0, n_tiles):
         c0 = tile * BN
         p_sum = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
@@ -147,10 +160,16 @@ def _select_kernel(
                 lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E_JIT
                 qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
                 p_sum += tl.where(vis, tl.math.exp2(qk * qk_scale - lse2[:, None]), 0.0)
-        groups = tl.reshape(p_sum, [BLOCK_M, NBT, BS])
-        part = tl.sum(groups * w_own[None, None, :], 2)  # [BLOCK_M, NBT]
+        if BLOCK_MODE:  # the block's tokens' scores summed (before the block mapping: linear)
+            groups = tl.reshape(tl.sum(p_sum, 0), [ROWS, NBT, BS])
+        else:
+            groups = tl.reshape(p_sum, [ROWS, NBT, BS])
+        part = tl.sum(groups * w_own[None, None, :], 2)  # [ROWS, NBT]
         nxt = tl.sum(groups * w_next[None, None, :], 2)  # belongs to the next block
-        scores = part + tl.dot(nxt, shift, input_precision="ieee")
+        if BLOCK_MODE:  # one row: the shift as an exact elementwise sum (tl.dot needs 16 rows)
+            scores = part + tl.sum(nxt[:, :, None] * shift[None, :, :], 1)
+        else:
+            scores = part + tl.dot(nxt, shift, input_precision="ieee")
         scores += tl.where(offs_b[None, :] == 0, spill[:, None], 0.0)
         spill = tl.sum(tl.where(offs_b[None, :] == NBT - 1, nxt, 0.0), 1)
 
@@ -164,11 +183,11 @@ def _select_kernel(
         key = tl.where(valid, key, 0)
         if NBT > TP:
             cand = tl.sort(key, descending=False)
-            cand = tl.max(tl.reshape(cand, [BLOCK_M, NBT // TP, TP]), 1)  # top TP, ascending
+            cand = tl.max(tl.reshape(cand, [ROWS, NBT // TP, TP]), 1)  # top TP, ascending
         else:
             cand = tl.sort(key, descending=False)
         if BITONIC:
-            best = _bitonic_merge_desc(tl.maximum(best, cand), BLOCK_M, TP, LOG_TP)
+            best = _bitonic_merge_desc(tl.maximum(best, cand), ROWS, TP, LOG_TP)
         else:
             best = tl.sort(tl.maximum(best, cand), descending=True)
 
@@ -178,8 +197,13 @@ def _select_kernel(
     ids = tl.where(keep, ids, 2147483647)
     ids = tl.sort(ids, descending=False)
     ids = tl.where(ids == 2147483647, -1, ids)
-    out = IDX + kvh.to(tl.int64) * si_h + (bos64 + rows)[:, None] * si_t + pos[None, :]
-    tl.store(out, ids, mask=row_ok[:, None] & (pos[None, :] < topk))
+    if BLOCK_MODE:  # row cu[doc] // B + doc + j of the per-block layout
+        slot = bos // block + doc + start_m // block
+        out = IDX + kvh.to(tl.int64) * si_h + slot.to(tl.int64) * si_t + pos[None, :]
+        tl.store(out, ids, mask=pos[None, :] < topk)
+    else:
+        out = IDX + kvh.to(tl.int64) * si_h + (bos64 + rows)[:, None] * si_t + pos[None, :]
+        tl.store(out, ids, mask=row_ok[:, None] & (pos[None, :] < topk))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,6 +238,11 @@ _tuned = KernelTuner(
 )
 
 
+def block_tile_config(block: int) -> dict:
+    """Block mode's launch configuration: one query block per program."""
+    return {"BLOCK_M": block, "num_warps": 4 if block <= 64 else 8, "num_stages": 2}
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -245,10 +274,13 @@ def supports(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block, *args
 
 @torch.no_grad()
 def select_blocks(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel: int, stride: int, block: int,
-                  topk: int, init_blocks: int, local_blocks: int, scale: float | None = None, *,
+                  topk: int, init_blocks: int, local_blocks: int, scale: float | None = None,
+                  selection: str = "token", *,
                   settings: KernelSettings | None = None) -> torch.Tensor:
     """The naive op's contract (:mod:`.naive`) as one fused kernel, for the geometries of
-    :func:`supports`. ``settings``: the merge, the key-tile width and the launch configurations."""
+    :func:`supports`. ``settings``: the merge, the key-tile width and the launch configurations.
+    Block mode tiles one query block per program (``BLOCK_M = block``) and sums its tokens'
+    probabilities before the block mapping and the top-k."""
     if q.dim() != 3 or k_c.dim() != 3 or lse.dim() != 2:
         raise ValueError(f"q, k_c must be [tokens, heads, dim], lse [H, total]: {q.shape}")
     total, H, d = q.shape
@@ -262,13 +294,19 @@ def select_blocks(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel: int, stride: in
                          f"block={block}, head dim {d}; the dispatcher runs the naive op for them")
     settings = resolve_settings(settings)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    idx = torch.empty((h, total, topk), dtype=torch.int32, device=q.device)
+    check_selection(selection)
+    by_block = selection == "block"
+    n_docs = cu_seqlens.numel() - 1
+    if by_block:  # rows no block owns stay -1
+        idx = torch.full((h, block_rows(total, n_docs, block), topk), -1, dtype=torch.int32,
+                         device=q.device)
+    else:
+        idx = torch.empty((h, total, topk), dtype=torch.int32, device=q.device)
     if total == 0:
         return idx
     q, k_c = rowmajor(q), rowmajor(k_c)
     lse = lse.to(torch.float32).contiguous()
     cu, cuc = as_int32(cu_seqlens), as_int32(cu_seqlens_c)
-    n_docs = cu.numel() - 1
     n_iter = search_steps(n_docs)
     tp = max(2, _next_pow2(topk))
     nbt = tile_blocks(tp, H // h, settings.topk_tile_blocks)
@@ -290,11 +328,14 @@ def select_blocks(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel: int, stride: in
         "TP": tp,
         "BITONIC": settings.topk_merge == "bitonic",
         "LOG_TP": tp.bit_length() - 1,
+        "BLOCK_MODE": by_block,
     }
 
     def grid(m):
         return (h * (total // m["BLOCK_M"] + n_docs),)
 
     safe = _FIXED_FP32 if settings.topk_configs == "safe" and not interpreting() else None
+    if by_block:
+        safe = block_tile_config(block)
     _tuned.run(grid, args, dtype=q.dtype, autotune=settings.topk_autotune, config=safe, **meta)
     return idx

@@ -8,7 +8,19 @@ from functools import partial
 import torch
 
 from fsa_train.kernels import naive_attention as na
-from fsa_train.kernels.utils import check_partials
+from fsa_train.kernels.utils import check_partials, check_selection
+from fsa_train.kernels.varlen import block_rows, token_block_rows
+
+
+def expand_block_selection(idx: torch.Tensor, cu_seqlens: torch.Tensor, total: int,
+                           block: int) -> torch.Tensor:
+    """Per-block selections ``[h, total // B + n_docs, T]`` as per-token ones ``[h, total, T]``
+    (each token gets its query block's row)."""
+    rows = block_rows(total, cu_seqlens.numel() - 1, block)
+    if idx.dim() != 3 or idx.shape[1] != rows:
+        raise ValueError(f"block selections must be [h, {rows}, T] (total // block + n_docs "
+                         f"rows), got {tuple(idx.shape)}")
+    return idx[:, token_block_rows(cu_seqlens, total, block)]
 
 
 def selected_attention(
@@ -20,6 +32,7 @@ def selected_attention(
     block: int,
     scale: float | None = None,
     partials: str = "fp32",
+    selection: str = "token",
 ) -> torch.Tensor:
     """Attention over the union of the keys of each query's selected blocks, causal per token.
 
@@ -27,12 +40,19 @@ def selected_attention(
     local ids; -1 and ids past the query are ignored, duplicates count once) with key position
     ``<= t``. Returns ``o [total, H, d]`` in q's dtype; 0 where nothing is selected.
 
+    ``selection="block"``: ``idx [h, total // B + n_docs, T]`` holds one selection per query
+    block (the layout of :func:`~fsa_train.kernels.api.select_blocks` in block mode), and every
+    token uses its block's row.
+
     ``partials`` ("fp32" or "half") is the Triton kernels' precision for their per-(token, slot)
     partial outputs and dQ (a run setting, ``model.config.nsa.selected_partials``); the naive op
     has no partials and only checks the value.
     """
     check_partials(partials)
+    check_selection(selection)
     H, h = na.check_heads(q, k, v)
+    if selection == "block":
+        idx = expand_block_selection(idx, cu_seqlens, q.shape[0], block)
     scale = na.softmax_scale(scale, q.shape[-1])
     parts = []
     for b0, b1 in na.documents(cu_seqlens):

@@ -35,11 +35,19 @@ import torch
 import triton
 import triton.language as tl
 
+from fsa_train.kernels.ops.selected_attention.block_sparse import selected_attention_block
 from fsa_train.kernels.ops.selected_attention.plan import SelectionPlan, build_plan
 from fsa_train.kernels.settings import KernelSettings, resolve_settings
 from fsa_train.kernels.triton_utils import LN2_JIT, LOG2E_JIT, attention_delta
 from fsa_train.kernels.tuning import KernelTuner
-from fsa_train.kernels.utils import LOG2E, PARTIALS, check_partials, interpreting
+from fsa_train.kernels.utils import (
+    LOG2E,
+    PARTIALS,
+    as_int32,
+    check_partials,
+    check_selection,
+    interpreting,
+)
 
 __all__ = ["PARTIALS", "partial_dtype", "selected_attention"]
 
@@ -457,23 +465,30 @@ class _SelectedAttention(torch.autograd.Function):
 
 
 def selected_attention(q, k, v, idx, cu_seqlens, block: int, scale: float | None = None,
-                       partials: str = "fp32", *, settings: KernelSettings | None = None,
-                       ) -> torch.Tensor:
+                       partials: str = "fp32", selection: str = "token", *,
+                       settings: KernelSettings | None = None) -> torch.Tensor:
     """The naive op's contract (:mod:`.naive`) in Triton, for head dims and block sizes that are
     powers of two >= 16; ``idx`` as :func:`~fsa_train.kernels.api.select_blocks` returns it
-    (valid ids ascending). ``partials``: the O/dQ partials' precision
-    (:data:`~fsa_train.kernels.utils.PARTIALS`); ``settings``: launch overrides."""
+    (valid ids ascending). ``partials``: the token mode's O/dQ partials' precision
+    (:data:`~fsa_train.kernels.utils.PARTIALS`; block mode has no partials); ``selection="block"``
+    runs the block-sparse kernels of :mod:`.block_sparse`; ``settings``: launch overrides."""
     total, H, D = q.shape
     h = k.shape[1]
     if H % h or v.shape[1] != h or k.shape[0] != total or v.shape[0] != total:
         raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if idx.dim() != 3 or idx.shape[0] != h or idx.shape[1] != total:
+    check_selection(selection)
+    if selection == "token" and (idx.dim() != 3 or idx.shape[0] != h or idx.shape[1] != total):
         raise ValueError(f"idx must be [{h}, {total}, T], got {tuple(idx.shape)}")
     if D & (D - 1) or D < 16 or block & (block - 1) or block < 16 or v.shape[2] != D:
         raise ValueError(f"head dim ({D}) and block ({block}) must be powers of two >= 16")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     check_partials(partials)  # a bad value fails here, before any launch
+    settings = resolve_settings(settings)
+    if selection == "block":
+        if total == 0:
+            return q.new_zeros(0, H, D)
+        return selected_attention_block(q, k, v, idx, as_int32(cu_seqlens), block, scale,
+                                        settings)
     if total == 0:
         return q.new_zeros(0, H, D)
-    return _SelectedAttention.apply(q, k, v, idx, cu_seqlens, block, scale, partials,
-                                    resolve_settings(settings))
+    return _SelectedAttention.apply(q, k, v, idx, cu_seqlens, block, scale, partials, settings)
