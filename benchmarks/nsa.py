@@ -23,6 +23,7 @@ so a run cut short still reports. GPU: ``python -m benchmarks run nsa``; CPU smo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -78,8 +79,11 @@ def fwd_bwd(fn: Callable[[], torch.Tensor], grad: torch.Tensor,
     return run
 
 
-def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool) -> list[dict]:
-    """Rows for one shape: the NSA core, its branches, and the dense baselines."""
+def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool,
+                baselines: bool = True) -> list[dict]:
+    """Rows for one shape: the NSA core, its branches, and the dense baselines. ``baselines``
+    False: only the rows the selection mode changes (the core, select_blocks, the selected
+    branch), for a second mode of the same shape."""
     time_ms = timer(device)
     rope = Rotary(inp["q"].shape[-1])
     leaves = [inp[name].requires_grad_() for name in ("q", "k", "v", "gates", "w_k", "w_v", "pe")]
@@ -121,7 +125,17 @@ def bench_shape(inp: dict, nsa: NSAConfig, device: str, flex: bool) -> list[dict
         _, lse = ops.compressed_attention(q_r, k_cr, v_c, cu, cu_c, nsa.cmp_kernel,
                                           nsa.cmp_stride)
         idx = ops.select_blocks(q_r, k_cr, lse, cu, cu_c, nsa.cmp_kernel, nsa.cmp_stride,
-                                nsa.sel_block, nsa.sel_topk, nsa.init_blocks, nsa.local_blocks)
+                                nsa.sel_block, nsa.sel_topk, nsa.init_blocks, nsa.local_blocks,
+                                selection=nsa.selection)
+    if not baselines:
+        record("branch: select_blocks", lambda: ops.select_blocks(
+            q_r, k_cr, lse, cu, cu_c, nsa.cmp_kernel, nsa.cmp_stride, nsa.sel_block,
+            nsa.sel_topk, nsa.init_blocks, nsa.local_blocks, selection=nsa.selection),
+            backward=False)
+        record("branch: selected_attention", lambda: ops.selected_attention(
+            q, k, v, idx, cu, nsa.sel_block, partials=nsa.selected_partials,
+            selection=nsa.selection))
+        return rows
     record("branch: compress (k and v)", lambda: torch.cat([
         ops.compress(k, w_k, pe, cu, nsa.cmp_kernel, nsa.cmp_stride)[0],
         ops.compress(v, w_v, None, cu, nsa.cmp_kernel, nsa.cmp_stride)[0]]), backward=False)
@@ -209,6 +223,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_flex", action="store_true")
     parser.add_argument("--selected_partials", choices=["fp32", "half"], default="fp32",
                         help="the selected branch's O/dQ partials (nsa.selected_partials)")
+    parser.add_argument("--selections", nargs="+", choices=["token", "block"],
+                        default=["token", "block"],
+                        help="selection modes (nsa.selection); the dense baselines and the "
+                             "unchanged branches run with the first")
 
 
 def shape_layouts(tokens: int, layouts: list[str]) -> list[int | None]:
@@ -243,17 +261,25 @@ def main(args: argparse.Namespace) -> dict:
                                   args.device, dtype)
                 layout = "1 doc" if doc is None else f"{tokens // doc}x{doc // 1024}K"
                 start = time.perf_counter()
-                for row in bench_shape(inp, nsa, args.device, not args.no_flex):
-                    row.update(tokens=tokens, G=groups, doc=doc, layout=layout)
-                    results.append(row)
-                    print(f"  {row['method']}: fwd {_cell(row, 'fwd_ms')} ms, "
-                          f"fwd+bwd {_cell(row, 'fwd_bwd_ms')} ms", flush=True)
+                for i, selection in enumerate(args.selections):
+                    mode = dataclasses.replace(nsa, selection=selection)
+                    for row in bench_shape(inp, mode, args.device, not args.no_flex, i == 0):
+                        row.update(tokens=tokens, G=groups, doc=doc, layout=layout,
+                                   selection=selection)
+                        results.append(row)
+                        print(f"  {_method(row)}: fwd {_cell(row, 'fwd_ms')} ms, "
+                              f"fwd+bwd {_cell(row, 'fwd_bwd_ms')} ms", flush=True)
                 print(f"{tokens} G={groups} {layout}: {time.perf_counter() - start:.1f}s",
                       flush=True)
                 del inp
                 write(record, data)  # after every shape: partial runs report
     print(f"results: {record.path('.md')}")
     return data
+
+
+def _method(row: dict) -> str:
+    """The row's method, with the selection mode where it is block-shared."""
+    return row["method"] + (" [block]" if row.get("selection") == "block" else "")
 
 
 def _cell(row: dict, key: str) -> str:
@@ -296,7 +322,7 @@ def markdown(data: dict) -> str:
         if row["method"].startswith("nsa core") and "fwd_bwd_ms" in row and "fwd_bwd_ms" in dense:
             speedup = f"{dense['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}×"
 
-        lines.append(f"| {row['tokens']} | {row['G']} | {row['layout']} | {row['method']} | "
+        lines.append(f"| {row['tokens']} | {row['G']} | {row['layout']} | {_method(row)} | "
                      f"{_cell(row, 'fwd_ms')} | {_cell(row, 'fwd_bwd_ms')} | "
                      f"{_cell(row, 'peak_mib')} | {speedup} |")
     lines += choices_markdown(meta["autotune"])

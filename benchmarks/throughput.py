@@ -3,7 +3,8 @@
 Modes (issue 7):
 
 * ``dense``: ``window_attention(window=None)``, our varlen kernel (causal per document);
-* ``nsa``: NSA with the default parameters (``NSAConfig()``);
+* ``nsa``: NSA with the default parameters (``NSAConfig()``, exact token-level selection);
+* ``nsa_block``: the same with block-shared selection (``NSAConfig(selection="block")``);
 * ``sdpa``: the dense model with each attention's core replaced by PyTorch's causal
   ``scaled_dot_product_attention`` (cuDNN preferred, then flash, efficient, math). Valid only for
   one document per sequence (several equal-length sequences form its batch), which is what
@@ -43,7 +44,7 @@ from fsa_train.kernels.tuning import autotune_choices, choices_markdown
 from fsa_train.model import GPT
 from fsa_train.model.attention import Attention
 
-MODES = ("dense", "sdpa", "nsa")
+MODES = ("dense", "sdpa", "nsa", "nsa_block")
 DEFAULT_CONTEXTS = (8192, 16384, 32768, 65536, 131072)
 
 
@@ -95,7 +96,8 @@ def model_config(args: argparse.Namespace, mode: str, checkpointing: bool) -> GP
     return GPTConfig(
         vocab_size=args.vocab, n_layer=args.n_layer, n_head=n_head,
         n_kv_head=n_head // args.group, d_model=args.d_model, head_dim=args.head_dim,
-        attention="nsa" if mode == "nsa" else "dense", nsa=NSAConfig(),
+        attention="nsa" if mode.startswith("nsa") else "dense",
+        nsa=NSAConfig(selection="block" if mode == "nsa_block" else "token"),
         kernel_backend=args.kernel_backend, activation_checkpointing=checkpointing,
     )
 
@@ -232,23 +234,29 @@ def markdown(report: dict) -> str:
         )
     speedups = speedup_rows(report["rows"])
     if speedups:
-        lines += ["", "| context | NSA / dense (ours) | NSA / SDPA |", "|---|---|---|"]
-        for context, vs_dense, vs_sdpa in speedups:
-            lines.append(f"| {context} | {_fmt(vs_dense, '.2f')} | {_fmt(vs_sdpa, '.2f')} |")
+        block = any(row[3] is not None for row in speedups)  # older runs had no block mode
+        lines += ["", "| context | NSA / dense (ours) | NSA / SDPA |"
+                  + (" NSA block / SDPA |" if block else ""), "|---|---|---|"
+                  + ("---|" if block else "")]
+        for context, vs_dense, vs_sdpa, block_vs_sdpa in speedups:
+            lines.append(f"| {context} | {_fmt(vs_dense, '.2f')} | {_fmt(vs_sdpa, '.2f')} |"
+                         + (f" {_fmt(block_vs_sdpa, '.2f')} |" if block else ""))
     lines += choices_markdown(report.get("autotune", {}))
     return "\n".join(lines) + "\n"
 
 
-def speedup_rows(rows: list[dict]) -> list[tuple[int, float | None, float | None]]:
-    """NSA tokens/s over dense and over SDPA tokens/s, per context where NSA ran."""
+def speedup_rows(rows: list[dict]) -> list[tuple[int, float | None, float | None, float | None]]:
+    """Per context where an NSA mode ran: NSA (token) tokens/s over dense (ours) and over SDPA,
+    and NSA block over SDPA (None where a mode did not run)."""
     rate = {(r["mode"], r["context"]): r.get("tokens_per_s") for r in rows if r["status"] == "ok"}
-    out = []
-    for (mode, context), nsa in sorted(rate.items(), key=lambda kv: kv[0][1]):
-        if mode != "nsa":
-            continue
-        dense, sdpa = rate.get(("dense", context)), rate.get(("sdpa", context))
-        out.append((context, nsa / dense if dense else None, nsa / sdpa if sdpa else None))
-    return out
+    contexts = sorted({c for (mode, c) in rate if mode.startswith("nsa")})
+
+    def ratio(mode: str, base: str, context: int) -> float | None:
+        top, bottom = rate.get((mode, context)), rate.get((base, context))
+        return top / bottom if top and bottom else None
+
+    return [(c, ratio("nsa", "dense", c), ratio("nsa", "sdpa", c), ratio("nsa_block", "sdpa", c))
+            for c in contexts]
 
 
 def plot(report: dict, path: Path) -> str:

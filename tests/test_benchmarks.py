@@ -20,7 +20,8 @@ from benchmarks import common  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
-GPU_BENCHMARKS = ["compressed", "nsa", "profile_nsa", "selected", "throughput", "window"]
+GPU_BENCHMARKS = ["block_selection", "compressed", "nsa", "profile_nsa", "selected", "throughput",
+                  "window"]
 
 
 def runner(*words: str, env: dict | None = None, timeout: int = 300):
@@ -36,9 +37,9 @@ def test_list_names_every_benchmark_module():
     assert result.returncode == 0, result.stderr[-2000:]
     listed = [line.split()[0] for line in result.stdout.splitlines()]
     assert listed == benchmarks.module_names() == sorted(benchmarks.load_all())
-    assert {"selected", "compressed", "window", "nsa", "throughput", "kernel_resources",
-            "loss_parity", "selection_overlap", "profile_nsa", "trainer_check",
-            "parity_corpus"} == set(listed)
+    assert {"block_selection", "selected", "compressed", "window", "nsa", "throughput",
+            "kernel_resources", "loss_parity", "selection_overlap", "profile_nsa",
+            "trainer_check", "parity_corpus"} == set(listed)
     for name, bench in benchmarks.load_all().items():
         assert bench.name == name and bench.summary and bench.main.__module__ == \
             f"benchmarks.{name}"

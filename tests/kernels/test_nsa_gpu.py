@@ -22,11 +22,14 @@ def test_auto_dispatch_reaches_the_triton_kernels():
 
 
 @pytest.mark.xdist_group("gpu_memory")
-@pytest.mark.parametrize("group,partials", [(1, "fp32"), (4, "fp32"), (16, "fp32"), (4, "half")])
-def test_nsa_core_auto_matches_reference(group, partials):
+@pytest.mark.parametrize("group,partials,selection", [
+    (1, "fp32", "token"), (4, "fp32", "token"), (16, "fp32", "token"), (4, "half", "token"),
+    (1, "fp32", "block"), (4, "fp32", "block"), (16, "fp32", "block"),
+])
+def test_nsa_core_auto_matches_reference(group, partials, selection):
     torch.manual_seed(0)
     device, dtype, h, d = "cuda", torch.bfloat16, 2, 128
-    cfg = NSAConfig(selected_partials=partials)
+    cfg = NSAConfig(selected_partials=partials, selection=selection)
     lengths = [3000, 37, 1100, 4096]
     cu = cu_seqlens(lengths, device=device)
     total, H = sum(lengths), h * group

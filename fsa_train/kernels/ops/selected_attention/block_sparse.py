@@ -180,7 +180,8 @@ def _dq_kernel(
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
-    tl.store(_rows_ptr(DQ, bos, tok, head, sdqt, sdqh, offs_d), (dq * scale).to(DQ.dtype.element_ty),
+    dq = dq * scale
+    tl.store(_rows_ptr(DQ, bos, tok, head, sdqt, sdqh, offs_d), dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
 
