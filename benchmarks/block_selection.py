@@ -86,7 +86,9 @@ def flex_block_mask(idx: torch.Tensor, tokens: int, block: int, G: int):
     partial_num = ((ids >= 0) & (ids == own)).any(-1).long()
     partial = own.expand_as(ids[..., :1]).clone()
 
-    def heads(x):
+    def heads(x):  # per query head, index lists padded to n_blocks (BlockMask's dense width)
+        if x.dim() == 3 and x.shape[-1] < n_blocks:
+            x = torch.nn.functional.pad(x, (0, n_blocks - x.shape[-1]))
         return x.repeat_interleave(G, 0)[None].to(torch.int32).contiguous()
 
     def causal(b, h, q_idx, kv_idx):

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 import fsa_train.kernels as ops  # noqa: E402
 from fsa_train.kernels import reference  # noqa: E402
 from fsa_train.kernels.ops.select_blocks import triton as tk  # noqa: E402
-from fsa_train.kernels.ops.selected_attention import block_sparse as bs  # noqa: E402
+from fsa_train.kernels.ops.selected_attention import block_plan as bp  # noqa: E402
 from fsa_train.kernels.ops.selected_attention import triton as sa  # noqa: E402
 from fsa_train.kernels.ops.selected_attention.naive import expand_block_selection  # noqa: E402
 from fsa_train.kernels.settings import default_settings  # noqa: E402
@@ -220,10 +220,16 @@ def test_popular_block_is_cut_into_segments_fp16_large_logits():
     idx = torch.full((h, rows, 2), -1, dtype=torch.int32, device=DEVICE)
     idx[..., 0] = 0
     idx[..., 1] = torch.where(j > 0, j, -1).to(torch.int32)
-    plan = bs.build_block_plan(idx, cu, block)
-    first = int(plan.key_start[1] - plan.key_start[0])
-    assert first == 25 > plan.segq and int(plan.part_off[0]) == 0  # block 0: several segments
-    assert int(plan.seg_off[1] - plan.seg_off[0]) == -(-first // plan.segq)
+    _, keys = bp.clean_block_selection(idx, cu, block)
+    csr = bp.build_block_csr(keys, h, rows, 2)
+    first = int(csr.key_start[1] - csr.key_start[0])
+    assert first == 25 > csr.segq and csr.partial_offset(0) == 0  # block 0: several segments
+    assert int(csr.counts[0, 0]) == -(-first // csr.segq) and csr.first_segment(0) == 0
+    assert csr.partial_offset(1) == -1 and int(csr.counts[0, 1]) == 1  # block 1: one segment
+    segments = int(csr.ends[0, -1])
+    assert (csr.seg_key[:segments] < csr.nkeys).all()
+    assert (csr.seg_key[segments:] == csr.nkeys).all()
+    assert csr.q_rows[:first].tolist() == sorted(csr.q_rows[:first].tolist())  # ascending
     compare(q, k, v, do, idx, cu, block, 5e-3, what="popular fp16")
 
 
@@ -231,7 +237,8 @@ def test_cleaning_drops_invalid_repeated_and_future_entries():
     cu = _cu([40, 8], device=DEVICE)  # rows: 0-2 document 0, 3 document 1, 4 padding
     idx = torch.tensor([[[2, 0, 0], [-1, 1, 5], [2, 2, 1], [0, 0, -1], [7, 0, 0]]],
                        dtype=torch.int32, device=DEVICE)
-    clean = bs.clean_block_selection(idx, cu, 16)
+    clean, keys = bp.clean_block_selection(idx, cu, 16)
+    assert keys.view(1, 5, 3)[0, 2].tolist() == [1, 2, 5]  # row of block 0 + id; 5 = nkeys
     assert clean.tolist() == [[[0, -1, -1], [1, -1, -1], [1, 2, -1], [0, -1, -1],
                                [-1, -1, -1]]]
     q, k, v, do, _ = packed_qkv([40, 8], 1, 2, 16, torch.float32, seed=3)

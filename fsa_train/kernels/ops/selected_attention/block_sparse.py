@@ -9,7 +9,7 @@ of the token mode's per-(token, slot) partials or gathers:
   walks the tile's selected key blocks in ascending order with an online softmax; the
   token-level causal mask only bites in the query's own block. Outputs written once.
 * **dK/dV** (:func:`_dkdv_kernel`): one program per *segment* of a key block's list of query
-  blocks (a CSR built on the device by :func:`build_block_plan`, no host synchronisation), with
+  blocks (a CSR built on the device by :mod:`.block_plan`, no host synchronisation), with
   dK and dV in fp32 registers over all G heads. A block that more than ``segq`` query blocks
   chose (the forced first block) is cut into several segments, whose fp32 partials
   :func:`_reduce_kernel` sums in a fixed order: balanced and deterministic, no atomics.
@@ -18,24 +18,26 @@ of the token mode's per-(token, slot) partials or gathers:
 
 Contract: ``idx [h, total // B + n_docs, T]`` int32, the layout of ``select_blocks(...,
 selection="block")`` (:func:`fsa_train.kernels.varlen.block_rows`); entries that are -1, past the
-row's own block or repeats are ignored (:func:`clean_block_selection`).
+row's own block or repeats are ignored (:func:`.block_plan.clean_block_selection`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, fields
 
 import torch
 import triton
 import triton.language as tl
 
+from fsa_train.kernels.ops.selected_attention.block_plan import (
+    build_block_csr,
+    clean_block_selection,
+)
 from fsa_train.kernels.settings import KernelSettings
 from fsa_train.kernels.triton_utils import LN2_JIT, LOG2E_JIT, attention_delta, locate_tile
 from fsa_train.kernels.tuning import KernelTuner
 from fsa_train.kernels.utils import LOG2E, search_steps
-from fsa_train.kernels.varlen import block_row_owners, block_rows, document_first_rows
+from fsa_train.kernels.varlen import block_rows
 
-__all__ = ["BlockPlan", "build_block_plan", "clean_block_selection", "selected_attention_block"]
+__all__ = ["packed_heads", "selected_attention_block"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +65,17 @@ def _query_tile(CU, IDX, pid_m, kvh, si_h, si_r, n_docs, n_iter,
     slots = tl.arange(0, TP)
     ids = tl.load(ibase + slots, mask=slots < T, other=-1)
     n_sel = tl.sum((ids >= 0).to(tl.int32), 0)
-    return bos, seqlen, q0, ibase, n_sel
+    return bos, seqlen, q0, ibase, ids, n_sel
+
+
+@triton.jit
+def _block_id(ibase, ids, i, PRELOAD: tl.constexpr, TP: tl.constexpr):
+    """The ``i``-th selected block: from the ids already in registers (``PRELOAD``: the K/V
+    addresses then depend on no load inside the loop) or loaded again."""
+    if PRELOAD:
+        return tl.sum(tl.where(tl.arange(0, TP) == i, ids, 0), 0)
+    else:
+        return tl.load(ibase + i)
 
 
 @triton.jit
@@ -88,13 +100,14 @@ def _fwd_kernel(
     total, n_docs, n_iter, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, B: tl.constexpr, T: tl.constexpr,
     TP: tl.constexpr, SPLIT: tl.constexpr, PACK: tl.constexpr, IEEE: tl.constexpr,
+    PRELOAD: tl.constexpr = 1,
 ):
     GPE: tl.constexpr = GP * PACK + 1 - PACK
     BQ: tl.constexpr = B // SPLIT
     pid_h = tl.program_id(1)
     kvh = pid_h // (G // GPE)
     g0 = (pid_h % (G // GPE)) * GPE
-    bos, seqlen, q0, ibase, n_sel = _query_tile(CU, IDX, tl.program_id(0), kvh, si_h, si_r,
+    bos, seqlen, q0, ibase, ids, n_sel = _query_tile(CU, IDX, tl.program_id(0), kvh, si_h, si_r,
                                                 n_docs, n_iter, B, SPLIT, T, TP)
     if q0 >= seqlen:
         return
@@ -108,7 +121,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BQ * GPE], tl.float32)
     acc = tl.zeros([BQ * GPE, D], tl.float32)
     for i in range(0, n_sel):
-        kpos = tl.load(ibase + i) * B + offs_n
+        kpos = _block_id(ibase, ids, i, PRELOAD, TP) * B + offs_n
         kmask = (kpos < seqlen)[:, None]
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kmask,
                     other=0.0)
@@ -148,13 +161,14 @@ def _dq_kernel(
     total, n_docs, n_iter, scale, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, B: tl.constexpr, T: tl.constexpr,
     TP: tl.constexpr, SPLIT: tl.constexpr, PACK: tl.constexpr, IEEE: tl.constexpr,
+    PRELOAD: tl.constexpr = 1,
 ):
     GPE: tl.constexpr = GP * PACK + 1 - PACK
     BQ: tl.constexpr = B // SPLIT
     pid_h = tl.program_id(1)
     kvh = pid_h // (G // GPE)
     g0 = (pid_h % (G // GPE)) * GPE
-    bos, seqlen, q0, ibase, n_sel = _query_tile(CU, IDX, tl.program_id(0), kvh, si_h, si_r,
+    bos, seqlen, q0, ibase, ids, n_sel = _query_tile(CU, IDX, tl.program_id(0), kvh, si_h, si_r,
                                                 n_docs, n_iter, B, SPLIT, T, TP)
     if q0 >= seqlen:
         return
@@ -169,7 +183,7 @@ def _dq_kernel(
     v_base = V + bos.to(tl.int64) * svt + kvh * svh
     dq = tl.zeros([BQ * GPE, D], tl.float32)
     for i in range(0, n_sel):
-        kpos = tl.load(ibase + i) * B + offs_n
+        kpos = _block_id(ibase, ids, i, PRELOAD, TP) * B + offs_n
         kmask = (kpos < seqlen)[:, None]
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kmask,
                     other=0.0)
@@ -188,7 +202,7 @@ def _dq_kernel(
 @triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DKP, DVP,
-    QROWS, KEY_START, SEG_KEY, SEG_OFF, PART_OFF, CU,
+    QROWS, KEY_START, SEG_KEY, COUNTS, ENDS, CU,
     sqt, sqh, skt, skh, svt, svh, sdt, sdh, sdkt, sdkh, sdvt, sdvh,
     total, n_docs, n_iter, n_rows, nkeys, segq, scale, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, B: tl.constexpr,
@@ -203,7 +217,7 @@ def _dkdv_kernel(
     kvh = key // n_rows
     krow = key % n_rows
     _, bos, seqlen, kstart = locate_tile(CU, krow, n_docs, n_iter, B)
-    seg = pid - tl.load(SEG_OFF + key)
+    seg = pid - (tl.load(ENDS + key) - tl.load(COUNTS + key))  # index among the key's segments
     e0 = tl.load(KEY_START + key) + seg * segq
     e1 = tl.minimum(e0 + segq, tl.load(KEY_START + key + 1))
     offs_d = tl.arange(0, D)
@@ -235,32 +249,33 @@ def _dkdv_kernel(
                 ds = p * (_dot(do, vt, IEEE) - delta[:, None])
                 dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     dk = dk * scale
-    part = tl.load(PART_OFF + key)
-    if part < 0:  # the key's only segment: the final values
+    n_part = tl.load(COUNTS + nkeys + key)
+    if n_part == 0:  # the key's only segment: the final values
         out_k = DK + (bos + kpos).to(tl.int64)[:, None] * sdkt + kvh * sdkh + offs_d[None, :]
         out_v = DV + (bos + kpos).to(tl.int64)[:, None] * sdvt + kvh * sdvh + offs_d[None, :]
         tl.store(out_k, dk.to(DK.dtype.element_ty), mask=kmask)
         tl.store(out_v, dv.to(DV.dtype.element_ty), mask=kmask)
     else:
-        tile = (part + seg).to(tl.int64) * (B * D) + offs_n[:, None] * D + offs_d[None, :]
+        part = tl.load(ENDS + nkeys + key) - n_part + seg
+        tile = part.to(tl.int64) * (B * D) + offs_n[:, None] * D + offs_d[None, :]
         tl.store(DKP + tile, dk)
         tl.store(DVP + tile, dv)
 
 
 @triton.jit
 def _reduce_kernel(
-    DKP, DVP, DK, DV, SEG_OFF, PART_OFF, CU,
-    sdkt, sdkh, sdvt, sdvh, n_docs, n_iter, n_rows,
+    DKP, DVP, DK, DV, COUNTS, ENDS, CU,
+    sdkt, sdkh, sdvt, sdvh, n_docs, n_iter, n_rows, nkeys,
     D: tl.constexpr, B: tl.constexpr,
 ):
     """dK/dV of a key block cut into several segments: their fp32 partials summed in order."""
     key = tl.program_id(0)
-    part = tl.load(PART_OFF + key)
-    if part < 0:
+    n_seg = tl.load(COUNTS + nkeys + key)
+    if n_seg == 0:
         return
+    part = tl.load(ENDS + nkeys + key) - n_seg
     kvh = key // n_rows
     _, bos, seqlen, kstart = locate_tile(CU, key % n_rows, n_docs, n_iter, B)
-    n_seg = tl.load(SEG_OFF + key + 1) - tl.load(SEG_OFF + key)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, B)
     tile = offs_n[:, None] * D + offs_d[None, :]
@@ -280,104 +295,6 @@ def _reduce_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# the plan: cleaned selections and the key block -> query blocks CSR, on the device
-# --------------------------------------------------------------------------------------------
-
-
-def clean_block_selection(idx: torch.Tensor, cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
-    """``idx [h, rows, T]`` with only the valid entries, ascending, then -1 (device ops, no host
-    synchronisation): an entry is valid if >= 0, not past its row's own block, not a repeat, and
-    its row is a block of a document (padding rows become all -1)."""
-    _, j, exists = block_row_owners(cu_seqlens, block, idx.shape[1])
-    big = torch.iinfo(torch.int32).max
-    ids = idx.to(torch.int32)
-    ok = (ids >= 0) & (ids <= j[None, :, None]) & exists[None, :, None]
-    ids = torch.where(ok, ids, big).sort(dim=-1).values
-    repeat = torch.zeros_like(ok)
-    repeat[..., 1:] = ids[..., 1:] == ids[..., :-1]
-    ids = torch.where(repeat, big, ids).sort(dim=-1).values
-    return torch.where(ids == big, -1, ids).contiguous()
-
-
-def segment_query_blocks(topk: int) -> int:
-    """Query blocks per dK/dV segment: four times the average (T) of a long document's blocks, so
-    a block every query chose splits into a few segments and nothing else does."""
-    return max(8, 4 * topk)
-
-
-@dataclass
-class BlockPlan:
-    """The block-sparse pattern of one call (device tensors and static sizes).
-
-    Attributes:
-        idx_c: the cleaned selections ``[h, rows, T]`` (:func:`clean_block_selection`).
-        q_rows: the query-block rows of every valid entry, grouped by key ``head · rows +
-            key-block row`` (CSR values, ascending within a key).
-        key_start: ``[nkeys + 1]`` offsets of each key's entries in ``q_rows``.
-        seg_key: ``[maxseg]`` each segment's key (``nkeys`` past the real count).
-        seg_off: ``[nkeys + 1]`` each key's first segment.
-        part_off: ``[nkeys]`` each key's first fp32 partial, -1 for keys of one segment.
-        n_rows, nkeys, maxseg, n_part, segq: static sizes (rows of the per-block layout,
-            ``h · rows``, bounds on the segments and the partials, entries per segment).
-    """
-
-    idx_c: torch.Tensor
-    q_rows: torch.Tensor
-    key_start: torch.Tensor
-    seg_key: torch.Tensor
-    seg_off: torch.Tensor
-    part_off: torch.Tensor
-    n_rows: int
-    nkeys: int
-    maxseg: int
-    n_part: int
-    segq: int
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self)
-                     if isinstance(getattr(self, f.name), torch.Tensor))
-
-    def sizes(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if not isinstance(getattr(self, f.name), torch.Tensor)}
-
-    @classmethod
-    def rebuild(cls, tensors: tuple[torch.Tensor, ...], sizes: dict[str, int]) -> BlockPlan:
-        names = [f.name for f in fields(cls) if f.name not in sizes]
-        return cls(**dict(zip(names, tensors, strict=True)), **sizes)
-
-
-def build_block_plan(idx: torch.Tensor, cu_seqlens: torch.Tensor, block: int,
-                     segq: int | None = None) -> BlockPlan:
-    """The :class:`BlockPlan` of block selections ``idx [h, rows, T]`` (no host sync)."""
-    h, n_rows, topk = idx.shape
-    segq = segment_query_blocks(topk) if segq is None else segq
-    dev = idx.device
-    i32 = torch.int32
-    idx_c = clean_block_selection(idx, cu_seqlens, block)
-    doc, _, _ = block_row_owners(cu_seqlens, block, n_rows)
-    first = document_first_rows(cu_seqlens, block)[doc]  # [rows]: the row of block 0
-    nkeys = h * n_rows
-    heads = torch.arange(h, device=dev)[:, None, None] * n_rows
-    keys = torch.where(idx_c >= 0, heads + first[None, :, None] + idx_c, nkeys).flatten()
-    skeys, perm = torch.sort(keys, stable=True)
-    q_rows = torch.remainder(torch.div(perm, topk, rounding_mode="floor"), n_rows).to(i32)
-    key_start = torch.searchsorted(skeys, torch.arange(nkeys + 1, device=dev), out_int32=True)
-    n_seg = torch.div(key_start[1:] - key_start[:-1] + (segq - 1), segq, rounding_mode="floor")
-    seg_off = torch.zeros(nkeys + 1, dtype=i32, device=dev)
-    seg_off[1:] = torch.cumsum(n_seg, 0)
-    maxseg = -(-h * n_rows * topk // segq) + nkeys
-    seg_key = torch.searchsorted(seg_off[1:].contiguous(), torch.arange(maxseg, device=dev,
-                                 dtype=i32), right=True, out_int32=True)
-    multi = n_seg > 1
-    part_sizes = torch.where(multi, n_seg, 0)
-    part_off = torch.where(multi, torch.cumsum(part_sizes, 0) - part_sizes, -1).to(i32)
-    n_part = 2 * h * n_rows * topk // segq + 1  # multi-segment keys: n_seg < 2 · count / segq
-    return BlockPlan(idx_c, q_rows, key_start, seg_key, seg_off, part_off,
-                     n_rows, nkeys, maxseg, n_part, segq)
-
-
-# --------------------------------------------------------------------------------------------
 # launch configurations
 # --------------------------------------------------------------------------------------------
 
@@ -386,21 +303,24 @@ def _config(split, pack, warps, stages) -> dict:
     return {"SPLIT": split, "PACK": pack, "num_warps": warps, "num_stages": stages}
 
 
-_QUERY_CONFIGS = [
-    _config(1, 1, 8, 3), _config(1, 1, 4, 3), _config(1, 0, 4, 3), _config(2, 1, 4, 3),
-    _config(1, 1, 8, 2), _config(1, 0, 4, 2),
+# Measured on an H200 (bf16, d = 128, G = 4, 8K and 64K tokens, 2026-12-02): the first of each
+# list was the fastest there (forward 280-300 TFLOP/s, dQ 550-590, dK/dV 260-380); 4 warps with
+# 128 rows ran at half speed and 8 warps / 3 stages of dK/dV overflowed shared memory, so they
+# are not candidates.
+_FWD_CONFIGS = [
+    _config(1, 1, 8, 3), _config(1, 0, 4, 3), _config(2, 1, 4, 3), _config(1, 0, 4, 2),
+    _config(1, 1, 8, 2),
 ]
-_DKDV_CONFIGS = [
-    _config(1, 1, 8, 2), _config(1, 1, 4, 2), _config(1, 0, 4, 2), _config(1, 0, 8, 3),
-    _config(1, 1, 8, 3), _config(2, 1, 8, 2),
-]
+_DQ_CONFIGS = [_config(1, 1, 8, 3), _config(2, 1, 4, 3), _config(1, 0, 4, 3)]
+_DKDV_CONFIGS = [_config(1, 1, 8, 2), _config(1, 0, 4, 2), _config(1, 0, 8, 3),
+                 _config(2, 1, 8, 2)]
 _FP32 = _config(1, 0, 4, 1)
 _INTERP = _config(1, 1, 4, 1)
 _KEY = ["G", "GP", "D", "B", "IEEE"]
 
-_fwd_tuned = KernelTuner("selected_attention.block_fwd", _fwd_kernel, _QUERY_CONFIGS,
+_fwd_tuned = KernelTuner("selected_attention.block_fwd", _fwd_kernel, _FWD_CONFIGS,
                          [*_KEY, "T"], fp32=_FP32, interpret=_INTERP)
-_dq_tuned = KernelTuner("selected_attention.block_dq", _dq_kernel, _QUERY_CONFIGS,
+_dq_tuned = KernelTuner("selected_attention.block_dq", _dq_kernel, _DQ_CONFIGS,
                         [*_KEY, "T"], fp32=_FP32, interpret=_INTERP)
 _dkdv_tuned = KernelTuner("selected_attention.block_dkdv", _dkdv_kernel, _DKDV_CONFIGS, _KEY,
                           fp32=_FP32, interpret=_INTERP)
@@ -436,28 +356,28 @@ def _forward(q, k, v, idx, cu, block, scale, settings: KernelSettings):
     total, H, D = q.shape
     h = k.shape[1]
     G = H // h
-    plan = build_block_plan(idx, cu, block)
-    T = plan.idx_c.shape[2]
+    idx_c, keys = clean_block_selection(idx, cu, block)
+    n_rows, T = idx_c.shape[1], idx_c.shape[2]
     meta = _launch_meta(G, D, block, T, q.dtype)
     o = torch.empty_like(q)
     lse = torch.empty(H, total, dtype=torch.float32, device=q.device)
     n_docs = cu.numel() - 1
     _fwd_tuned.run(
-        _query_grid(plan.n_rows, h, G, meta["GP"]),
-        (q, k, v, o, lse, plan.idx_c, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-         v.stride(0), v.stride(1), o.stride(0), o.stride(1), *plan.idx_c.stride()[:2],
+        _query_grid(n_rows, h, G, meta["GP"]),
+        (q, k, v, o, lse, idx_c, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+         v.stride(0), v.stride(1), o.stride(0), o.stride(1), idx_c.stride(0), idx_c.stride(1),
          total, n_docs, search_steps(n_docs), scale * LOG2E),
         dtype=q.dtype, autotune=settings.block_sparse_autotune,
         config=settings.block_sparse_config, T=T, TP=triton.next_power_of_2(T), **meta,
     )
-    return o, lse, plan
+    return o, lse, idx_c, keys
 
 
-def _backward(q, k, v, o, lse, do, cu, plan: BlockPlan, block, scale, settings: KernelSettings):
+def _backward(q, k, v, o, lse, do, cu, idx_c, keys, block, scale, settings: KernelSettings):
     total, H, D = q.shape
     h = k.shape[1]
     G = H // h
-    T = plan.idx_c.shape[2]
+    n_rows, T = idx_c.shape[1], idx_c.shape[2]
     meta = _launch_meta(G, D, block, T, q.dtype)
     n_docs = cu.numel() - 1
     n_iter = search_steps(n_docs)
@@ -466,28 +386,31 @@ def _backward(q, k, v, o, lse, do, cu, plan: BlockPlan, block, scale, settings: 
                   config=settings.block_sparse_config)
     dq = torch.empty_like(q)
     _dq_tuned.run(
-        _query_grid(plan.n_rows, h, G, meta["GP"]),
-        (q, k, v, do, lse, delta, dq, plan.idx_c, cu, q.stride(0), q.stride(1), k.stride(0),
+        _query_grid(n_rows, h, G, meta["GP"]),
+        (q, k, v, do, lse, delta, dq, idx_c, cu, q.stride(0), q.stride(1), k.stride(0),
          k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
-         dq.stride(1), *plan.idx_c.stride()[:2], total, n_docs, n_iter, scale, scale * LOG2E),
+         dq.stride(1), idx_c.stride(0), idx_c.stride(1), total, n_docs, n_iter, scale,
+         scale * LOG2E),
         T=T, TP=triton.next_power_of_2(T), **common, **meta,
     )
+    csr = build_block_csr(keys, h, n_rows, T)
     dk = torch.zeros_like(k)  # blocks nobody selected get no program
     dv = torch.zeros_like(v)
-    dkp = torch.empty(plan.n_part * block * D, dtype=torch.float32, device=q.device)
+    dkp = torch.empty(csr.n_part * block * D, dtype=torch.float32, device=q.device)
     dvp = torch.empty_like(dkp)
     _dkdv_tuned.run(
-        (plan.maxseg,),
-        (q, k, v, do, lse, delta, dk, dv, dkp, dvp, plan.q_rows, plan.key_start, plan.seg_key,
-         plan.seg_off, plan.part_off, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        (csr.maxseg,),
+        (q, k, v, do, lse, delta, dk, dv, dkp, dvp, csr.q_rows, csr.key_start, csr.seg_key,
+         csr.counts, csr.ends, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
          v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
-         dv.stride(0), dv.stride(1), total, n_docs, n_iter, plan.n_rows, plan.nkeys, plan.segq,
+         dv.stride(0), dv.stride(1), total, n_docs, n_iter, n_rows, csr.nkeys, csr.segq,
          scale, scale * LOG2E),
         **common, **meta,
     )
-    _reduce_kernel[(plan.nkeys,)](
-        dkp, dvp, dk, dv, plan.seg_off, plan.part_off, cu, dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), n_docs, n_iter, plan.n_rows, D=D, B=block, num_warps=4,
+    _reduce_kernel[(csr.nkeys,)](
+        dkp, dvp, dk, dv, csr.counts, csr.ends, cu, dk.stride(0), dk.stride(1),
+        dv.stride(0), dv.stride(1), n_docs, n_iter, n_rows, csr.nkeys, D=D, B=block,
+        num_warps=4,
     )
     return dq, dk, dv
 
@@ -495,19 +418,17 @@ def _backward(q, k, v, o, lse, do, cu, plan: BlockPlan, block, scale, settings: 
 class _BlockSelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, cu, block, scale, settings):
-        o, lse, plan = _forward(q, k, v, idx, cu, block, scale, settings)
-        ctx.save_for_backward(q, k, v, o, lse, cu, *plan.tensors())
-        ctx.plan_sizes = plan.sizes()
+        o, lse, idx_c, keys = _forward(q, k, v, idx, cu, block, scale, settings)
+        ctx.save_for_backward(q, k, v, o, lse, cu, idx_c, keys)
         ctx.block, ctx.scale, ctx.settings = block, scale, settings
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, cu, *tensors = ctx.saved_tensors
-        plan = BlockPlan.rebuild(tuple(tensors), ctx.plan_sizes)
+        q, k, v, o, lse, cu, idx_c, keys = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
-        dq, dk, dv = _backward(q, k, v, o, lse, do, cu, plan, ctx.block, ctx.scale,
+        dq, dk, dv = _backward(q, k, v, o, lse, do, cu, idx_c, keys, ctx.block, ctx.scale,
                                ctx.settings)
         return dq, dk, dv, None, None, None, None, None
 
