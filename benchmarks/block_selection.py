@@ -35,6 +35,11 @@ from fsa_train.kernels.varlen import document_positions
 from fsa_train.model.rope import Rotary
 
 
+FLEX_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64,
+              "BLOCK_N2": 32}
+"""FlexAttention's tiles: they must divide the mask's 64-token blocks (its defaults are 128)."""
+
+
 def block_selections(q, k, cu, nsa: NSAConfig) -> torch.Tensor:
     """``select_blocks`` in block mode on random inputs, with the real compressed keys and LSE."""
     rope = Rotary(q.shape[-1])
@@ -163,7 +168,8 @@ def bench_shape(tokens: int, G: int, kv_heads: int, d: int, nsa: NSAConfig,
 
             def flex_run():
                 out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                               v.transpose(0, 1)[None], block_mask=mask, enable_gqa=True)
+                               v.transpose(0, 1)[None], block_mask=mask, enable_gqa=True,
+                               kernel_options=FLEX_TILES)
                 return out[0].transpose(0, 1)
 
             record("flex: BlockMask", flex_run, sel_flops)

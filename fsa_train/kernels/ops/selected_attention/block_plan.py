@@ -23,7 +23,7 @@ import triton.language as tl
 from fsa_train.kernels.triton_utils import count_at_most, locate_tile
 from fsa_train.kernels.utils import search_steps
 
-_BIG = 2147483647
+_BIG = tl.constexpr(2147483647)
 
 
 @triton.jit
