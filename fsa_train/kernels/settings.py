@@ -48,10 +48,9 @@ class KernelSettings:
             environment variable).
         block_sparse_autotune: autotune the block-shared selected kernels
             (``FSA_BLOCK_SPARSE_AUTOTUNE``; off: the first configuration of each list).
-        block_sparse_config: one launch configuration (keys SPLIT, PACK, num_warps, num_stages,
-            optionally PAIR for the forward and dQ kernels) for all the block-shared selected
-            kernels, replacing the autotuner; None (default) autotunes. Set by tests and sweeps
-            (no environment variable).
+        block_sparse_config: one launch configuration (keys SPLIT, PACK, num_warps, num_stages)
+            for all the block-shared selected kernels, replacing the autotuner; None (default)
+            autotunes. Set by tests and sweeps (no environment variable).
     """
 
     compressed_autotune: bool = True
@@ -90,10 +89,9 @@ class KernelSettings:
                                  f"(and optionally PREFETCH), got {sorted(config)}")
 
         config = self.block_sparse_config
-        if config is not None and not _BLOCK_SPARSE_KEYS <= set(config) <= \
-                _BLOCK_SPARSE_KEYS | {"PAIR"}:
-            raise ValueError(f"block_sparse_config needs the keys {sorted(_BLOCK_SPARSE_KEYS)} "
-                             f"(and optionally PAIR), got {sorted(config)}")
+        if config is not None and set(config) != _BLOCK_SPARSE_KEYS:
+            raise ValueError(f"block_sparse_config needs exactly the keys "
+                             f"{sorted(_BLOCK_SPARSE_KEYS)}, got {sorted(config)}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> KernelSettings:

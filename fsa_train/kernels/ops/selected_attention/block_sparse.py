@@ -69,20 +69,13 @@ def _query_tile(CU, IDX, pid_m, kvh, si_h, si_r, n_docs, n_iter,
 
 
 @triton.jit
-def _key_tile(ibase, ids, i, n_sel, B: tl.constexpr, NB: tl.constexpr, TP: tl.constexpr):
-    """Key positions of the loop's ``i``-th key tile: selected block ``i`` (``NB = 1``) or
-    blocks ``i`` and ``i + 1`` side by side (``NB = 2``: a 2B-key tile, half the iterations;
-    the second half is masked when ``i`` is the last). Returns (positions, valid)."""
-    offs = tl.arange(0, NB * B)
-    if NB == 1:
-        return tl.load(ibase + i) * B + offs, offs >= 0
+def _block_id(ibase, ids, i, PRELOAD: tl.constexpr, TP: tl.constexpr):
+    """The ``i``-th selected block: from the ids already in registers (``PRELOAD``: the K/V
+    addresses then depend on no load inside the loop) or loaded again."""
+    if PRELOAD:
+        return tl.sum(tl.where(tl.arange(0, TP) == i, ids, 0), 0)
     else:
-        slots = tl.arange(0, TP)
-        first = tl.sum(tl.where(slots == i, ids, 0), 0)
-        second = tl.sum(tl.where(slots == i + 1, ids, 0), 0)
-        upper = offs >= B
-        kb = tl.where(upper, second, first)
-        return kb * B + offs % B, (offs < B) | (offs * 0 + i + 1 < n_sel)
+        return tl.load(ibase + i)
 
 
 @triton.jit
@@ -107,7 +100,7 @@ def _fwd_kernel(
     total, n_docs, n_iter, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, B: tl.constexpr, T: tl.constexpr,
     TP: tl.constexpr, SPLIT: tl.constexpr, PACK: tl.constexpr, IEEE: tl.constexpr,
-    PAIR: tl.constexpr = 0,
+    PRELOAD: tl.constexpr = 1,
 ):
     GPE: tl.constexpr = GP * PACK + 1 - PACK
     BQ: tl.constexpr = B // SPLIT
@@ -120,22 +113,22 @@ def _fwd_kernel(
         return
     tok, head, row_ok = _tile_rows(q0, seqlen, kvh, g0, G, GPE, BQ)
     offs_d = tl.arange(0, D)
-    NB: tl.constexpr = 1 + PAIR
+    offs_n = tl.arange(0, B)
     q = tl.load(_rows_ptr(Q, bos, tok, head, sqt, sqh, offs_d), mask=row_ok[:, None], other=0.0)
     k_base = K + bos.to(tl.int64) * skt + kvh * skh
     v_base = V + bos.to(tl.int64) * svt + kvh * svh
     m_i = tl.full([BQ * GPE], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ * GPE], tl.float32)
     acc = tl.zeros([BQ * GPE, D], tl.float32)
-    for i in range(0, n_sel, NB):
-        kpos, kvalid = _key_tile(ibase, ids, i, n_sel, B, NB, TP)
-        kmask = ((kpos < seqlen) & kvalid)[:, None]
+    for i in range(0, n_sel):
+        kpos = _block_id(ibase, ids, i, PRELOAD, TP) * B + offs_n
+        kmask = (kpos < seqlen)[:, None]
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kmask,
                     other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kmask,
                     other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        s = tl.where((kpos[None, :] <= tok[:, None]) & kvalid[None, :], s, float("-inf"))
+        s = tl.where(kpos[None, :] <= tok[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -168,7 +161,7 @@ def _dq_kernel(
     total, n_docs, n_iter, scale, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, B: tl.constexpr, T: tl.constexpr,
     TP: tl.constexpr, SPLIT: tl.constexpr, PACK: tl.constexpr, IEEE: tl.constexpr,
-    PAIR: tl.constexpr = 0,
+    PRELOAD: tl.constexpr = 1,
 ):
     GPE: tl.constexpr = GP * PACK + 1 - PACK
     BQ: tl.constexpr = B // SPLIT
@@ -181,7 +174,7 @@ def _dq_kernel(
         return
     tok, head, row_ok = _tile_rows(q0, seqlen, kvh, g0, G, GPE, BQ)
     offs_d = tl.arange(0, D)
-    NB: tl.constexpr = 1 + PAIR
+    offs_n = tl.arange(0, B)
     q = tl.load(_rows_ptr(Q, bos, tok, head, sqt, sqh, offs_d), mask=row_ok[:, None], other=0.0)
     do = tl.load(_rows_ptr(DO, bos, tok, head, sdt, sdh, offs_d), mask=row_ok[:, None],
                  other=0.0)
@@ -189,16 +182,15 @@ def _dq_kernel(
     k_base = K + bos.to(tl.int64) * skt + kvh * skh
     v_base = V + bos.to(tl.int64) * svt + kvh * svh
     dq = tl.zeros([BQ * GPE, D], tl.float32)
-    for i in range(0, n_sel, NB):
-        kpos, kvalid = _key_tile(ibase, ids, i, n_sel, B, NB, TP)
-        kmask = ((kpos < seqlen) & kvalid)[:, None]
+    for i in range(0, n_sel):
+        kpos = _block_id(ibase, ids, i, PRELOAD, TP) * B + offs_n
+        kmask = (kpos < seqlen)[:, None]
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kmask,
                     other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kmask,
                     other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        p = tl.where((kpos[None, :] <= tok[:, None]) & kvalid[None, :],
-                     tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(kpos[None, :] <= tok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
@@ -307,34 +299,29 @@ def _reduce_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _config(split, pack, warps, stages, pair=None) -> dict:
-    config = {"SPLIT": split, "PACK": pack, "num_warps": warps, "num_stages": stages}
-    return config if pair is None else {**config, "PAIR": pair}
+def _config(split, pack, warps, stages) -> dict:
+    return {"SPLIT": split, "PACK": pack, "num_warps": warps, "num_stages": stages}
 
 
-# Measured on an H200 (bf16, d = 128, G = 4, 8K and 64K tokens, 2026-12-02; docs/notes/
-# selected.md): the first of each single-block list was the fastest there (forward 280-300
-# TFLOP/s, dQ 550-590, dK/dV 260-380); 4 warps with 128 rows ran at half speed and 8 warps /
-# 3 stages of dK/dV overflowed shared memory, so they are not candidates. PAIR = 1 (two selected
-# blocks per key tile) was added after that measurement.
+# Measured on an H200 (bf16, d = 128, G = 4, 8K and 64K tokens, 2026-12-02): the first of each
+# list was the fastest there (forward 280-300 TFLOP/s, dQ 550-590, dK/dV 260-380); 4 warps with
+# 128 rows ran at half speed and 8 warps / 3 stages of dK/dV overflowed shared memory, so they
+# are not candidates.
 _FWD_CONFIGS = [
-    _config(1, 1, 8, 3, 0), _config(1, 0, 4, 3, 0), _config(2, 1, 4, 3, 0), _config(1, 0, 4, 2, 0),
-    _config(1, 1, 8, 2, 0), _config(1, 1, 8, 2, 1), _config(1, 0, 8, 2, 1), _config(1, 0, 4, 2, 1),
+    _config(1, 1, 8, 3), _config(1, 0, 4, 3), _config(2, 1, 4, 3), _config(1, 0, 4, 2),
+    _config(1, 1, 8, 2),
 ]
-_DQ_CONFIGS = [_config(1, 1, 8, 3, 0), _config(2, 1, 4, 3, 0), _config(1, 0, 4, 3, 0),
-               _config(1, 1, 8, 2, 1), _config(1, 0, 8, 2, 1)]
+_DQ_CONFIGS = [_config(1, 1, 8, 3), _config(2, 1, 4, 3), _config(1, 0, 4, 3)]
 _DKDV_CONFIGS = [_config(1, 1, 8, 2), _config(1, 0, 4, 2), _config(1, 0, 8, 3),
                  _config(2, 1, 8, 2)]
 _FP32 = _config(1, 0, 4, 1)
 _INTERP = _config(1, 1, 4, 1)
-_QUERY_FP32 = {**_FP32, "PAIR": 0}
-_QUERY_INTERP = {**_INTERP, "PAIR": 0}
 _KEY = ["G", "GP", "D", "B", "IEEE"]
 
 _fwd_tuned = KernelTuner("selected_attention.block_fwd", _fwd_kernel, _FWD_CONFIGS,
-                         [*_KEY, "T"], fp32=_QUERY_FP32, interpret=_QUERY_INTERP)
+                         [*_KEY, "T"], fp32=_FP32, interpret=_INTERP)
 _dq_tuned = KernelTuner("selected_attention.block_dq", _dq_kernel, _DQ_CONFIGS,
-                        [*_KEY, "T"], fp32=_QUERY_FP32, interpret=_QUERY_INTERP)
+                        [*_KEY, "T"], fp32=_FP32, interpret=_INTERP)
 _dkdv_tuned = KernelTuner("selected_attention.block_dkdv", _dkdv_kernel, _DKDV_CONFIGS, _KEY,
                           fp32=_FP32, interpret=_INTERP)
 
@@ -351,17 +338,6 @@ def packed_heads(G: int, block: int) -> int:
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-
-
-def _override(settings: KernelSettings, query: bool) -> dict | None:
-    """``settings.block_sparse_config`` for the query-tile kernels (PAIR 0 unless named) or for
-    dK/dV (without PAIR)."""
-    config = settings.block_sparse_config
-    if config is None:
-        return None
-    if query:
-        return {"PAIR": 0, **config}
-    return {k: v for k, v in config.items() if k != "PAIR"}
 
 
 def _launch_meta(G, D, block, T, dtype) -> dict:
@@ -392,7 +368,7 @@ def _forward(q, k, v, idx, cu, block, scale, settings: KernelSettings):
          v.stride(0), v.stride(1), o.stride(0), o.stride(1), idx_c.stride(0), idx_c.stride(1),
          total, n_docs, search_steps(n_docs), scale * LOG2E),
         dtype=q.dtype, autotune=settings.block_sparse_autotune,
-        config=_override(settings, query=True), T=T, TP=triton.next_power_of_2(T), **meta,
+        config=settings.block_sparse_config, T=T, TP=triton.next_power_of_2(T), **meta,
     )
     return o, lse, idx_c, keys
 
@@ -406,7 +382,8 @@ def _backward(q, k, v, o, lse, do, cu, idx_c, keys, block, scale, settings: Kern
     n_docs = cu.numel() - 1
     n_iter = search_steps(n_docs)
     delta = attention_delta(o, do)
-    common = dict(dtype=q.dtype, autotune=settings.block_sparse_autotune)
+    common = dict(dtype=q.dtype, autotune=settings.block_sparse_autotune,
+                  config=settings.block_sparse_config)
     dq = torch.empty_like(q)
     _dq_tuned.run(
         _query_grid(n_rows, h, G, meta["GP"]),
@@ -414,8 +391,7 @@ def _backward(q, k, v, o, lse, do, cu, idx_c, keys, block, scale, settings: Kern
          k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
          dq.stride(1), idx_c.stride(0), idx_c.stride(1), total, n_docs, n_iter, scale,
          scale * LOG2E),
-        config=_override(settings, query=True), T=T, TP=triton.next_power_of_2(T), **common,
-        **meta,
+        T=T, TP=triton.next_power_of_2(T), **common, **meta,
     )
     csr = build_block_csr(keys, h, n_rows, T)
     dk = torch.zeros_like(k)  # blocks nobody selected get no program
@@ -429,7 +405,7 @@ def _backward(q, k, v, o, lse, do, cu, idx_c, keys, block, scale, settings: Kern
          v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
          dv.stride(0), dv.stride(1), total, n_docs, n_iter, n_rows, csr.nkeys, csr.segq,
          scale, scale * LOG2E),
-        config=_override(settings, query=False), **common, **meta,
+        **common, **meta,
     )
     _reduce_kernel[(csr.nkeys,)](
         dkp, dvp, dk, dv, csr.counts, csr.ends, cu, dk.stride(0), dk.stride(1),
