@@ -145,6 +145,8 @@ def test_results_index_lists_every_file_once():
 # -------------------------------------------------------- committed tables from committed JSON
 
 RENDERED = [
+    ("block_selection", "markdown", "block_selection_h200_2026-12-02"),
+    ("block_selection", "markdown", "block_selection_h200_2026-12-02_pair"),
     ("compressed", "markdown", "compressed_h200_2026-11-22"),
     ("compressed", "topk_markdown", "compressed_h200_2026-12-02_topk_sweep"),
     ("selected", "partials_markdown", "selected_h200_2026-12-02_partials_sweep"),
@@ -160,7 +162,10 @@ RENDERED = [
     ("nsa", "markdown", "nsa_h200_2026-12-02_half_partials"),
     ("nsa", "markdown", "nsa_h200_2026-12-02_per_layer"),
     ("nsa", "markdown", "nsa_h200_2026-12-02_sort"),
+    ("nsa", "markdown", "nsa_h200_2026-12-02_block_selection"),
     ("throughput", "markdown", "throughput_h200_2026-12-02"),
+    ("throughput", "markdown", "throughput_h200_2026-12-02_block_selection"),
+    ("throughput", "markdown", "throughput_h200_2026-12-02_pair"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-01"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02"),
     ("trainer_check", "markdown", "trainer_check_h200x2_2026-11-22"),
