@@ -11,12 +11,13 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
 from fsa_train.checkpointing import CheckpointError, find_resume_checkpoint, read_checkpoint_meta
-from fsa_train.config import ConfigError
+from fsa_train.config import ConfigError, GPTConfig
 from fsa_train.data.datamodule import TextDataModule
 from fsa_train.data.prepare import DatasetFormatError
 from fsa_train.lit_module import LitGPT
@@ -64,6 +65,19 @@ class FSATrainCLI(LightningCLI):
             "step (start fresh if there is none); or a checkpoint path. Refused when the "
             "checkpoint's model config, tokenizer or dataset differ from this run's.",
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        """``--print_config`` prints and exits inside the parser, before any hook: the same
+        arguments without it are parsed first and given the checks a run makes before work, so
+        a config that could not train is refused there too (one line)."""
+        words = list(sys.argv[1:] if args is None else args)
+        if any(_is_print_config(word) for word in words):
+            config = parser.parse_args([w for w in words if not _is_print_config(w)])
+            sub = config.get("subcommand")
+            if sub is not None:
+                for warning in check_config_before_work(config[sub]):
+                    print(f"fsa-train: warning: {warning}", file=sys.stderr)
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads ``--ckpt_path``'s hyperparameters while parsing: a file that is
@@ -170,6 +184,23 @@ class FSATrainCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if run_id and isinstance(logger, AutoWandbLogger) and logger.version is None:
                 logger.continue_run(run_id)
+
+
+def _is_print_config(word: str) -> bool:
+    return word == "--print_config" or word.startswith("--print_config=")
+
+
+def check_config_before_work(config) -> list[str]:
+    """:func:`~fsa_train.runs.check_before_work` on a parsed (not instantiated) subcommand
+    config: its model config built (and so validated) and its data sizes."""
+    model = config.get("model")
+    model_config = model.get("config") if model is not None else None
+    if model_config is None or config.get("data") is None:
+        return []
+    as_dict = model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config)
+    data = config.data
+    sizes = SimpleNamespace(seq_len=data.get("seq_len"), batch_size=data.get("batch_size"))
+    return check_before_work(GPTConfig(**as_dict), sizes)
 
 
 def remove_if_empty(run_dir: str | None, existed: bool) -> None:

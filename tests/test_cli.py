@@ -101,6 +101,30 @@ def test_print_config_resolves_links(capsys, monkeypatch):
     assert "attention: nsa" in printed and "vocab_size: 512" in printed
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    (["--data.seq_len", "100"], "data.seq_len=100 must be a multiple of model.config.nsa"),
+    (["--data.batch_size", "0"], "data.batch_size must be an integer >= 1"),
+])
+def test_print_config_runs_the_checks_before_work(override, message, capsys, monkeypatch):
+    """``--print_config`` refuses what ``fit`` would refuse before any work (one line)."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/demo.yaml", *override, "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_print_config_warns_of_a_topk_that_covers_every_block(capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", "configs/demo.yaml", "--data.seq_len", "128",
+                   "--print_config"])
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert "warning: model.config.nsa.sel_topk" in captured.err and "seq_len: 128" in captured.out
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
