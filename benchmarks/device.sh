@@ -32,7 +32,8 @@
 #     Runs live under runs/parity (ignored by git; kept between calls while the machine stays
 #     warm). Knobs: SEQ_LEN (8192), BATCH (4), STEPS (1600: 52.4M tokens at 8192 x 4), VAL_EVERY
 #     (100); MODEL_CONFIG, VOCAB, PRECISION, VAL_BATCHES, PASSKEY_LENGTHS (loss_parity's
-#     defaults); advance: BUDGET (570 s), SEEDS ("0"), MODES ("dense nsa"). $OUT gets each job's
+#     defaults); advance: BUDGET (570 s), SEEDS ("0"), MODES ("dense nsa"; add nsa_block for
+#     block-shared selection). $OUT gets each job's
 #     log and the run records (runs_jsonl.tgz), and the report once every run has finished.
 #   bash benchmarks/device.sh trainer-check
 #     Multi-GPU trainer check on a machine with 2 GPUs (DeepSpeed ZeRO, exact resume, scaling).

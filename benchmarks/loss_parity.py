@@ -1,7 +1,7 @@
 """Loss parity of NSA against dense attention (issue 7): one experiment anyone can rerun.
 
-The same GPT is trained twice per seed, with ``attention: dense`` and ``attention: nsa``, by the
-real trainer (``fsa-train fit``, one process per run): same seed, so the same initial weights for
+The same GPT is trained per seed with ``attention: dense``, ``attention: nsa`` (exact token
+selection) and, as mode ``nsa_block``, NSA with ``nsa.selection: block``, by the real trainer (``fsa-train fit``, one process per run): same seed, so the same initial weights for
 every shared parameter (``GPT.init_generator``) and the same token stream (the data seed), the
 same number of tokens and the same schedule. Then:
 
@@ -43,7 +43,14 @@ import yaml
 from benchmarks import REGISTRY, register
 from benchmarks.common import Record, device_slug, run_meta, tag_type
 
-MODES = ("dense", "nsa")
+MODES = ("dense", "nsa", "nsa_block")
+SPARSE_MODES = ("nsa", "nsa_block")
+MODE_OPTIONS = {
+    "dense": ["--model.config.attention", "dense"],
+    "nsa": ["--model.config.attention", "nsa", "--model.config.nsa.selection", "token"],
+    "nsa_block": ["--model.config.attention", "nsa", "--model.config.nsa.selection", "block"],
+}
+"""The ``fsa-train fit`` options that make each mode (after the model preset and run config)."""
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -105,7 +112,8 @@ def run_config(args: argparse.Namespace, mode: str, seed: int, steps: int) -> di
                     "init_args": {"step": args.stop_at}}] if args.stop_at else []),
             ],
         },
-        "model": {"config": {"attention": mode}, "warmup_steps": min(args.warmup, steps // 10)},
+        "model": {"config": {"attention": "dense" if mode == "dense" else "nsa"},
+                  "warmup_steps": min(args.warmup, steps // 10)},
         "data": {"dataset": str(Path(args.dataset).resolve()), "vocab_size": args.vocab_size,
                  "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.data_seed},
     }
@@ -151,7 +159,8 @@ def command_run(args: argparse.Namespace) -> None:
                   flush=True)
             record_job(where)
             fsa_train("fit", "--config", str(Path(args.model_config).resolve()),
-                      "--config", str(config.resolve()), "--resume", "auto", *args.extra)
+                      "--config", str(config.resolve()), *MODE_OPTIONS[mode], "--resume", "auto",
+                      *args.extra)
 
 
 def command_evaluate(args: argparse.Namespace) -> None:
@@ -272,14 +281,16 @@ def summarize(out: Path) -> dict:
             modes[mode] = {"seeds": len(finals), "mean": statistics.fmean(finals),
                            "spread": max(finals) - min(finals)}
     pairs = []
-    for seed in sorted({r["seed"] for r in runs.values()}):
-        dense, nsa = runs.get(f"dense-s{seed}"), runs.get(f"nsa-s{seed}")
+    for seed, sparse in ((s, m) for s in sorted({r["seed"] for r in runs.values()})
+                         for m in SPARSE_MODES):
+        dense, nsa = runs.get(f"dense-s{seed}"), runs.get(f"{sparse}-s{seed}")
         if dense and nsa:
             reach = time_to_reach(nsa["val"], dense["final_val_loss"])
             steady = [dict(row, train_time_s=row["steady_time_s"]) for row in nsa["val"]]
             steady_reach = time_to_reach(steady, dense["final_val_loss"])
             pairs.append({
-                "seed": seed, "nsa_minus_dense": nsa["final_val_loss"] - dense["final_val_loss"],
+                "seed": seed, "mode": sparse,
+                "nsa_minus_dense": nsa["final_val_loss"] - dense["final_val_loss"],
                 "dense_time_s": dense["train_time_s"], "nsa_time_to_dense_final_s": reach,
                 "speedup_to_dense_final": dense["train_time_s"] / reach if reach else None,
                 "dense_steady_time_s": dense["steady_time_s"],
@@ -336,8 +347,10 @@ def markdown(summary: dict, title: str) -> str:
               "|---|---|---|---|"]
     for mode, m in summary["modes"].items():
         lines.append(f"| {mode} | {m['seeds']} | {m['mean']:.4f} | {m['spread']:.4f} |")
-    lines += ["", "| seed | NSA − dense (nats) | dense time s | NSA time to dense's final loss s "
-              "| speed-up | same, steady times |", "|---|---|---|---|---|---|"]
+    by_mode = any(p.get("mode", "nsa") != "nsa" for p in summary["pairs"])  # older: NSA only
+    lines += ["", ("| mode " if by_mode else "") + "| seed | NSA − dense (nats) | dense time s | "
+              "NSA time to dense's final loss s | speed-up | same, steady times |",
+              ("|---" if by_mode else "") + "|---|---|---|---|---|---|"]
     for p in summary["pairs"]:
         reach = (f"{p['nsa_time_to_dense_final_s']:.1f}"
                  if p["nsa_time_to_dense_final_s"] is not None else "not reached")
@@ -345,8 +358,9 @@ def markdown(summary: dict, title: str) -> str:
         steady = (f"{p['nsa_steady_time_to_dense_final_s']:.1f} of "
                   f"{p['dense_steady_time_s']:.1f} s: {p['steady_speedup_to_dense_final']:.2f}×"
                   if p["steady_speedup_to_dense_final"] else "–")
-        lines.append(f"| {p['seed']} | {p['nsa_minus_dense']:+.4f} | {p['dense_time_s']:.1f} | "
-                     f"{reach} | {speed} | {steady} |")
+        mode = f"| {p.get('mode', 'nsa')} " if by_mode else ""
+        lines.append(f"{mode}| {p['seed']} | {p['nsa_minus_dense']:+.4f} | "
+                     f"{p['dense_time_s']:.1f} | {reach} | {speed} | {steady} |")
     buckets = {n: r["position_loss"]["buckets"] for n, r in summary["runs"].items()
                if r["position_loss"]}
     if buckets:
@@ -414,7 +428,7 @@ def plot(summary: dict, path: Path) -> bool:
         return False
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in summary["runs"].items():
-        style = "-" if r["mode"] == "nsa" else "--"
+        style = {"nsa": "-", "nsa_block": ":"}.get(r["mode"], "--")
         tokens = [v["tokens_seen"] / 1e6 for v in r["val"]]
         times = [v["train_time_s"] / 60 for v in r["val"]]
         loss = [v["val/loss"] for v in r["val"]]

@@ -291,7 +291,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--n_layer", type=int, default=24)
-    p.add_argument("--d_model", type=int, default=1536)
+    p.add_argument("--d_model", type=int, default=1024,
+                   help="1024: the 0.35B GPT of the README's tables (24 layers, 8 / 2 heads)")
     p.add_argument("--n_head", type=int, default=None,
                    help="query heads (default: d_model / head_dim, a multiple of --group)")
     p.add_argument("--group", type=int, default=4, help="query heads per KV head (G)")

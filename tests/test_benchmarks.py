@@ -395,3 +395,24 @@ def test_the_kernel_entry_points_the_benchmarks_call():
 
     assert isinstance(compressed.tuner_choices(), dict)
     assert isinstance(window.tuner_choices(), dict)
+
+
+def test_loss_parity_block_mode_is_a_third_run_compared_with_dense(tmp_path):
+    """``nsa_block`` (NSA with ``nsa.selection: block``) trains with the mode's options and is
+    paired with dense per seed; the report then names the mode of every pair."""
+    from benchmarks import loss_parity
+
+    assert loss_parity.MODE_OPTIONS["nsa_block"][-2:] == ["--model.config.nsa.selection", "block"]
+    for mode, final in (("dense", 2.0), ("nsa", 1.9), ("nsa_block", 1.95)):
+        rows = [{"step": 100, "train_time_s": 5.0, "tokens_seen": 1000, "val/loss": 3.0},
+                {"step": 200, "train_time_s": 10.0, "tokens_seen": 2000, "val/loss": final}]
+        (tmp_path / f"{mode}-s0").mkdir()
+        (tmp_path / f"{mode}-s0" / "val.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in rows))
+    summary = loss_parity.summarize(tmp_path)
+    pairs = {p["mode"]: p for p in summary["pairs"]}
+    assert set(pairs) == {"nsa", "nsa_block"}
+    assert abs(pairs["nsa_block"]["nsa_minus_dense"] + 0.05) < 1e-9
+    assert summary["modes"]["nsa_block"]["mean"] == 1.95
+    table = loss_parity.markdown(summary, "t")
+    assert "| mode | seed | NSA − dense (nats)" in table and "| nsa_block | 0 | -0.0500 |" in table
