@@ -34,7 +34,6 @@ from fsa_train.kernels.ops.selected_attention.naive import expand_block_selectio
 from fsa_train.kernels.varlen import document_positions
 from fsa_train.model.rope import Rotary
 
-
 FLEX_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64,
               "BLOCK_N2": 32}
 """FlexAttention's tiles: they must divide the mask's 64-token blocks (its defaults are 128)."""

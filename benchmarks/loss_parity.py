@@ -1,9 +1,10 @@
 """Loss parity of NSA against dense attention (issue 7): one experiment anyone can rerun.
 
 The same GPT is trained per seed with ``attention: dense``, ``attention: nsa`` (exact token
-selection) and, as mode ``nsa_block``, NSA with ``nsa.selection: block``, by the real trainer (``fsa-train fit``, one process per run): same seed, so the same initial weights for
-every shared parameter (``GPT.init_generator``) and the same token stream (the data seed), the
-same number of tokens and the same schedule. Then:
+selection) and, as mode ``nsa_block``, NSA with ``nsa.selection: block``, by the real trainer
+(``fsa-train fit``, one process per run): same seed, so the same initial weights for every shared
+parameter (``GPT.init_generator``) and the same token stream (the data seed), the same number of
+tokens and the same schedule. Then:
 
 * ``run``: trains the runs that have not finished yet (a finished run is skipped, a cut-off one
   continues with ``--resume auto``; ``--stop_at STEP`` ends a job early, for device calls of
