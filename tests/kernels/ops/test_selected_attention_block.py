@@ -316,8 +316,8 @@ def test_gpu_long_document_popular_block_deterministic():
 
 @pytest.mark.gpu
 def test_gpu_block_mode_captures_in_a_cuda_graph():
-    """select_blocks (block mode) and the block-sparse forward and backward capture in a CUDA
-    graph (no host synchronisation) and replay to the eager results."""
+    """The block-sparse forward and backward, plan included, capture in a CUDA graph (no host
+    synchronisation) and replay to the eager results."""
     h, G, d = 2, 4, 128
     lengths = [3000, 1000, 96]
     q, k, v, do, cu = packed_qkv(lengths, h, G, d, torch.bfloat16, seed=9)
