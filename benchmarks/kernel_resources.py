@@ -107,6 +107,13 @@ def _module(op: str):
     return importlib.import_module(f"fsa_train.kernels.ops.{op}.triton")
 
 
+def _block_sparse():
+    """The block-shared selected kernels' module."""
+    import importlib
+
+    return importlib.import_module("fsa_train.kernels.ops.selected_attention.block_sparse")
+
+
 BF16 = "*bf16"
 F32 = "*fp32"
 I32 = "*i32"
@@ -117,7 +124,7 @@ SPECS: dict[str, Spec] = {
         pointers={"Q": BF16, "K": BF16, "LSE": F32, "IDX": I32, "CU": I32, "CUC": I32},
         floats=("qk_scale",),
         constexprs={"HEAD_DIM": 128, "DOT_PREC": "tf32", "A": 2, "BS": 4, "NBT": 16, "TP": 16,
-                    "BITONIC": False, "LOG_TP": 4, "BLOCK_M": 64},
+                    "BITONIC": False, "LOG_TP": 4, "BLOCK_M": 64, "BLOCK_MODE": False},
         configs=[({"BLOCK_M": 64}, 4, 2), ({"BLOCK_M": 128}, 8, 2), ({"BLOCK_M": 64}, 8, 2),
                  ({"BLOCK_M": 64, "BITONIC": True}, 4, 2),
                  ({"BLOCK_M": 64, "BITONIC": True}, 8, 2)],
@@ -145,6 +152,38 @@ SPECS: dict[str, Spec] = {
         configs=[({}, 8, 3), ({"BLOCK_M": 64}, 8, 3), ({"BLOCK_M": 64}, 4, 3),
                  ({"BLOCK_M": 128}, 8, 2)],
         note="selected attention backward, block-major (table: 128 rows / 8 warps / 3 stages)",
+    ),
+    "block_fwd": Spec(
+        load=lambda: _block_sparse()._fwd_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "O": BF16, "LSE": F32, "IDX": I32, "CU": I32},
+        floats=("qk_scale",),
+        constexprs={"G": 4, "GP": 2, "D": 128, "B": 64, "T": 16, "TP": 16, "SPLIT": 1, "PACK": 1,
+                    "IEEE": False},
+        configs=[({}, 8, 3), ({"PACK": 0}, 4, 3), ({"SPLIT": 2}, 4, 3), ({"PACK": 0}, 4, 2)],
+        note="block-shared selected attention forward (the tuned list)",
+        small=(*SMALL_INTS, "n_rows"),
+    ),
+    "block_dq": Spec(
+        load=lambda: _block_sparse()._dq_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "DO": BF16, "LSE": F32, "DELTA": F32,
+                  "DQ": BF16, "IDX": I32, "CU": I32},
+        floats=("scale", "qk_scale"),
+        constexprs={"G": 4, "GP": 2, "D": 128, "B": 64, "T": 16, "TP": 16, "SPLIT": 1, "PACK": 1,
+                    "IEEE": False},
+        configs=[({}, 8, 3), ({"SPLIT": 2}, 4, 3), ({"PACK": 0}, 4, 3)],
+        note="block-shared selected attention dQ (the tuned list)",
+        small=(*SMALL_INTS, "n_rows"),
+    ),
+    "block_dkdv": Spec(
+        load=lambda: _block_sparse()._dkdv_kernel,
+        pointers={"Q": BF16, "K": BF16, "V": BF16, "DO": BF16, "LSE": F32, "DELTA": F32,
+                  "DK": BF16, "DV": BF16, "DKP": F32, "DVP": F32, "QROWS": I32, "KEY_START": I32,
+                  "SEG_KEY": I32, "COUNTS": I32, "ENDS": I32, "CU": I32},
+        floats=("scale", "qk_scale"),
+        constexprs={"G": 4, "GP": 2, "D": 128, "B": 64, "SPLIT": 1, "PACK": 1, "IEEE": False},
+        configs=[({}, 8, 2), ({"PACK": 0}, 4, 2), ({"PACK": 0}, 8, 3), ({"SPLIT": 2}, 8, 2)],
+        note="block-shared selected attention dK/dV (the tuned list)",
+        small=(*SMALL_INTS, "n_rows"),
     ),
     "compressed_dkdv": Spec(
         load=lambda: _module("compressed_attention")._bwd_dkdv_kernel,

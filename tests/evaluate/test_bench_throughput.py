@@ -69,7 +69,7 @@ def test_tiny_cpu_run_writes_json_and_markdown(bench, tmp_path, capsys):
     report = bench.main([*TINY, "--contexts", "256", "512", "--out", str(tmp_path)])
     saved = json.loads(written(tmp_path, ".json").read_text())
     rows = [(r["mode"], r["context"], r["status"]) for r in saved["rows"]]
-    assert rows == [(m, c, "ok") for c in (256, 512) for m in ("dense", "sdpa", "nsa")]
+    assert rows == [(m, c, "ok") for c in (256, 512) for m in ("dense", "sdpa", "nsa", "nsa_block")]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in saved["rows"])
     assert saved["model"]["n_head"] == 4 and saved["model"]["n_kv_head"] == 1
     assert saved["environment"]["torch"] == torch.__version__

@@ -56,26 +56,24 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _query_tile(CU, IDX, pid_m, kvh, si_h, si_r, n_docs, n_iter,
                 B: tl.constexpr, SPLIT: tl.constexpr, T: tl.constexpr, TP: tl.constexpr):
-    """(document start, length, first local query, selection row pointer, number of selected
-    blocks) of query-tile program ``pid_m`` (``SPLIT`` programs per block row)."""
+    """(document start, length, first local query, the row's block ids ``[TP]``, number of
+    selected blocks) of query-tile program ``pid_m`` (``SPLIT`` programs per block row)."""
     row = pid_m // SPLIT
     _, bos, seqlen, start = locate_tile(CU, row, n_docs, n_iter, B)
     q0 = start + (pid_m % SPLIT) * (B // SPLIT)
-    ibase = IDX + kvh.to(tl.int64) * si_h + row.to(tl.int64) * si_r
     slots = tl.arange(0, TP)
-    ids = tl.load(ibase + slots, mask=slots < T, other=-1)
+    ids = tl.load(IDX + kvh.to(tl.int64) * si_h + row.to(tl.int64) * si_r + slots,
+                  mask=slots < T, other=-1)
     n_sel = tl.sum((ids >= 0).to(tl.int32), 0)
-    return bos, seqlen, q0, ibase, ids, n_sel
+    return bos, seqlen, q0, ids, n_sel
 
 
 @triton.jit
-def _block_id(ibase, ids, i, PRELOAD: tl.constexpr, TP: tl.constexpr):
-    """The ``i``-th selected block: from the ids already in registers (``PRELOAD``: the K/V
-    addresses then depend on no load inside the loop) or loaded again."""
-    if PRELOAD:
-        return tl.sum(tl.where(tl.arange(0, TP) == i, ids, 0), 0)
-    else:
-        return tl.load(ibase + i)
+def _block_id(ids, i, TP: tl.constexpr):
+    """The ``i``-th selected block, from the ids already in registers (the K/V addresses then
+    depend on no load inside the loop; reading it from memory each iteration measured the same,
+    docs/notes/selected.md)."""
+    return tl.sum(tl.where(tl.arange(0, TP) == i, ids, 0), 0)
 
 
 @triton.jit
@@ -100,15 +98,14 @@ def _fwd_kernel(
     total, n_docs, n_iter, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, B: tl.constexpr, T: tl.constexpr,
     TP: tl.constexpr, SPLIT: tl.constexpr, PACK: tl.constexpr, IEEE: tl.constexpr,
-    PRELOAD: tl.constexpr = 1,
 ):
     GPE: tl.constexpr = GP * PACK + 1 - PACK
     BQ: tl.constexpr = B // SPLIT
     pid_h = tl.program_id(1)
     kvh = pid_h // (G // GPE)
     g0 = (pid_h % (G // GPE)) * GPE
-    bos, seqlen, q0, ibase, ids, n_sel = _query_tile(CU, IDX, tl.program_id(0), kvh, si_h, si_r,
-                                                n_docs, n_iter, B, SPLIT, T, TP)
+    bos, seqlen, q0, ids, n_sel = _query_tile(CU, IDX, tl.program_id(0), kvh, si_h, si_r,
+                                              n_docs, n_iter, B, SPLIT, T, TP)
     if q0 >= seqlen:
         return
     tok, head, row_ok = _tile_rows(q0, seqlen, kvh, g0, G, GPE, BQ)
@@ -121,7 +118,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BQ * GPE], tl.float32)
     acc = tl.zeros([BQ * GPE, D], tl.float32)
     for i in range(0, n_sel):
-        kpos = _block_id(ibase, ids, i, PRELOAD, TP) * B + offs_n
+        kpos = _block_id(ids, i, TP) * B + offs_n
         kmask = (kpos < seqlen)[:, None]
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kmask,
                     other=0.0)
@@ -161,15 +158,14 @@ def _dq_kernel(
     total, n_docs, n_iter, scale, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, B: tl.constexpr, T: tl.constexpr,
     TP: tl.constexpr, SPLIT: tl.constexpr, PACK: tl.constexpr, IEEE: tl.constexpr,
-    PRELOAD: tl.constexpr = 1,
 ):
     GPE: tl.constexpr = GP * PACK + 1 - PACK
     BQ: tl.constexpr = B // SPLIT
     pid_h = tl.program_id(1)
     kvh = pid_h // (G // GPE)
     g0 = (pid_h % (G // GPE)) * GPE
-    bos, seqlen, q0, ibase, ids, n_sel = _query_tile(CU, IDX, tl.program_id(0), kvh, si_h, si_r,
-                                                n_docs, n_iter, B, SPLIT, T, TP)
+    bos, seqlen, q0, ids, n_sel = _query_tile(CU, IDX, tl.program_id(0), kvh, si_h, si_r,
+                                              n_docs, n_iter, B, SPLIT, T, TP)
     if q0 >= seqlen:
         return
     tok, head, row_ok = _tile_rows(q0, seqlen, kvh, g0, G, GPE, BQ)
@@ -183,7 +179,7 @@ def _dq_kernel(
     v_base = V + bos.to(tl.int64) * svt + kvh * svh
     dq = tl.zeros([BQ * GPE, D], tl.float32)
     for i in range(0, n_sel):
-        kpos = _block_id(ibase, ids, i, PRELOAD, TP) * B + offs_n
+        kpos = _block_id(ids, i, TP) * B + offs_n
         kmask = (kpos < seqlen)[:, None]
         k = tl.load(k_base + kpos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kmask,
                     other=0.0)
