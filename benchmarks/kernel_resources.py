@@ -180,8 +180,10 @@ SPECS: dict[str, Spec] = {
                   "DK": BF16, "DV": BF16, "DKP": F32, "DVP": F32, "QROWS": I32, "KEY_START": I32,
                   "SEG_KEY": I32, "COUNTS": I32, "ENDS": I32, "CU": I32},
         floats=("scale", "qk_scale"),
-        constexprs={"G": 4, "GP": 2, "D": 128, "B": 64, "SPLIT": 1, "PACK": 1, "IEEE": False},
-        configs=[({}, 8, 2), ({"PACK": 0}, 4, 2), ({"PACK": 0}, 8, 3), ({"SPLIT": 2}, 8, 2)],
+        constexprs={"G": 4, "GP": 2, "D": 128, "B": 64, "SPLIT": 1, "PACK": 1, "IEEE": False,
+                    "KSPLIT": 1},
+        configs=[({}, 8, 2), ({"PACK": 0}, 4, 2), ({"PACK": 0}, 8, 3), ({"SPLIT": 2}, 8, 2),
+                 ({"KSPLIT": 2}, 8, 2), ({"KSPLIT": 2}, 4, 2)],  # tuned list, then KSPLIT
         note="block-shared selected attention dK/dV (the tuned list)",
         small=(*SMALL_INTS, "n_rows"),
     ),

@@ -48,9 +48,10 @@ class KernelSettings:
             environment variable).
         block_sparse_autotune: autotune the block-shared selected kernels
             (``FSA_BLOCK_SPARSE_AUTOTUNE``; off: the first configuration of each list).
-        block_sparse_config: one launch configuration (keys SPLIT, PACK, num_warps, num_stages)
-            for all the block-shared selected kernels, replacing the autotuner; None (default)
-            autotunes. Set by tests and sweeps (no environment variable).
+        block_sparse_config: one launch configuration (keys SPLIT, PACK, num_warps, num_stages;
+            optionally KSPLIT, key-block halves of the dK/dV kernel) for all the block-shared
+            selected kernels, replacing the autotuner; None (default) autotunes. Set by tests
+            and sweeps (no environment variable).
     """
 
     compressed_autotune: bool = True
@@ -89,9 +90,10 @@ class KernelSettings:
                                  f"(and optionally PREFETCH), got {sorted(config)}")
 
         config = self.block_sparse_config
-        if config is not None and set(config) != _BLOCK_SPARSE_KEYS:
-            raise ValueError(f"block_sparse_config needs exactly the keys "
-                             f"{sorted(_BLOCK_SPARSE_KEYS)}, got {sorted(config)}")
+        if config is not None and not _BLOCK_SPARSE_KEYS <= set(config) <= \
+                _BLOCK_SPARSE_KEYS | {"KSPLIT"}:
+            raise ValueError(f"block_sparse_config needs the keys {sorted(_BLOCK_SPARSE_KEYS)} "
+                             f"(and optionally KSPLIT, for dK/dV), got {sorted(config)}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> KernelSettings:

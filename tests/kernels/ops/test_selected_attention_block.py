@@ -200,10 +200,11 @@ def test_block_sparse_matches_reference_fp32(G, d):
     {"SPLIT": 2, "PACK": 0, "num_warps": 4, "num_stages": 1},
     {"SPLIT": 2, "PACK": 1, "num_warps": 4, "num_stages": 1},
     {"SPLIT": 1, "PACK": 0, "num_warps": 4, "num_stages": 1},
+    {"SPLIT": 1, "PACK": 1, "num_warps": 4, "num_stages": 1, "KSPLIT": 2},
 ])
 def test_launch_variants_match_reference(config):
-    """Sub-tiles of a query block (SPLIT) and one head per tile (PACK = 0) through the
-    settings' override."""
+    """Sub-tiles of a query block (SPLIT), one head per tile (PACK = 0) and half a key block per
+    dK/dV program (KSPLIT = 2) through the settings' override."""
     settings = replace(default_settings(), block_sparse_config=config)
     q, k, v, do, cu = packed_qkv([70, 33], 1, 4, 16, torch.float32, seed=7)
     idx = block_selection(cu, 1, 3, 16, seed=7)

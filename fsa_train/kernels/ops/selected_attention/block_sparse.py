@@ -202,14 +202,18 @@ def _dkdv_kernel(
     sqt, sqh, skt, skh, svt, svh, sdt, sdh, sdkt, sdkh, sdvt, sdvh,
     total, n_docs, n_iter, n_rows, nkeys, segq, scale, qk_scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, B: tl.constexpr,
-    SPLIT: tl.constexpr, PACK: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, PACK: tl.constexpr, IEEE: tl.constexpr, KSPLIT: tl.constexpr = 1,
 ):
-    pid = tl.program_id(0)
+    # KSPLIT programs per segment, each owning B / KSPLIT keys of the block: smaller fp32 dK/dV
+    # accumulators (the full block spills at 255 registers; docs/notes/selected.md)
+    pid = tl.program_id(0) // KSPLIT
     key = tl.load(SEG_KEY + pid)
     if key >= nkeys:
         return
     GPE: tl.constexpr = GP * PACK + 1 - PACK
     BQ: tl.constexpr = B // SPLIT
+    BK: tl.constexpr = B // KSPLIT
+    k0 = (tl.program_id(0) % KSPLIT) * BK  # the program's first key within the block
     kvh = key // n_rows
     krow = key % n_rows
     _, bos, seqlen, kstart = locate_tile(CU, krow, n_docs, n_iter, B)
@@ -217,7 +221,7 @@ def _dkdv_kernel(
     e0 = tl.load(KEY_START + key) + seg * segq
     e1 = tl.minimum(e0 + segq, tl.load(KEY_START + key + 1))
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, B)
+    offs_n = k0 + tl.arange(0, BK)
     kpos = kstart + offs_n
     kmask = (kpos < seqlen)[:, None]
     k = tl.load(K + (bos + kpos).to(tl.int64)[:, None] * skt + kvh * skh + offs_d[None, :],
@@ -226,8 +230,8 @@ def _dkdv_kernel(
                 mask=kmask, other=0.0)
     kt = tl.trans(k)
     vt = tl.trans(v)
-    dk = tl.zeros([B, D], tl.float32)
-    dv = tl.zeros([B, D], tl.float32)
+    dk = tl.zeros([BK, D], tl.float32)
+    dv = tl.zeros([BK, D], tl.float32)
     for e in range(e0, e1):
         qstart = kstart + (tl.load(QROWS + e) - krow) * B  # the query block, same document
         for sub in tl.static_range(SPLIT):
@@ -310,6 +314,10 @@ _FWD_CONFIGS = [
 _DQ_CONFIGS = [_config(1, 1, 8, 3), _config(2, 1, 4, 3), _config(1, 0, 4, 3)]
 _DKDV_CONFIGS = [_config(1, 1, 8, 2), _config(1, 0, 4, 2), _config(1, 0, 8, 3),
                  _config(2, 1, 8, 2)]
+# KSPLIT = 2 (half a key block per program, 8 warps) removes the dK/dV register spills in an
+# offline sm_90 compile (255 registers + 72 B stack -> 186, none); it is tested under the
+# interpreter only, so it is reachable through KernelSettings.block_sparse_config and joins this
+# list once a GPU run has tested and timed it (docs/notes/selected.md).
 _FP32 = _config(1, 0, 4, 1)
 _INTERP = _config(1, 1, 4, 1)
 _KEY = ["G", "GP", "D", "B", "IEEE"]
@@ -334,6 +342,14 @@ def packed_heads(G: int, block: int) -> int:
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+
+
+def _override(settings: KernelSettings, dkdv: bool) -> dict | None:
+    """``settings.block_sparse_config`` for one kernel: KSPLIT only for dK/dV."""
+    config = settings.block_sparse_config
+    if config is None or dkdv:
+        return config
+    return {k: v for k, v in config.items() if k != "KSPLIT"}
 
 
 def _launch_meta(G, D, block, T, dtype) -> dict:
@@ -364,7 +380,7 @@ def _forward(q, k, v, idx, cu, block, scale, settings: KernelSettings):
          v.stride(0), v.stride(1), o.stride(0), o.stride(1), idx_c.stride(0), idx_c.stride(1),
          total, n_docs, search_steps(n_docs), scale * LOG2E),
         dtype=q.dtype, autotune=settings.block_sparse_autotune,
-        config=settings.block_sparse_config, T=T, TP=triton.next_power_of_2(T), **meta,
+        config=_override(settings, dkdv=False), T=T, TP=triton.next_power_of_2(T), **meta,
     )
     return o, lse, idx_c, keys
 
@@ -378,8 +394,7 @@ def _backward(q, k, v, o, lse, do, cu, idx_c, keys, block, scale, settings: Kern
     n_docs = cu.numel() - 1
     n_iter = search_steps(n_docs)
     delta = attention_delta(o, do)
-    common = dict(dtype=q.dtype, autotune=settings.block_sparse_autotune,
-                  config=settings.block_sparse_config)
+    common = dict(dtype=q.dtype, autotune=settings.block_sparse_autotune)
     dq = torch.empty_like(q)
     _dq_tuned.run(
         _query_grid(n_rows, h, G, meta["GP"]),
@@ -387,7 +402,8 @@ def _backward(q, k, v, o, lse, do, cu, idx_c, keys, block, scale, settings: Kern
          k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dq.stride(0),
          dq.stride(1), idx_c.stride(0), idx_c.stride(1), total, n_docs, n_iter, scale,
          scale * LOG2E),
-        T=T, TP=triton.next_power_of_2(T), **common, **meta,
+        config=_override(settings, dkdv=False), T=T, TP=triton.next_power_of_2(T), **common,
+        **meta,
     )
     csr = build_block_csr(keys, h, n_rows, T)
     dk = torch.zeros_like(k)  # blocks nobody selected get no program
@@ -395,13 +411,13 @@ def _backward(q, k, v, o, lse, do, cu, idx_c, keys, block, scale, settings: Kern
     dkp = torch.empty(csr.n_part * block * D, dtype=torch.float32, device=q.device)
     dvp = torch.empty_like(dkp)
     _dkdv_tuned.run(
-        (csr.maxseg,),
+        lambda meta: (csr.maxseg * meta.get("KSPLIT", 1),),
         (q, k, v, do, lse, delta, dk, dv, dkp, dvp, csr.q_rows, csr.key_start, csr.seg_key,
          csr.counts, csr.ends, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
          v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0), dk.stride(1),
          dv.stride(0), dv.stride(1), total, n_docs, n_iter, n_rows, csr.nkeys, csr.segq,
          scale, scale * LOG2E),
-        **common, **meta,
+        config=_override(settings, dkdv=True), **common, **meta,
     )
     _reduce_kernel[(csr.nkeys,)](
         dkp, dvp, dk, dv, csr.counts, csr.ends, cu, dk.stride(0), dk.stride(1),
