@@ -13,6 +13,7 @@ of the token mode's per-(token, slot) partials or gathers:
   dK and dV in fp32 registers over all G heads. A block that more than ``segq`` query blocks
   chose (the forced first block) is cut into several segments, whose fp32 partials
   :func:`_reduce_kernel` sums in a fixed order: balanced and deterministic, no atomics.
+  ``KSPLIT = 2`` gives each half of a key block its own program (fewer registers; opt-in).
 * **Launch configurations**: Triton's autotuner over a short list (``SPLIT`` query sub-tiles per
   block, ``PACK`` the group's heads as rows or not, warps, stages), one choice per size class.
 
