@@ -27,7 +27,15 @@ import time
 import torch
 
 from benchmarks import REGISTRY, register
-from benchmarks.common import Record, bench, peak_mib, rel, require_cuda, run_meta
+from benchmarks.common import (
+    Record,
+    bench,
+    peak_mib,
+    rel,
+    require_cuda,
+    run_meta,
+    write_with_choices,
+)
 from fsa_train import kernels as ops
 from fsa_train.config import NSAConfig
 from fsa_train.kernels.ops.selected_attention.naive import expand_block_selection
@@ -218,15 +226,8 @@ def main(args: argparse.Namespace) -> dict:
             data["rows"] += bench_shape(tokens, G, args.kv_heads, args.head_dim, nsa,
                                         not args.no_flex)
             print(f"{tokens} G={G}: {time.perf_counter() - start:.1f}s", flush=True)
-            write(record, data)
+            write_with_choices(record, data, markdown)
     return data
-
-
-def write(record: Record, data: dict) -> None:
-    from fsa_train.kernels.tuning import autotune_choices
-
-    data["meta"]["autotune"] = autotune_choices()
-    record.write(data, markdown(data), indent=2)
 
 
 def _fmt(row: dict, key: str, spec: str = ".3f") -> str:

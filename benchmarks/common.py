@@ -246,6 +246,15 @@ class Record:
             self.write_text(markdown)
 
 
+def write_with_choices(record: Record, data: dict, markdown: Callable[[dict], str]) -> None:
+    """``data`` (with the autotuners' choices so far in ``data["meta"]["autotune"]``) and its
+    table ``markdown(data)``: the writer of benchmarks that record after every shape."""
+    from fsa_train.kernels.tuning import autotune_choices
+
+    data["meta"]["autotune"] = autotune_choices()
+    record.write(data, markdown(data), indent=2)
+
+
 def run_shapes(record: Record, meta: dict, shapes: list[tuple],
                run_shape: Callable[..., dict], markdown: Callable[[dict], str]) -> dict:
     """``run_shape(*shape[1:])`` for every ``(name, ...)`` in ``shapes``; the record is written

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks import REGISTRY, register
-from benchmarks.common import Record, peak_mib, require_cuda, run_meta, timer
+from benchmarks.common import Record, peak_mib, require_cuda, run_meta, timer, write_with_choices
 from fsa_train import kernels as ops
 from fsa_train.config import NSAConfig
 from fsa_train.kernels import CompressionParams, nsa_attention, nsa_varlen
@@ -272,7 +272,7 @@ def main(args: argparse.Namespace) -> dict:
                 print(f"{tokens} G={groups} {layout}: {time.perf_counter() - start:.1f}s",
                       flush=True)
                 del inp
-                write(record, data)  # after every shape: partial runs report
+                write_with_choices(record, data, markdown)  # after every shape
     print(f"results: {record.path('.md')}")
     return data
 
@@ -287,13 +287,6 @@ def _cell(row: dict, key: str) -> str:
     if value is None:
         return row.get("error", "") if key == "fwd_ms" else ""
     return f"{value:.3f}"
-
-
-def write(record: Record, data: dict) -> None:
-    from fsa_train.kernels.tuning import autotune_choices
-
-    data["meta"]["autotune"] = autotune_choices()
-    record.write(data, markdown(data), indent=2)
 
 
 def markdown(data: dict) -> str:

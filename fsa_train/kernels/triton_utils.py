@@ -1,6 +1,7 @@
-"""Triton pieces shared by the kernels: the two binary searches over document boundaries (which
-document owns a tile slot, which document holds a token), the compressed tokens a query sees, the
-softmax backward's delta, and the fixed-order sum of fp32 split partials."""
+"""Triton pieces shared by the kernels: a dot product at the inputs' precision, the two binary
+searches over document boundaries (which document owns a tile slot, which document holds a
+token), the compressed tokens a query sees, the softmax backward's delta, and the fixed-order sum
+of fp32 split partials."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ LOG2E_JIT = tl.constexpr(LOG2E)
 """:data:`~fsa_train.kernels.utils.LOG2E` for use inside ``@triton.jit`` code."""
 LN2_JIT = tl.constexpr(LN2)
 """:data:`~fsa_train.kernels.utils.LN2` for use inside ``@triton.jit`` code."""
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """``tl.dot`` in IEEE fp32 for fp32 inputs (``IEEE``), the default precision otherwise."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
 
 
 @triton.jit

@@ -172,12 +172,19 @@ def run(fn, q, k, v, do, dtype=None):
     return o.detach(), q.grad, k.grad, v.grad
 
 
-def compare(q, k, v, do, idx, cu, block, tol, settings=None, what=""):
-    ours = run(lambda a, b, c: sa.selected_attention(a, b, c, idx, cu, block, selection="block",
+def ours_block(q, k, v, do, idx, cu, block, settings=None):
+    """Outputs and gradients of the Triton block-sparse op."""
+    return run(lambda a, b, c: sa.selected_attention(a, b, c, idx, cu, block, selection="block",
                                                      settings=settings), q, k, v, do)
+
+
+def compare(q, k, v, do, idx, cu, block, tol, settings=None, what="", ref_dtype=torch.float64):
+    """The Triton op against the reference (run in ``ref_dtype``): o and the three gradients
+    within ``tol``, in the inputs' dtype. Returns the Triton op's results."""
+    ours = ours_block(q, k, v, do, idx, cu, block, settings)
     ref = run(lambda a, b, c: reference.selected_attention(a, b, c, idx, cu, block,
                                                            selection="block"),
-              q, k, v, do, torch.float64)
+              q, k, v, do, ref_dtype)
     for name, a, b in zip(("o", "dq", "dk", "dv"), ours, ref, strict=True):
         assert a.dtype == q.dtype
         assert_close(a, b, tol, f"{what} {name}")
@@ -284,13 +291,8 @@ def test_gpu_block_sparse_matches_reference(G, d, dtype):
     h = 4 if G <= 4 else 2
     q, k, v, do, cu = packed_qkv(GPU_PACKED, h, G, d, dtype, seed=G + d)
     idx = block_selection(cu, h, 16, 64, seed=G)
-    ours = run(lambda a, b, c: ops.selected_attention(a, b, c, idx, cu, 64, selection="block"),
-               q, k, v, do)
-    ref = run(lambda a, b, c: reference.selected_attention(a, b, c, idx, cu, 64,
-                                                           selection="block"),
-              q, k, v, do, torch.float32)
-    for name, a, b in zip(("o", "dq", "dk", "dv"), ours, ref, strict=True):
-        assert_close(a, b, 1e-2, f"G={G} d={d} {dtype} {name}")
+    compare(q, k, v, do, idx, cu, 64, 1e-2, what=f"G={G} d={d} {dtype}",
+            ref_dtype=torch.float32)
 
 
 @pytest.mark.gpu
@@ -300,19 +302,10 @@ def test_gpu_long_document_popular_block_deterministic():
     h, G = 4, 4
     q, k, v, do, cu = packed_qkv([32768], h, G, 128, torch.bfloat16, seed=3)
     idx = block_selection(cu, h, 16, 64, seed=3)
-
-    def ours():
-        return run(lambda a, b, c: ops.selected_attention(a, b, c, idx, cu, 64,
-                                                          selection="block"), q, k, v, do)
-
-    first, second = ours(), ours()
+    first = compare(q, k, v, do, idx, cu, 64, 1e-2, what="32K", ref_dtype=torch.float32)
+    second = ours_block(q, k, v, do, idx, cu, 64)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
-    ref = run(lambda a, b, c: reference.selected_attention(a, b, c, idx, cu, 64,
-                                                           selection="block"),
-              q, k, v, do, torch.float32)
-    for name, a, b in zip(("o", "dq", "dk", "dv"), first, ref, strict=True):
-        assert_close(a, b, 1e-2, f"32K {name}")
 
 
 @pytest.mark.gpu

@@ -33,7 +33,13 @@ from fsa_train.kernels.ops.selected_attention.block_plan import (
     clean_block_selection,
 )
 from fsa_train.kernels.settings import KernelSettings
-from fsa_train.kernels.triton_utils import LN2_JIT, LOG2E_JIT, attention_delta, locate_tile
+from fsa_train.kernels.triton_utils import (
+    LN2_JIT,
+    LOG2E_JIT,
+    attention_delta,
+    dot,
+    locate_tile,
+)
 from fsa_train.kernels.tuning import KernelTuner
 from fsa_train.kernels.utils import LOG2E, search_steps
 from fsa_train.kernels.varlen import block_rows
@@ -44,14 +50,6 @@ __all__ = ["packed_heads", "selected_attention_block"]
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -125,14 +123,14 @@ def _fwd_kernel(
                     other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kmask,
                     other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        s = dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(kpos[None, :] <= tok[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -186,11 +184,11 @@ def _dq_kernel(
                     other=0.0)
         v = tl.load(v_base + kpos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kmask,
                     other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        s = dot(q, tl.trans(k), IEEE) * qk_scale
         p = tl.where(kpos[None, :] <= tok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
+        dp = dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq += dot(ds.to(k.dtype), k, IEEE)
     dq = dq * scale
     tl.store(_rows_ptr(DQ, bos, tok, head, sdqt, sdqh, offs_d), dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -244,11 +242,11 @@ def _dkdv_kernel(
                 do = tl.load(_rows_ptr(DO, bos, tok, head, sdt, sdh, offs_d),
                              mask=row_ok[:, None], other=0.0)
                 lse2, delta = _row_stats(LSE, DELTA, head, bos, tok, row_ok, total)
-                s = _dot(q, kt, IEEE) * qk_scale
+                s = dot(q, kt, IEEE) * qk_scale
                 p = tl.where(kpos[None, :] <= tok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-                dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-                ds = p * (_dot(do, vt, IEEE) - delta[:, None])
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+                dv += dot(tl.trans(p.to(do.dtype)), do, IEEE)
+                ds = p * (dot(do, vt, IEEE) - delta[:, None])
+                dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     dk = dk * scale
     n_part = tl.load(COUNTS + nkeys + key)
     if n_part == 0:  # the key's only segment: the final values

@@ -38,7 +38,7 @@ import triton.language as tl
 from fsa_train.kernels.ops.selected_attention.block_sparse import selected_attention_block
 from fsa_train.kernels.ops.selected_attention.plan import SelectionPlan, build_plan
 from fsa_train.kernels.settings import KernelSettings, resolve_settings
-from fsa_train.kernels.triton_utils import LN2_JIT, LOG2E_JIT, attention_delta
+from fsa_train.kernels.triton_utils import LN2_JIT, LOG2E_JIT, attention_delta, dot
 from fsa_train.kernels.tuning import KernelTuner
 from fsa_train.kernels.utils import (
     LOG2E,
@@ -55,14 +55,6 @@ __all__ = ["PARTIALS", "partial_dtype", "selected_attention"]
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -141,7 +133,7 @@ def _fwd_block_kernel(
             rv, pair, t = _chunk_pairs(PAIRS, c, p1, qi, C, T)
             q = _gather_rows(Q, t, head, rv, sqt, sqh, sqd, offs_d)
         t = pair // T
-        s = _dot(q, kt, IEEE) * scale_log2
+        s = dot(q, kt, IEEE) * scale_log2
         vis = (offs_n[None, :] <= t[:, None]) & rv[:, None]
         s = tl.where(vis, s, float("-inf"))
         m = tl.max(s, 1)
@@ -149,7 +141,7 @@ def _fwd_block_kernel(
         p = tl.exp2(s - m[:, None])
         lsum = tl.sum(p, 1)
         seen = lsum > 0
-        o = _dot(p.to(v.dtype), v, IEEE) / tl.where(seen, lsum, 1.0)[:, None]
+        o = dot(p.to(v.dtype), v, IEEE) / tl.where(seen, lsum, 1.0)[:, None]
         lse = tl.where(seen, (m + tl.log2(lsum)) * LN2_JIT, float("-inf"))
         row = pair.to(tl.int64) * H + head
         tl.store(OP + row[:, None] * D + offs_d[None, :], o.to(OP.dtype.element_ty),
@@ -248,15 +240,15 @@ def _bwd_block_kernel(
             do = _gather_rows(DO, t, head, rv, sdt, sdh, sdd, offs_d)
             lse2 = tl.load(LSE + head * total + t, mask=rv, other=0.0) * LOG2E_JIT
             delta = tl.load(DELTA + head * total + t, mask=rv, other=0.0)
-        s = _dot(q, kt, IEEE) * scale_log2
+        s = dot(q, kt, IEEE) * scale_log2
         vis = (offs_n[None, :] <= t[:, None]) & rv[:, None]
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        dp = _dot(do, vt, IEEE)
+        dv += dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = dot(do, vt, IEEE)
         ds = p * (dp - delta[:, None])
         dsl = ds.to(q.dtype)
-        dk += _dot(tl.trans(dsl), q, IEEE)
-        dq = _dot(dsl, k, IEEE) * scale
+        dk += dot(tl.trans(dsl), q, IEEE)
+        dq = dot(dsl, k, IEEE) * scale
         row = pair.to(tl.int64) * H + head
         tl.store(DQP + row[:, None] * D + offs_d[None, :], dq.to(DQP.dtype.element_ty),
                  mask=rv[:, None])
@@ -484,11 +476,9 @@ def selected_attention(q, k, v, idx, cu_seqlens, block: int, scale: float | None
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     check_partials(partials)  # a bad value fails here, before any launch
     settings = resolve_settings(settings)
-    if selection == "block":
-        if total == 0:
-            return q.new_zeros(0, H, D)
-        return selected_attention_block(q, k, v, idx, as_int32(cu_seqlens), block, scale,
-                                        settings)
     if total == 0:
         return q.new_zeros(0, H, D)
+    if selection == "block":
+        return selected_attention_block(q, k, v, idx, as_int32(cu_seqlens), block, scale,
+                                        settings)
     return _SelectedAttention.apply(q, k, v, idx, cu_seqlens, block, scale, partials, settings)
