@@ -33,7 +33,9 @@
 #     warm). Knobs: SEQ_LEN (8192), BATCH (4), STEPS (1600: 52.4M tokens at 8192 x 4), VAL_EVERY
 #     (100); MODEL_CONFIG, VOCAB, PRECISION, VAL_BATCHES, PASSKEY_LENGTHS (loss_parity's
 #     defaults); advance: BUDGET (570 s), SEEDS ("0"), MODES ("dense nsa"; add nsa_block for
-#     block-shared selection). $OUT gets each job's
+#     block-shared selection), FROM (a committed loss_parity_* directory whose finished,
+#     evaluated runs join the report instead of running again: same recipe and seeds only),
+#     TAG (the report's name suffix). $OUT gets each job's
 #     log and the run records (runs_jsonl.tgz), and the report once every run has finished.
 #   bash benchmarks/device.sh trainer-check
 #     Multi-GPU trainer check on a machine with 2 GPUs (DeepSpeed ZeRO, exact resume, scaling).
@@ -140,7 +142,7 @@ loss_parity() {
       # shellcheck disable=SC2086
       "${parity[@]}" evaluate --dataset "$DATA" --out "$RUNS" --seq_len "$SEQ_LEN" \
         ${PASSKEY_LENGTHS:+--passkey_lengths $PASSKEY_LENGTHS}
-      "${parity[@]}" report --out "$RUNS" --results "${OUT:-$RUNS}"
+      "${parity[@]}" report --out "$RUNS" --results "${OUT:-$RUNS}" ${TAG:+--tag "$TAG"}
       ;;
     advance)
       local deadline=$((SECONDS + ${BUDGET:-570}))
@@ -160,6 +162,12 @@ loss_parity() {
         tail -c 600 "$out/$log" | tr '\r' '\n' | tail -4
         return "$rc"
       }
+      if [ -n "${FROM:-}" ]; then  # committed runs to compare with, instead of running them again
+        mkdir -p "$RUNS"
+        for run in "$FROM"/*/; do
+          if [ ! -e "$RUNS/$(basename "$run")" ]; then cp -r "$run" "$RUNS/"; echo "$run: copied"; fi
+        done
+      fi
       step data.log data || exit 1
       for seed in ${SEEDS:-0}; do
         for mode in ${MODES:-dense nsa}; do
@@ -249,7 +257,7 @@ case "$command" in
   loss-parity) loss_parity "$@" ;;
   trainer-check) trainer_check ;;
   *)
-    sed -n '2,49p' "$SELF"
+    sed -n '2,52p' "$SELF"
     exit 2
     ;;
 esac

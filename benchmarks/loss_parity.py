@@ -164,8 +164,28 @@ def command_run(args: argparse.Namespace) -> None:
                       *args.extra)
 
 
+EVALUATIONS = ("position_loss.json", "passkey.json")
+
+
+def evaluated(where: Path) -> bool:
+    """Whether a run's evaluations exist and are newer than its last checkpoint (or the run has
+    no checkpoint: records copied from a committed result, as evaluated then)."""
+    results = [where / name for name in EVALUATIONS]
+    if not all(path.is_file() for path in results):
+        return False
+    checkpoint = where / "checkpoints" / "last.ckpt"
+    return (not checkpoint.is_file()
+            or min(path.stat().st_mtime for path in results) > checkpoint.stat().st_mtime)
+
+
 def command_evaluate(args: argparse.Namespace) -> None:
-    for where in sorted(p for p in Path(args.out).iterdir() if (p / "val.jsonl").is_file()):
+    for where in sorted(p for p in Path(args.out).iterdir() if read_jsonl(p / "val.jsonl")):
+        if evaluated(where):
+            print(f"{where}: evaluated, kept", flush=True)
+            continue
+        if not (where / "checkpoints" / "last.ckpt").is_file():
+            sys.exit(f"loss_parity: error: {where} has neither a checkpoints/last.ckpt to "
+                     "evaluate nor its evaluations")
         exported = where / "model.pt"
         fsa_train("export", str(where / "checkpoints" / "last.ckpt"), str(exported),
                   "--overwrite")

@@ -296,6 +296,20 @@ def test_gpu_block_sparse_matches_reference(G, d, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", [
+    {"SPLIT": 1, "PACK": 1, "num_warps": 8, "num_stages": 2, "KSPLIT": 2},
+    {"SPLIT": 2, "PACK": 1, "num_warps": 8, "num_stages": 2},
+    {"SPLIT": 1, "PACK": 0, "num_warps": 4, "num_stages": 2},
+])
+def test_gpu_launch_variants_match_reference(config):
+    """Each launch shape the autotuner may pick, forced through the settings, at real sizes."""
+    settings = replace(default_settings(), block_sparse_config=config)
+    q, k, v, do, cu = packed_qkv(GPU_PACKED, 4, 4, 128, torch.bfloat16, seed=21)
+    idx = block_selection(cu, 4, 16, 64, seed=21)
+    compare(q, k, v, do, idx, cu, 64, 1e-2, settings, what=str(config), ref_dtype=torch.float32)
+
+
+@pytest.mark.gpu
 def test_gpu_long_document_popular_block_deterministic():
     """A 32K document (block 0 in every selection: many segments), bf16: accurate against the
     reference, and bit-identical on a second run."""

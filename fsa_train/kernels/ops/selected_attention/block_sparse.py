@@ -311,12 +311,11 @@ _FWD_CONFIGS = [
     _config(1, 1, 8, 2),
 ]
 _DQ_CONFIGS = [_config(1, 1, 8, 3), _config(2, 1, 4, 3), _config(1, 0, 4, 3)]
+# The last dK/dV candidate, KSPLIT = 2 (half a key block per program, 8 warps), removes the
+# register spills of an offline sm_90 compile (255 registers + 72 B stack -> 186, none) at the
+# price of reading each query tile twice (docs/notes/selected.md).
 _DKDV_CONFIGS = [_config(1, 1, 8, 2), _config(1, 0, 4, 2), _config(1, 0, 8, 3),
-                 _config(2, 1, 8, 2)]
-# KSPLIT = 2 (half a key block per program, 8 warps) removes the dK/dV register spills in an
-# offline sm_90 compile (255 registers + 72 B stack -> 186, none); it is tested under the
-# interpreter only, so it is reachable through KernelSettings.block_sparse_config and joins this
-# list once a GPU run has tested and timed it (docs/notes/selected.md).
+                 _config(2, 1, 8, 2), {**_config(1, 1, 8, 2), "KSPLIT": 2}]
 _FP32 = _config(1, 0, 4, 1)
 _INTERP = _config(1, 1, 4, 1)
 _KEY = ["G", "GP", "D", "B", "IEEE"]
