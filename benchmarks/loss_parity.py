@@ -31,6 +31,7 @@ machine)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import math
@@ -253,8 +254,10 @@ def model_setup(where: Path) -> dict | None:
     from fsa_train.config import GPTConfig, NSAConfig
     from fsa_train.model import GPT
 
-    fields = dict(config["model"]["config"])
-    fields["nsa"] = NSAConfig(**fields["nsa"]) if fields.get("nsa") else NSAConfig()
+    # a run of an older version may name fields this one no longer has: leave them out
+    fields, dropped = _known_fields(GPTConfig, config["model"]["config"])
+    nsa, dropped_nsa = _known_fields(NSAConfig, fields.get("nsa") or {})
+    fields["nsa"] = NSAConfig(**nsa)
     fields["vocab_size"] = config["data"]["vocab_size"]
     with torch.device("meta"):
         model = GPT(GPTConfig(**fields))
@@ -267,7 +270,15 @@ def model_setup(where: Path) -> dict | None:
         "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
         "seq_len": data["seq_len"], "batch_size": data["batch_size"],
         "precision": config["trainer"]["precision"],
+        "unknown_fields": dropped + [f"nsa.{name}" for name in dropped_nsa],
     }
+
+
+def _known_fields(cls, values: dict) -> tuple[dict, list[str]]:
+    """The entries of ``values`` that are fields of the dataclass ``cls``, and the other names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return ({k: v for k, v in values.items() if k in names},
+            sorted(k for k in values if k not in names))
 
 
 def summarize(out: Path) -> dict:
@@ -321,7 +332,12 @@ def summarize(out: Path) -> dict:
                 "dense_tokens_per_s": dense["tokens_per_s"],
                 "nsa_tokens_per_s": nsa["tokens_per_s"],
             })
-    return {"runs": runs, "modes": modes, "pairs": pairs}
+    block_vs_token = [
+        {"seed": seed, "block_minus_token":
+            runs[f"nsa_block-s{seed}"]["final_val_loss"] - runs[f"nsa-s{seed}"]["final_val_loss"]}
+        for seed in sorted({r["seed"] for r in runs.values()})
+        if f"nsa_block-s{seed}" in runs and f"nsa-s{seed}" in runs]
+    return {"runs": runs, "modes": modes, "pairs": pairs, "block_vs_token": block_vs_token}
 
 
 def _maybe_json(path: Path) -> dict | None:
@@ -346,7 +362,10 @@ def _setup_lines(summary: dict) -> list[str]:
                      f"{first['head_dim']}; {first['seq_len']} tokens x {first['batch_size']} "
                      f"per step, {first['precision']}.")
         for name, setup in setups.items():
-            lines.append(f"- {name}: {setup['attention']}, {setup['parameters'] / 1e6:.1f}M "
+            attention = setup["attention"]
+            if attention == "nsa":
+                attention += f" ({setup['nsa'].get('selection', 'token')} selection)"
+            lines.append(f"- {name}: {attention}, {setup['parameters'] / 1e6:.1f}M "
                          f"parameters ({setup['non_embedding_parameters'] / 1e6:.1f}M without "
                          f"the embedding)")
         lines.append("")
@@ -382,6 +401,10 @@ def markdown(summary: dict, title: str) -> str:
         mode = f"| {p.get('mode', 'nsa')} " if by_mode else ""
         lines.append(f"{mode}| {p['seed']} | {p['nsa_minus_dense']:+.4f} | "
                      f"{p['dense_time_s']:.1f} | {reach} | {speed} | {steady} |")
+    if summary.get("block_vs_token"):
+        lines += ["", "| seed | NSA block − NSA token (nats) |", "|---|---|"]
+        lines += [f"| {row['seed']} | {row['block_minus_token']:+.4f} |"
+                  for row in summary["block_vs_token"]]
     buckets = {n: r["position_loss"]["buckets"] for n, r in summary["runs"].items()
                if r["position_loss"]}
     if buckets:
@@ -392,6 +415,11 @@ def markdown(summary: dict, title: str) -> str:
             span = f"{b['start']}–{b['end'] - 1}" if b["end"] is not None else f"{b['start']}+"
             cells = [_fmt(buckets[n][i]["loss"]) for n in names]
             lines.append(f"| {span} | " + " | ".join(cells) + " |")
+        counts = {n: summary["runs"][n]["position_loss"]["tokens"] for n in names}
+        lines.append("| tokens | " + " | ".join(f"{counts[n]:,}" for n in names) + " |")
+        if len(set(counts.values())) > 1:
+            lines += ["", "The runs were evaluated on different numbers of validation tokens "
+                      "(the last row): compare their buckets only where the counts agree."]
     keys = {n: passkey_by_length(r["passkey"]) for n, r in summary["runs"].items()
             if r["passkey"]}
     if keys:

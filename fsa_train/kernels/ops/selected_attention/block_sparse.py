@@ -311,11 +311,13 @@ _FWD_CONFIGS = [
     _config(1, 1, 8, 2),
 ]
 _DQ_CONFIGS = [_config(1, 1, 8, 3), _config(2, 1, 4, 3), _config(1, 0, 4, 3)]
-# The last dK/dV candidate, KSPLIT = 2 (half a key block per program, 8 warps), removes the
-# register spills of an offline sm_90 compile (255 registers + 72 B stack -> 186, none) at the
-# price of reading each query tile twice (docs/notes/selected.md).
+# KSPLIT = 2 (half a key block per dK/dV program, 8 warps) removes the register spills of an
+# offline sm_90 compile (255 registers + 72 B stack -> 186, none) but reads each query tile
+# twice: in the autotuned list of a 2026-12-02 H200 run it lost to the first candidate at 8K-64K
+# (throughput_h200_2026-12-02_block_selection_350m), so it stays opt-in through
+# KernelSettings.block_sparse_config (GPU-tested: test_gpu_launch_variants_match_reference).
 _DKDV_CONFIGS = [_config(1, 1, 8, 2), _config(1, 0, 4, 2), _config(1, 0, 8, 3),
-                 _config(2, 1, 8, 2), {**_config(1, 1, 8, 2), "KSPLIT": 2}]
+                 _config(2, 1, 8, 2)]
 _FP32 = _config(1, 0, 4, 1)
 _INTERP = _config(1, 1, 4, 1)
 _KEY = ["G", "GP", "D", "B", "IEEE"]
