@@ -166,8 +166,11 @@ RENDERED = [
     ("throughput", "markdown", "throughput_h200_2026-12-02"),
     ("throughput", "markdown", "throughput_h200_2026-12-02_block_selection"),
     ("throughput", "markdown", "throughput_h200_2026-12-02_pair"),
+    ("throughput", "markdown", "throughput_h200_2026-12-02_block_selection_350m"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-01"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02"),
+    ("loss_parity", "markdown", "loss_parity_h200_2026-12-02_block_selection"),
+    ("loss_parity", "markdown", "loss_parity_h200_2026-12-02_block_selection_32k"),
     ("trainer_check", "markdown", "trainer_check_h200x2_2026-11-22"),
 ]
 """The committed tables the current code writes (older runs' tables have older layouts)."""
@@ -416,3 +419,33 @@ def test_loss_parity_block_mode_is_a_third_run_compared_with_dense(tmp_path):
     assert summary["modes"]["nsa_block"]["mean"] == 1.95
     table = loss_parity.markdown(summary, "t")
     assert "| mode | seed | NSA − dense (nats)" in table and "| nsa_block | 0 | -0.0500 |" in table
+    assert summary["block_vs_token"] == [{"seed": 0, "block_minus_token": pytest.approx(0.05)}]
+    assert "| 0 | +0.0500 |" in table
+
+
+def test_loss_parity_copied_runs_join_the_report_without_evaluating_again(tmp_path):
+    """A committed run (records and evaluations, no checkpoint) is kept by ``evaluate``; a run
+    with neither is a one-line error; a config naming a field this version dropped still gives
+    the run's setup; position tables over different token counts say so."""
+    import argparse
+    import shutil
+
+    from benchmarks import loss_parity
+
+    committed = ROOT / "benchmarks/results/loss_parity_h200_2026-12-02/dense-s0"
+    shutil.copytree(committed, tmp_path / "dense-s0")
+    args = argparse.Namespace(out=str(tmp_path), dataset="unused", seq_len=8192, batches=None)
+    loss_parity.command_evaluate(args)  # nothing to do: no fsa-train command runs
+    assert loss_parity.evaluated(tmp_path / "dense-s0")
+    setup = loss_parity.model_setup(tmp_path / "dense-s0")
+    assert setup["unknown_fields"] == ["selected_kernel"] and setup["d_model"] == 1024
+    other = tmp_path / "nsa-s0"
+    other.mkdir()
+    shutil.copy(committed / "val.jsonl", other / "val.jsonl")
+    with pytest.raises(SystemExit, match="nsa-s0 has neither a checkpoints/last.ckpt"):
+        loss_parity.command_evaluate(args)
+    fewer = json.loads((committed / "position_loss.json").read_text())
+    fewer["tokens"] = 1000
+    (other / "position_loss.json").write_text(json.dumps(fewer))
+    table = loss_parity.markdown(loss_parity.summarize(tmp_path), "t")
+    assert "| tokens | 1,933,266 | 1,000 |" in table and "different numbers" in table
