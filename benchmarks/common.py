@@ -147,11 +147,26 @@ def run_meta(device: str = "cuda") -> dict:
     if device == "cuda" and torch.cuda.is_available():
         meta["device"] = torch.cuda.get_device_name()
         meta["cuda"] = torch.version.cuda
+        meta["cudnn"] = torch.backends.cudnn.version()
+        meta["libraries"] = library_versions()
         meta["device_slug"] = device_slug(meta["device"])
     else:
         meta["device"] = platform.processor() or platform.machine() or "cpu"
         meta["device_slug"] = "cpu"
     return meta
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the optional kernel libraries (None: not installed)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("nvidia-cudnn-frontend", "flash-attn-4", "fla-core", "liger-kernel"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def device_slug(name: str, count: int = 1) -> str:

@@ -6,6 +6,9 @@ and forward+backward, peak memory:
 * ours: ``window_attention`` with ``window=None`` (dense causal per document) and ``window=512``;
   also the split backward schedule (two kernels) and the atomic-dq one, for comparison with the
   default fused one (``KernelSettings.window_bwd``);
+* ``window_attention`` on the library kernels (``KernelSettings.window_kernel``): cuDNN through
+  nvidia-cudnn-frontend and FlashAttention-2 through torch's ``varlen_attn``, packed layout with
+  GQA, the same two windows (the rows that rank "auto"'s order, ``ops/window_attention/backends``);
 * cuDNN SDPA and the SDPA flash backend (FlashAttention-2), causal, on ``[B, H, L, d]``: one
   document is B = 1; equal-length packed documents are a batch (B = n_docs), which is exactly the
   block-diagonal causal mask. K/V are expanded to the H query heads (GQA as MHA; the reduction of
@@ -76,15 +79,17 @@ class Case:
 
 
 def ours(case: Case, window, settings):
-    """Forward and forward+backward of our kernel with the backward schedule of ``settings``."""
+    """Forward and forward+backward of ``window_attention`` on the kernel of ``settings``
+    (``window_kernel``: ours or a library's) with its backward schedule."""
     wa = triton_op()
     q, k, v = (x.detach().requires_grad_() for x in (case.q, case.k, case.v))
+    longest = max(case.lengths)
 
     def fwd():
-        return wa.window_attention(q, k, v, case.cu, window, settings=settings)
+        return wa.window_attention(q, k, v, case.cu, window, None, longest, settings=settings)
 
     def fwd_bwd():
-        o = wa.window_attention(q, k, v, case.cu, window, settings=settings)
+        o = wa.window_attention(q, k, v, case.cu, window, None, longest, settings=settings)
         return torch.autograd.grad(o, (q, k, v), case.do)
 
     return fwd, fwd_bwd
@@ -152,6 +157,17 @@ def flex(case: Case, window):
     return run, fwd_bwd
 
 
+LIBRARY_NAMES = {"cudnn": "cuDNN frontend (packed)", "flash": "FA2 (torch varlen)"}
+"""Row names of ``window_attention`` on each library kernel (``KernelSettings.window_kernel``)."""
+
+
+def library_unsupported(kernel: str, case: Case) -> str | None:
+    """Why the library path ``kernel`` cannot run ``case`` (None when it can)."""
+    from fsa_train.kernels.ops.window_attention.backends import LIBRARY_KERNELS
+
+    return LIBRARY_KERNELS[kernel].unsupported(case.q, case.k, WINDOW)
+
+
 def measure(fwd, fwd_bwd) -> dict:
     fwd_bwd()  # compile / autotune first
     fwd()
@@ -175,7 +191,8 @@ def markdown(results: dict) -> str:
     lines = [
         "# window_attention benchmark",
         "",
-        f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, {meta['date']}. "
+        f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, cuDNN "
+        f"{meta.get('cudnn')}, libraries {meta.get('libraries')}, {meta['date']}. "
         f"bf16, d = {D}, {KV_HEADS} KV heads, H = 4·G; median of `triton.testing.do_bench` "
         "(ms); peak = extra memory of one forward+backward (MiB). cuDNN and FA2 (SDPA flash) "
         "run causal on `[B, H, L, d]` with K/V expanded to H heads (packed equal-length "
@@ -197,6 +214,8 @@ def markdown(results: dict) -> str:
             f"| {row['fwd_tflops']:.0f} | {row['fwd_bwd_tflops']:.0f} | {row['peak_mib']:.0f} "
             f"| {ratio_f} | {ratio} |"
         )
+    if results.get("skipped"):
+        lines += ["", "Did not run:", ""] + [f"- {entry}" for entry in results["skipped"]]
     if results.get("checks"):
         lines += ["", "Output check, ours (window None) vs cuDNN, relative L2:", ""]
         lines += [f"- {k}: {v:.2e}" for k, v in results["checks"].items()]
@@ -216,6 +235,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flex-window-seqs", type=int, nargs="*", default=[16384])
     parser.add_argument("--split-groups", type=int, nargs="*", default=[])
     parser.add_argument("--atomic-groups", type=int, nargs="*", default=[1, 4, 16])
+    parser.add_argument("--libraries", nargs="*", choices=["cudnn", "flash"],
+                        default=["cudnn", "flash"],
+                        help="window_attention on these library kernels, beside ours")
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip Flex rows after this")
 
 
@@ -225,9 +247,11 @@ def main(args: argparse.Namespace) -> dict:
     require_cuda("window")
     from fsa_train.kernels.settings import default_settings
 
-    base = default_settings()
+    base = dataclasses.replace(default_settings(), window_kernel="triton")
     fused, split, atomic = (dataclasses.replace(base, window_bwd=mode)
                             for mode in ("fused", "split", "atomic"))
+    libraries = {kernel: dataclasses.replace(base, window_kernel=kernel)
+                 for kernel in args.libraries}
     start = time.time()
     props = torch.cuda.get_device_properties(0)
     meta = {**run_meta(), "device": f"{props.name} ({props.multi_processor_count} SMs)",
@@ -285,6 +309,25 @@ def main(args: argparse.Namespace) -> dict:
                     add(case, f"ours W={WINDOW} (atomic dq)", WINDOW,
                         measure(*ours(case, WINDOW, atomic)))
                 del fwd, fb
+                for kernel, settings in libraries.items():
+                    reason = library_unsupported(kernel, case)
+                    if reason is not None:
+                        print(f"{kernel} skipped at {case.name()}: {reason}")
+                        results.setdefault("skipped", []).append(
+                            f"{LIBRARY_NAMES[kernel]} {case.name()}: {reason}")
+                        continue
+                    for window in (None, WINDOW):
+                        suffix = "" if window is None else f" W={window}"
+                        try:
+                            timing = measure(*ours(case, window, settings))
+                        except Exception as error:  # noqa: BLE001 - report and go on
+                            print(f"{kernel} failed at {case.name()}{suffix}: {error!r}"[:600])
+                            results.setdefault("skipped", []).append(
+                                f"{LIBRARY_NAMES[kernel]}{suffix} {case.name()}: failed "
+                                f"({type(error).__name__})")
+                            continue
+                        add(case, LIBRARY_NAMES[kernel] + suffix, window, timing)
+                    torch.cuda.empty_cache()
                 if G in args.flex_groups:
                     pending_flex.append((n, layout, G, None))
                     if n in args.flex_window_seqs:

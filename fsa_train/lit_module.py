@@ -98,11 +98,12 @@ class LitGPT(L.LightningModule):
             for block in self.model.blocks:
                 block.compile()
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, cu_seqlens)
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        return self.model(input_ids, cu_seqlens, max_seqlen)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.model(batch["input_ids"], batch["cu_seqlens"])
+        hidden = self.model(batch["input_ids"], batch["cu_seqlens"], batch.get("max_seqlen"))
         return self.model.loss(hidden, batch["targets"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:

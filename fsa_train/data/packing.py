@@ -104,8 +104,9 @@ def collate_packed(windows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torc
     """Concatenate B windows into one packed batch (no batch dimension).
 
     Returns ``input_ids`` and ``targets`` int64 [B*seq_len], ``cu_seqlens`` int32 holding every
-    window's segments with offsets shifted (a segment never spans two windows), and
-    ``n_windows`` = B.
+    window's segments with offsets shifted (a segment never spans two windows), ``max_seqlen``
+    (the longest segment, a host int: attention kernels size their grid with it without reading
+    ``cu_seqlens`` back from the GPU) and ``n_windows`` = B.
     """
     if not windows:
         raise ValueError("collate_packed needs at least one window")
@@ -114,9 +115,11 @@ def collate_packed(windows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torc
     for win in windows:
         cu_parts.append(win["cu_seqlens"][1:] + offset)
         offset += win["input_ids"].numel()
+    cu_seqlens = torch.cat(cu_parts).to(torch.int32)
     return {
         "input_ids": torch.cat([win["input_ids"] for win in windows]),
         "targets": torch.cat([win["targets"] for win in windows]),
-        "cu_seqlens": torch.cat(cu_parts).to(torch.int32),
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0,
         "n_windows": len(windows),
     }

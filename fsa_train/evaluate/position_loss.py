@@ -29,12 +29,14 @@ def token_losses(
     targets: torch.Tensor,
     cu_seqlens: torch.Tensor,
     chunk: int | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of every target (float32 ``[total]``; 0 where the target is -100).
 
-    Logits are computed ``chunk`` tokens at a time (default: the model's ``loss_chunk``).
+    Logits are computed ``chunk`` tokens at a time (default: the model's ``loss_chunk``);
+    ``max_seqlen``: the batch's longest document, when known.
     """
-    hidden = model(input_ids, cu_seqlens)
+    hidden = model(input_ids, cu_seqlens, max_seqlen)
     chunk = chunk or model.cfg.loss_chunk
     parts = [
         F.cross_entropy(model.head(h).float(), t, ignore_index=IGNORE_INDEX, reduction="none")
@@ -113,7 +115,8 @@ def position_loss(
         targets = batch["targets"].to(device)
         cu_seqlens = batch["cu_seqlens"].to(device)
         with precision(device, precision_name):
-            losses = token_losses(model, ids, targets, cu_seqlens)
+            losses = token_losses(model, ids, targets, cu_seqlens,
+                                  max_seqlen=batch.get("max_seqlen"))
         totals.update(losses, document_positions(cu_seqlens, ids.numel()), targets)
     return totals.result()
 

@@ -87,6 +87,7 @@ def nsa_attention(
     backend: str = "auto",
     varlen: NSAVarlen | None = None,
     settings: KernelSettings | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """NSA core output ``[total, H, d]``.
 
@@ -103,6 +104,8 @@ def nsa_attention(
         varlen: the batch's :func:`nsa_varlen`, if the caller has it already (the model computes
             it once for all layers); computed here otherwise.
         settings: the Triton kernels' launch switches (default: from the environment).
+        max_seqlen: the longest document as a host integer, if known (library kernels size
+            their grid with it).
     """
     total = q.shape[0]
     if varlen is None:
@@ -135,5 +138,5 @@ def nsa_attention(
     o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale,
                                    partials=cfg.selected_partials, selection=cfg.selection,
                                    **run)
-    o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, **run)
+    o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, max_seqlen, **run)
     return ops.gate_mix(o_cmp, o_sel, o_win, gates, **run)

@@ -18,6 +18,7 @@ from functools import cache
 _MERGES = ("bitonic", "sort")
 _TOPK_CONFIGS = ("tuned", "safe")
 _WINDOW_BWD = ("fused", "split", "atomic")
+WINDOW_KERNELS = ("auto", "triton", "cudnn", "flash")
 _LAUNCH_KEYS = {"BLOCK_M", "num_warps", "num_stages", "PREFETCH"}
 _BLOCK_SPARSE_KEYS = {"SPLIT", "PACK", "num_warps", "num_stages"}
 
@@ -40,6 +41,12 @@ class KernelSettings:
         window_bwd: backward schedule of the window kernel (``FSA_WINDOW_BWD``): "fused" (dk, dv
             and dq per tile in one kernel), "split" (two kernels) or "atomic" (dq added with fp32
             atomics; not deterministic).
+        window_kernel: which GPU kernel runs ``window_attention`` (dense and sliding-window
+            attention on packed documents; ``FSA_WINDOW_KERNEL``): "triton" (ours), "cudnn"
+            (cuDNN through nvidia-cudnn-frontend, the ``gpu`` extra), "flash" (FlashAttention
+            through ``torch.nn.attention.varlen.varlen_attn``), both fp16/bf16 only, or "auto"
+            (the kernel measured fastest for the shape class, never one that is missing or
+            refuses the inputs).
         compressed_dkdv_splits: query-range splits of the compressed attention's dk/dv kernel
             (0: enough to fill the GPU, 1 under the interpreter); tests force other counts.
         selected_fwd_config, selected_bwd_config: launch configuration of the selected kernels
@@ -61,6 +68,7 @@ class KernelSettings:
     topk_tile_blocks: int = 0
     topk_configs: str = "tuned"
     window_bwd: str = "fused"
+    window_kernel: str = "auto"
     compressed_dkdv_splits: int = 0
     selected_fwd_config: dict | None = None
     selected_bwd_config: dict | None = None
@@ -79,6 +87,9 @@ class KernelSettings:
         if self.window_bwd not in _WINDOW_BWD:
             raise ValueError(f"FSA_WINDOW_BWD must be one of {_WINDOW_BWD}, "
                              f"got {self.window_bwd!r}")
+        if self.window_kernel not in WINDOW_KERNELS:
+            raise ValueError(f"FSA_WINDOW_KERNEL must be one of {WINDOW_KERNELS}, "
+                             f"got {self.window_kernel!r}")
         if self.compressed_dkdv_splits < 0:
             raise ValueError(f"compressed_dkdv_splits must be >= 0, "
                              f"got {self.compressed_dkdv_splits}")
@@ -117,6 +128,7 @@ class KernelSettings:
             topk_tile_blocks=tile_blocks,
             topk_configs=env.get("FSA_TOPK_CONFIGS", "tuned"),
             window_bwd=env.get("FSA_WINDOW_BWD", "fused"),
+            window_kernel=env.get("FSA_WINDOW_KERNEL", "auto"),
             block_sparse_autotune=flag("FSA_BLOCK_SPARSE_AUTOTUNE"),
         )
 

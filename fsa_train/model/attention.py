@@ -70,12 +70,13 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
-        varlen: NSAVarlen | None = None,
+        varlen: NSAVarlen | None = None, max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """``x [total, D]`` → ``[total, D]``; documents never attend to each other.
 
         ``varlen`` (NSA only): the batch's :func:`fsa_train.kernels.nsa_varlen`, shared by all
-        layers; computed here when None."""
+        layers; computed here when None. ``max_seqlen``: the longest document, when the data
+        knows it (library attention kernels size their grid with it)."""
         total = x.shape[0]
         d, H, h = self.cfg.head_dim, self.cfg.n_head, self.cfg.n_kv_head
         q = self.q_proj(x).view(total, H, d)
@@ -89,10 +90,10 @@ class Attention(nn.Module):
                 varlen = nsa_varlen(cu_seqlens, total, self.cfg.nsa, positions)
             o = nsa_attention(
                 q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend,
-                varlen=varlen,
+                varlen=varlen, max_seqlen=max_seqlen,
             )
         else:
             q = self.rope(q, positions)
             k = self.rope(k, positions)
-            o = window_attention(q, k, v, cu_seqlens, None, backend=backend)
+            o = window_attention(q, k, v, cu_seqlens, None, None, max_seqlen, backend=backend)
         return self.o_proj(o.reshape(total, H * d))

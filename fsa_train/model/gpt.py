@@ -47,9 +47,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
-        varlen: NSAVarlen | None = None,
+        varlen: NSAVarlen | None = None, max_seqlen: int | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cu_seqlens, positions, varlen)
+        x = x + self.attn(self.attn_norm(x), cu_seqlens, positions, varlen, max_seqlen)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -106,8 +106,12 @@ class GPT(nn.Module):
             count -= self.embed.weight.numel()
         return count
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """Final hidden states ``[total, D]`` (after the last norm) for tokens ``[total]``."""
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        """Final hidden states ``[total, D]`` (after the last norm) for tokens ``[total]``.
+
+        ``max_seqlen``: the longest document of the batch as a host integer, when known (the
+        packed batches carry it; library attention kernels size their grid with it)."""
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be packed 1-D [total], got {tuple(input_ids.shape)}")
         total = input_ids.shape[0]
@@ -119,9 +123,10 @@ class GPT(nn.Module):
         recompute = self.cfg.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                x = checkpoint(block, x, cu_seqlens, positions, varlen, use_reentrant=False)
+                x = checkpoint(block, x, cu_seqlens, positions, varlen, max_seqlen,
+                               use_reentrant=False)
             else:
-                x = block(x, cu_seqlens, positions, varlen)
+                x = block(x, cu_seqlens, positions, varlen, max_seqlen)
         return self.norm(x)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -197,7 +197,8 @@ def test_dataset_mode_batches(dataset_dir, small_tokenizer):
     assert dm.tokenizer.checksum == small_tokenizer.checksum  # the copy inside the dataset
     assert dm.tokenizer.path == dataset_dir / "tokenizer.model"
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "targets", "cu_seqlens", "n_windows"}
+    assert set(batch) == {"input_ids", "targets", "cu_seqlens", "max_seqlen", "n_windows"}
+    assert batch["max_seqlen"] == int(batch["cu_seqlens"].diff().max())
     assert batch["input_ids"].shape == (256,) and batch["cu_seqlens"][-1] == 256
     assert "train:" in dm.describe() and str(dataset_dir) in dm.describe()
     assert dm.state_dict()["position"] == 4 and dm.state_dict()["seed"] == 1234  # one batch out

@@ -91,6 +91,8 @@ def test_collate_offsets():
         expected += (win["cu_seqlens"][1:] + 16 * k).tolist()
     assert batch["cu_seqlens"].tolist() == expected
     assert 16 in expected and 32 in expected  # window edges are always segment edges
+    assert isinstance(batch["max_seqlen"], int)
+    assert batch["max_seqlen"] == max(b - a for a, b in zip(expected, expected[1:], strict=False))
     for k, win in enumerate(windows):
         assert torch.equal(batch["input_ids"][16 * k : 16 * (k + 1)], win["input_ids"])
         assert torch.equal(batch["targets"][16 * k : 16 * (k + 1)], win["targets"])
@@ -100,6 +102,7 @@ def test_collate_without_document_mask():
     pw = PackedWindows(synthetic(DOC_LENGTHS), 10, document_mask=False)
     batch = collate_packed([pw[0], pw[1]])
     assert batch["cu_seqlens"].tolist() == [0, 10, 20]
+    assert batch["max_seqlen"] == 10
 
 
 def test_windows_over_prepared_files(kjv_texts, small_tokenizer, tmp_path):

@@ -28,12 +28,18 @@ _rel = partial(rel_error, rms_floor=True)
 """Relative L2 error; the reference norm is floored at an RMS of 1 (exact-zero references)."""
 
 
+_TRITON = replace(default_settings(), window_kernel="triton")
+"""Our kernel, whatever "auto" would pick (the library paths: test_window_attention_libraries)."""
+
+
 def _bwd(mode: str):
-    """The settings with backward schedule ``mode``."""
-    return replace(default_settings(), window_bwd=mode)
+    """Our kernel with backward schedule ``mode``."""
+    return replace(_TRITON, window_bwd=mode)
 
 
 def _run(fn, q, k, v, cu, window, do, **options):
+    if fn is wa.window_attention:
+        options.setdefault("settings", _TRITON)
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     o = fn(q, k, v, cu, window, **options)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)

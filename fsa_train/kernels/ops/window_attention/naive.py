@@ -16,10 +16,13 @@ def window_attention(
     cu_seqlens: torch.Tensor,
     window: int | None = None,
     scale: float | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Causal attention inside each document over keys ``t - W + 1 .. t`` (``window=None``: all).
 
-    Returns ``o [total, H, d]`` in q's dtype.
+    ``max_seqlen``: the longest document as a host integer, when the caller knows it (library
+    kernels size their grid with it; the result does not depend on it). Returns
+    ``o [total, H, d]`` in q's dtype.
     """
     H, h = na.check_heads(q, k, v)
     if window is not None and window < 1:

@@ -1,0 +1,100 @@
+"""Maintained attention kernels of other libraries that our ops can hand work to.
+
+We write kernels only where nobody else has a fast one: where a maintained library runs an op's
+shape faster, the op's GPU path calls it and keeps our Triton kernel as the fallback. Each entry
+here answers two questions without importing anything heavy twice: is the library usable in
+this process, and if not, what one line tells the user how to get it.
+
+* ``flash_varlen``: FlashAttention on packed documents through PyTorch's
+  ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 as built into torch; FA3/FA4 when
+  activated with ``torch.nn.attention.activate_flash_attention_impl``). Nothing to install
+  beyond a CUDA build of torch that has the module.
+* ``cudnn_sdpa``: cuDNN's fused attention on packed documents through ``nvidia-cudnn-frontend``
+  (its ``torch.ops.cudnn.sdpa_fwd`` / ``sdpa_bwd`` custom ops: ragged layout, causal and
+  sliding-window bands, GQA). The optional extra ``pip install fsa-train[gpu]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+
+@dataclass(frozen=True)
+class VarlenAttention:
+    """``varlen_attn`` of this torch, and whether it takes ``enable_gqa`` (newer releases
+    check the head counts behind that flag; older ones pass grouped heads straight through)."""
+
+    fn: Callable
+    takes_enable_gqa: bool
+    takes_window_size: bool
+
+
+@cache
+def flash_varlen() -> VarlenAttention | None:
+    """torch's packed-sequence FlashAttention, or None when this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return VarlenAttention(varlen_attn, "enable_gqa" in params, "window_size" in params)
+
+
+FLASH_VARLEN_MISSING = ("window_kernel='flash' needs torch.nn.attention.varlen.varlen_attn with "
+                        "window_size (torch >= 2.10, a CUDA build)")
+"""The one-line error when the FlashAttention path is asked for and this torch lacks it."""
+
+
+@dataclass(frozen=True)
+class CudnnSdpa:
+    """nvidia-cudnn-frontend's packed-sequence SDPA ops: ``fwd(q, k, v, scale, ...) -> (o,
+    lse)``, ``bwd(do, q, k, v, o, padded_lse, scale, ...) -> (dq, dk, dv)`` and
+    ``padded_lse(lse, cu_seqlens, max_seqlen)`` (the packed LSE in the backward's layout)."""
+
+    fwd: Callable
+    bwd: Callable
+    padded_lse: Callable
+    version: str
+
+
+@cache
+def cudnn_sdpa() -> CudnnSdpa | None:
+    """cuDNN's SDPA ops, or None when nvidia-cudnn-frontend is missing or cannot load here
+    (no CUDA, no libcudnn): callers then keep another kernel."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        import cudnn
+        from cudnn.sdpa.fwd import torch_op
+    except Exception:  # noqa: BLE001 - ImportError, or OSError/RuntimeError loading libcudnn
+        return None
+    return CudnnSdpa(torch.ops.cudnn.sdpa_fwd, torch.ops.cudnn.sdpa_bwd,
+                     torch_op.thd_lse_to_padded, getattr(cudnn, "__version__", "?"))
+
+
+CUDNN_SDPA_MISSING = ("window_kernel='cudnn' needs nvidia-cudnn-frontend >= 1.32 and a CUDA GPU "
+                      "(pip install 'fsa-train[gpu]')")
+"""The one-line error when the cuDNN path is asked for and cannot load."""
+
+
+def unsupported_inputs(kernel: str, q, k, max_head_dim: int) -> str | None:
+    """The input checks every library path shares: CUDA, fp16/bf16, head dim a multiple of 8 up
+    to ``max_head_dim``, grouped heads. One line naming ``kernel`` and what is wrong, or None."""
+    import torch
+
+    if not q.is_cuda:
+        return f"window_kernel={kernel!r} needs CUDA tensors, got {q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype:
+        return f"window_kernel={kernel!r} needs fp16 or bf16 q, k and v, got {q.dtype}, {k.dtype}"
+    d = q.shape[-1]
+    if d % 8 or d > max_head_dim:
+        return (f"window_kernel={kernel!r} needs a head dim that is a multiple of 8 up to "
+                f"{max_head_dim}, got {d}")
+    if q.shape[1] % k.shape[1]:
+        return f"window_kernel={kernel!r} needs H divisible by h, got {q.shape[1]} and {k.shape[1]}"
+    return None

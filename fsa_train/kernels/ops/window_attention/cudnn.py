@@ -1,0 +1,99 @@
+"""``window_attention`` on cuDNN's fused attention (nvidia-cudnn-frontend's packed-sequence ops).
+
+The same contract as the naive op: for each query token ``t`` of a document, softmax attention
+over the keys ``t - W + 1 .. t`` of its document (all of ``0 .. t`` for ``window=None``), KV head
+``j // G`` for query head ``j``. cuDNN's ``diagonal_band_left_bound`` counts the visible keys
+including the query's own, so a window of W keys is ``window_left=W``; our ``cu_seqlens`` are
+its ragged offsets, so documents never attend to each other.
+
+cuDNN builds one execution plan per (documents, longest document, heads, ...) and the frontend
+caches it by those numbers. Training batches differ in both, so the op rounds them up before
+calling it: the document count to a power of two (the extra documents are empty) and the
+longest document to a power of two (at most the batch length). A step then reuses one of a
+handful of plans instead of building a new one every time. ``max_seqlen`` (a host integer) is
+the longest document when the caller knows it; otherwise it is read from ``cu_seqlens``, one
+host synchronisation.
+
+The backward is deterministic unless ``settings.window_bwd == "atomic"`` asks for the faster
+order-dependent dQ accumulation (as our kernel's atomic schedule does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fsa_train.kernels.libraries import CUDNN_SDPA_MISSING, cudnn_sdpa, unsupported_inputs
+from fsa_train.kernels.utils import as_int32, rowmajor
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, window: int | None) -> str | None:
+    """Why the cuDNN path cannot run these inputs (None when it can)."""
+    if cudnn_sdpa() is None:
+        return CUDNN_SDPA_MISSING
+    reason = unsupported_inputs("cudnn", q, k, max_head_dim=128)
+    if reason is None and torch.cuda.get_device_capability(q.device) < (8, 0):
+        reason = "window_kernel='cudnn' needs an Ampere or newer GPU (fused attention)"
+    return reason
+
+
+def power_of_two_at_least(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def plan_shape(cu_seqlens: torch.Tensor, total: int,
+               max_seqlen: int | None) -> tuple[torch.Tensor, int]:
+    """``cu_seqlens`` padded with empty documents to a power-of-two count, and the longest
+    document rounded up to a power of two (at most ``total``): the numbers cuDNN plans for."""
+    cu = as_int32(cu_seqlens)
+    docs = cu.numel() - 1
+    slots = power_of_two_at_least(docs)
+    if slots > docs:
+        cu = torch.cat([cu, cu[-1:].expand(slots - docs)])
+    if max_seqlen is None:
+        max_seqlen = int((cu[1:] - cu[:-1]).max()) if docs else 1
+    return cu, max(1, min(power_of_two_at_least(max_seqlen), total))
+
+
+class _CudnnWindowAttention(torch.autograd.Function):
+    """cuDNN's forward and backward on the padded plan shape (:func:`plan_shape`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, scale: float, window_left: int, longest: int,
+                deterministic: bool):
+        library = cudnn_sdpa()
+        o, lse = library.fwd(q, k, v, scale, is_causal=True, window_left=window_left,
+                             cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                             max_seqlen_kv=longest, return_lse=True)
+        ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.options = (scale, window_left, longest, deterministic)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        scale, window_left, longest, deterministic = ctx.options
+        library = cudnn_sdpa()
+        padded = library.padded_lse(lse[:, :, 0], cu, longest)
+        dq, dk, dv = library.bwd(rowmajor(do), q, k, v, o, padded, scale, is_causal=True,
+                                 window_left=window_left, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=longest, max_seqlen_kv=longest,
+                                 is_deterministic=deterministic)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: float | None = None,
+                     max_seqlen: int | None = None, *, deterministic: bool = True) -> torch.Tensor:
+    """``o [total, H, d]`` from cuDNN; a ValueError naming the reason when it cannot run these
+    inputs (:func:`unsupported`)."""
+    reason = unsupported(q, k, window)
+    if reason is not None:
+        raise ValueError(reason)
+    total = q.shape[0]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    cu, longest = plan_shape(cu_seqlens, total, max_seqlen)
+    window_left = -1 if window is None or window >= longest else int(window)
+    return _CudnnWindowAttention.apply(rowmajor(q), rowmajor(k), rowmajor(v), cu, scale,
+                                       window_left, longest, deterministic)
