@@ -57,8 +57,13 @@ PY=${PY:-python3}
 
 install_carried_wheels() {
   if [ -d .whl ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl
+    # one wheel at a time: a wheel built for another Python or platform is reported and skipped
+    # instead of failing the others
+    local wheel
+    for wheel in .whl/*.whl; do
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$wheel" 2>/dev/null || echo "skipped $wheel (not for this Python)" >&2
+    done
     export PYTHONPATH=/tmp/site:$PWD
   else
     export PYTHONPATH=$PWD

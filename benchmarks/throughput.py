@@ -2,7 +2,8 @@
 
 Modes (issue 7):
 
-* ``dense``: ``window_attention(window=None)``, our varlen kernel (causal per document);
+* ``dense``: ``window_attention(window=None)`` on packed documents (the kernel of
+  ``FSA_WINDOW_KERNEL``: ours, cuDNN or FlashAttention; "auto" by default);
 * ``nsa``: NSA with the default parameters (``NSAConfig()``, exact token-level selection);
 * ``nsa_block``: the same with block-shared selection (``NSAConfig(selection="block")``);
 * ``sdpa``: the dense model with each attention's core replaced by PyTorch's causal
@@ -132,7 +133,7 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
 
     def step() -> None:
         with autocast:
-            loss = model.loss(model(ids, cu_seqlens), targets)
+            loss = model.loss(model(ids, cu_seqlens, context), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -192,7 +193,9 @@ def environment(device: torch.device) -> dict:
     info = run_meta(device.type)
     if device.type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
-        info["cudnn"] = torch.backends.cudnn.version()
+    from fsa_train.kernels.settings import default_settings
+
+    info["window_kernel"] = default_settings().window_kernel  # FSA_WINDOW_KERNEL
     return info
 
 
@@ -207,6 +210,16 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def kernel_sentence(env: dict) -> str:
+    """Which ``window_attention`` kernel ran, for reports that recorded it (older ones did not)."""
+    if "window_kernel" not in env:
+        return ""
+    installed = [f"{name} {version}" for name, version in env.get("libraries", {}).items()
+                 if version]
+    return (f" `window_attention` kernel (dense mode, NSA's window branch): "
+            f"{env['window_kernel']}; libraries: {', '.join(installed) or 'none'}.")
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown: settings, one row per (mode, context), NSA speed-ups."""
     env, cfg = report["environment"], report["model"]
@@ -218,7 +231,8 @@ def markdown(report: dict) -> str:
         f"{cfg['n_kv_head']} KV heads, d = {cfg['head_dim']}, vocab {cfg['vocab_size']}; "
         f"{'bf16 autocast' if report['bf16'] else 'fp32'}; one document per sequence, "
         f"{_per_step(report)}; "
-        f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW).",
+        f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW)."
+        + kernel_sentence(env),
         "",
         "| mode | context | tokens/s | step ms | MFU | MFU dense-equiv | peak GiB | ckpt |",
         "|---|---|---|---|---|---|---|---|",

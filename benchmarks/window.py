@@ -186,13 +186,22 @@ def tuner_choices() -> dict:
             if name.startswith("window_attention.")}
 
 
+def library_line(meta: dict) -> str:
+    """"cuDNN <v>, nvidia-cudnn-frontend <v>, ..., " for results that recorded them (older ones
+    did not)."""
+    if "libraries" not in meta:
+        return ""
+    installed = [f"{name} {version}" for name, version in meta["libraries"].items() if version]
+    return ", ".join([f"cuDNN {meta.get('cudnn')}", *installed]) + ", "
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
         "# window_attention benchmark",
         "",
-        f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, cuDNN "
-        f"{meta.get('cudnn')}, libraries {meta.get('libraries')}, {meta['date']}. "
+        f"{meta['device']}, torch {meta['torch']}, Triton {meta['triton']}, "
+        f"{library_line(meta)}{meta['date']}. "
         f"bf16, d = {D}, {KV_HEADS} KV heads, H = 4·G; median of `triton.testing.do_bench` "
         "(ms); peak = extra memory of one forward+backward (MiB). cuDNN and FA2 (SDPA flash) "
         "run causal on `[B, H, L, d]` with K/V expanded to H heads (packed equal-length "
