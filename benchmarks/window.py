@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib
 import time
 
@@ -157,14 +158,24 @@ def flex(case: Case, window):
     return run, fwd_bwd
 
 
-LIBRARY_NAMES = {"cudnn": "cuDNN frontend (packed)", "flash": "FA2 (torch varlen)"}
-"""Row names of ``window_attention`` on each library kernel (``KernelSettings.window_kernel``)."""
+LIBRARY_VARIANTS = {
+    "cudnn": {"window_kernel": "cudnn"},
+    "cudnn_any_order": {"window_kernel": "cudnn", "window_bwd": "atomic"},
+    "flash": {"window_kernel": "flash"},
+}
+"""``window_attention`` on the library kernels: the settings of each row variant."""
+
+LIBRARY_NAMES = {"cudnn": "cuDNN frontend (packed)",
+                 "cudnn_any_order": "cuDNN frontend (packed, any-order bwd)",
+                 "flash": "FA2 (torch varlen)"}
+"""Row names of the variants (any-order: cuDNN's non-deterministic backward)."""
 
 
-def library_unsupported(kernel: str, case: Case) -> str | None:
-    """Why the library path ``kernel`` cannot run ``case`` (None when it can)."""
+def library_unsupported(variant: str, case: Case) -> str | None:
+    """Why the library path of ``variant`` cannot run ``case`` (None when it can)."""
     from fsa_train.kernels.ops.window_attention.backends import LIBRARY_KERNELS
 
+    kernel = LIBRARY_VARIANTS[variant]["window_kernel"]
     return LIBRARY_KERNELS[kernel].unsupported(case.q, case.k, WINDOW)
 
 
@@ -244,8 +255,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flex-window-seqs", type=int, nargs="*", default=[16384])
     parser.add_argument("--split-groups", type=int, nargs="*", default=[])
     parser.add_argument("--atomic-groups", type=int, nargs="*", default=[1, 4, 16])
-    parser.add_argument("--libraries", nargs="*", choices=["cudnn", "flash"],
-                        default=["cudnn", "flash"],
+    parser.add_argument("--libraries", nargs="*", choices=list(LIBRARY_VARIANTS),
+                        default=list(LIBRARY_VARIANTS),
                         help="window_attention on these library kernels, beside ours")
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip Flex rows after this")
 
@@ -259,8 +270,8 @@ def main(args: argparse.Namespace) -> dict:
     base = dataclasses.replace(default_settings(), window_kernel="triton")
     fused, split, atomic = (dataclasses.replace(base, window_bwd=mode)
                             for mode in ("fused", "split", "atomic"))
-    libraries = {kernel: dataclasses.replace(base, window_kernel=kernel)
-                 for kernel in args.libraries}
+    libraries = {variant: dataclasses.replace(base, **LIBRARY_VARIANTS[variant])
+                 for variant in args.libraries}
     start = time.time()
     props = torch.cuda.get_device_properties(0)
     meta = {**run_meta(), "device": f"{props.name} ({props.multi_processor_count} SMs)",
@@ -330,10 +341,13 @@ def main(args: argparse.Namespace) -> dict:
                         try:
                             timing = measure(*ours(case, window, settings))
                         except Exception as error:  # noqa: BLE001 - report and go on
-                            print(f"{kernel} failed at {case.name()}{suffix}: {error!r}"[:600])
+                            print(f"{kernel} failed at {case.name()}{suffix}: {error!r}"[:300])
                             results.setdefault("skipped", []).append(
                                 f"{LIBRARY_NAMES[kernel]}{suffix} {case.name()}: failed "
-                                f"({type(error).__name__})")
+                                f"({type(error).__name__}: {str(error)[:80]})")
+                            del error
+                            gc.collect()
+                            torch.cuda.empty_cache()
                             continue
                         add(case, LIBRARY_NAMES[kernel] + suffix, window, timing)
                     torch.cuda.empty_cache()

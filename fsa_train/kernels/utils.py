@@ -48,6 +48,16 @@ def as_int32(cu: torch.Tensor) -> torch.Tensor:
     return cu if cu.dtype == torch.int32 else cu.to(torch.int32)
 
 
+def longest_document(cu: torch.Tensor, total: int, max_seqlen: int | None) -> int:
+    """``max_seqlen`` when the caller knows it, else the longest document read from ``cu`` (one
+    host synchronisation), or ``total`` while a CUDA graph is being captured (no reads then)."""
+    if max_seqlen is not None:
+        return max(1, min(int(max_seqlen), total))
+    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+        return max(1, total)
+    return max(1, int((cu[1:] - cu[:-1]).max())) if cu.numel() > 1 else 1
+
+
 def search_steps(n_docs: int) -> int:
     """Steps of a binary search over ``n_docs`` documents (at least one)."""
     return max(1, int(n_docs).bit_length())

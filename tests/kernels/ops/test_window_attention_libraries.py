@@ -49,13 +49,15 @@ def test_settings_name_the_kernels():
 
 
 def test_every_shape_class_ends_with_our_kernel():
-    assert set(backends.AUTO_ORDER) == {"dense", "window"}
-    for order in backends.AUTO_ORDER.values():
+    for order in (*backends.AUTO_ORDER.values(), backends.DETERMINISTIC_ORDER):
         assert order[-1] == "triton"
         assert set(order) <= {"triton", *backends.LIBRARY_KERNELS}
-    assert backends.shape_class(None, 100) == "dense"
-    assert backends.shape_class(100, 100) == "dense"
-    assert backends.shape_class(99, 100) == "window"
+    assert backends.shape_class(None, 100, 4) == "dense"
+    assert backends.shape_class(100, 100, 1) == "dense"
+    assert backends.shape_class(99, 100, 1) == "window, G < 4"
+    assert backends.shape_class(99, 100, 4) == "window, G >= 4"
+    assert {backends.shape_class(w, 100, g) for w in (None, 9) for g in (1, 16)} == \
+        set(backends.AUTO_ORDER)
 
 
 def test_auto_keeps_our_kernel_off_the_gpu():
@@ -187,7 +189,7 @@ def test_gpu_library_without_max_seqlen_and_strided_views(kernel):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 512])
-def test_gpu_cudnn_backward_is_deterministic(window):
+def test_gpu_cudnn_backward_is_deterministic_when_asked(window):
     q, k, v, do, cu = packed_qkv(GPU_PACKED, 4, 4, 128, torch.bfloat16, seed=9)
     _library_or_skip("cudnn", q, k, window)
     wa = _triton_op()
@@ -196,7 +198,12 @@ def test_gpu_cudnn_backward_is_deterministic(window):
     def run(q, k, v):
         return wa.window_attention(q, k, v, cu, window, None, 4096, settings=settings)
 
-    first, second = _grads(run, q, k, v, do), _grads(run, q, k, v, do)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _grads(run, q, k, v, do), _grads(run, q, k, v, do)
+        assert backends.kernel_for(_settings("auto"), q, k, window) == "triton"
+    finally:
+        torch.use_deterministic_algorithms(False)
     for name, a, b in zip(("o", "dq", "dk", "dv"), first, second, strict=True):
         assert torch.equal(a, b), name
 
@@ -207,7 +214,7 @@ def test_gpu_auto_runs_whatever_is_installed():
     wa = _triton_op()
     for window in (None, 512):
         kernel = backends.kernel_for(_settings("auto"), q, k, window)
-        assert kernel in backends.AUTO_ORDER[backends.shape_class(window, q.shape[0])]
+        assert kernel in backends.AUTO_ORDER[backends.shape_class(window, q.shape[0], 4)]
         got = _grads(partial(wa.window_attention, cu_seqlens=cu, window=window,
                              settings=_settings("auto")), q, k, v, do)
         want = _grads(partial(reference.window_attention, cu_seqlens=cu, window=window),

@@ -12,10 +12,12 @@ calling it: the document count to a power of two (the extra documents are empty)
 longest document to a power of two (at most the batch length). A step then reuses one of a
 handful of plans instead of building a new one every time. ``max_seqlen`` (a host integer) is
 the longest document when the caller knows it; otherwise it is read from ``cu_seqlens``, one
-host synchronisation.
+host synchronisation (the batch length while a CUDA graph is captured).
 
-The backward is deterministic unless ``settings.window_bwd == "atomic"`` asks for the faster
-order-dependent dQ accumulation (as our kernel's atomic schedule does).
+The backward is deterministic when PyTorch is asked for deterministic algorithms
+(``torch.use_deterministic_algorithms``, Lightning's ``trainer.deterministic``), as PyTorch's own
+cuDNN attention does; otherwise it adds dQ in any order. The deterministic one is slower and
+needs a workspace of B·H·S² elements (measured: 129 GiB for one 64K document at 16 heads).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import math
 import torch
 
 from fsa_train.kernels.libraries import CUDNN_SDPA_MISSING, cudnn_sdpa, unsupported_inputs
-from fsa_train.kernels.utils import as_int32, rowmajor
+from fsa_train.kernels.utils import as_int32, longest_document, rowmajor
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, window: int | None) -> str | None:
@@ -52,9 +54,8 @@ def plan_shape(cu_seqlens: torch.Tensor, total: int,
     slots = power_of_two_at_least(docs)
     if slots > docs:
         cu = torch.cat([cu, cu[-1:].expand(slots - docs)])
-    if max_seqlen is None:
-        max_seqlen = int((cu[1:] - cu[:-1]).max()) if docs else 1
-    return cu, max(1, min(power_of_two_at_least(max_seqlen), total))
+    longest = longest_document(cu, total, max_seqlen)
+    return cu, max(1, min(power_of_two_at_least(longest), total))
 
 
 class _CudnnWindowAttention(torch.autograd.Function):
@@ -85,15 +86,21 @@ class _CudnnWindowAttention(torch.autograd.Function):
 
 
 def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: float | None = None,
-                     max_seqlen: int | None = None, *, deterministic: bool = True) -> torch.Tensor:
+                     max_seqlen: int | None = None, *,
+                     deterministic: bool | None = None) -> torch.Tensor:
     """``o [total, H, d]`` from cuDNN; a ValueError naming the reason when it cannot run these
-    inputs (:func:`unsupported`)."""
+    inputs (:func:`unsupported`). ``deterministic``: the backward's order (None: PyTorch's
+    switch)."""
     reason = unsupported(q, k, window)
     if reason is not None:
         raise ValueError(reason)
     total = q.shape[0]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     cu, longest = plan_shape(cu_seqlens, total, max_seqlen)
     window_left = -1 if window is None or window >= longest else int(window)
-    return _CudnnWindowAttention.apply(rowmajor(q), rowmajor(k), rowmajor(v), cu, scale,
+    # packed copies: with q a strided view (the model's fused projection), cuDNN 9.19's
+    # any-order backward returned a wrong dQ (GPU test, 2026-12-03); the deterministic one did not
+    return _CudnnWindowAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu, scale,
                                        window_left, longest, deterministic)

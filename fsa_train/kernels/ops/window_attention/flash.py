@@ -8,7 +8,7 @@ over the keys ``t - W + 1 .. t`` of its document (all of ``0 .. t`` for ``window
 
 ``max_seqlen`` is the longest document of the batch as a host integer: FlashAttention sizes its
 grid with it. When the caller does not know it, it is read from ``cu_seqlens`` (one host
-synchronisation).
+synchronisation; the batch length while a CUDA graph is captured).
 
 Gradients come from torch's own backward of the op.
 """
@@ -20,7 +20,7 @@ import math
 import torch
 
 from fsa_train.kernels.libraries import FLASH_VARLEN_MISSING, flash_varlen, unsupported_inputs
-from fsa_train.kernels.utils import as_int32, rowmajor
+from fsa_train.kernels.utils import as_int32, longest_document, rowmajor
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, window: int | None) -> str | None:
@@ -42,8 +42,7 @@ def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: floa
     total = q.shape[0]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     cu = as_int32(cu_seqlens)
-    longest = int(cu.diff().max()) if max_seqlen is None else int(max_seqlen)
-    longest = max(1, min(longest, total))
+    longest = longest_document(cu, total, max_seqlen)
     left = -1 if window is None or window >= total else int(window) - 1
     options = {"scale": scale, "window_size": (left, 0)}
     if library.takes_enable_gqa:

@@ -610,15 +610,13 @@ def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: floa
                      settings: KernelSettings | None = None) -> torch.Tensor:
     """The naive op's contract (:mod:`.naive`) on the GPU: fp16, bf16 or fp32 inputs with any
     token/head strides, int32 or int64 ``cu_seqlens``. ``settings``: which kernel
-    (:func:`~.backends.kernel_for`: ours, cuDNN or FlashAttention), autotuning and the
-    backward schedule (``window_bwd="atomic"`` also lets cuDNN's backward accumulate in any
-    order); ``max_seqlen`` sizes the libraries' grids (ours needs no bound)."""
+    (:func:`~.backends.kernel_for`: ours, cuDNN or FlashAttention), autotuning and our
+    backward schedule; ``max_seqlen`` sizes the libraries' grids (ours needs no bound)."""
     _check(q, k, v, cu_seqlens, window)
     settings = resolve_settings(settings)
     kernel = kernel_for(settings, q, k, window)
     if kernel == "cudnn":
-        return cudnn.window_attention(q, k, v, cu_seqlens, window, scale, max_seqlen,
-                                      deterministic=settings.window_bwd != "atomic")
+        return cudnn.window_attention(q, k, v, cu_seqlens, window, scale, max_seqlen)
     if kernel == "flash":
         return flash.window_attention(q, k, v, cu_seqlens, window, scale, max_seqlen)
     return window_attention_with_lse(q, k, v, cu_seqlens, window, scale, settings=settings)[0]
