@@ -95,6 +95,9 @@ class LitGPT(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile:
+            from fsa_train.kernels.registry import preload_triton_modules
+
+            preload_triton_modules()
             for block in self.model.blocks:
                 block.compile()
 

@@ -19,6 +19,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -30,6 +31,10 @@ Backend = Literal["auto", "reference", "triton"]
 BACKENDS = ("auto", "reference", "triton")
 
 
+_TRITON_MODULES: dict[str, ModuleType | None] = {}
+"""Imported Triton modules by name (None: Triton or the module is missing)."""
+
+
 @dataclass(frozen=True)
 class Op:
     """One op: its name, its naive function and the module of its Triton implementation."""
@@ -38,14 +43,20 @@ class Op:
     naive: Callable
     triton_module: str
 
-    @functools.cached_property
+    @property
     def triton_module_or_none(self):
-        try:
-            return importlib.import_module(self.triton_module)
-        except ModuleNotFoundError as error:
-            if error.name in (self.triton_module, "triton"):
-                return None
-            raise
+        """The op's Triton module, imported on first use, or None without Triton. Cached in a
+        plain dict: ``functools.cached_property`` takes a lock on Python < 3.12, which
+        ``torch.compile`` cannot trace (a graph break at every op call)."""
+        if self.triton_module not in _TRITON_MODULES:
+            try:
+                module = importlib.import_module(self.triton_module)
+            except ModuleNotFoundError as error:
+                if error.name not in (self.triton_module, "triton"):
+                    raise
+                module = None
+            _TRITON_MODULES[self.triton_module] = module
+        return _TRITON_MODULES[self.triton_module]
 
     def triton(self) -> Callable | None:
         """The Triton implementation, or None when there is none (or no Triton)."""
@@ -57,6 +68,8 @@ class Op:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
         if backend == "reference":
+            return self.naive
+        if backend == "auto" and not tensor.is_cuda:
             return self.naive
         impl = self.triton()
         if backend == "triton":
@@ -113,3 +126,10 @@ def triton_impl(name: str) -> Callable | None:
     """The Triton implementation of op ``name``, or None when the project has none (or no
     Triton)."""
     return REGISTRY[name].triton()
+
+
+def preload_triton_modules() -> None:
+    """Import every op's Triton module now (a no-op without Triton): ``torch.compile`` cannot
+    trace ``importlib``, so compiled code must find them imported already."""
+    for op in REGISTRY.values():
+        _ = op.triton_module_or_none
