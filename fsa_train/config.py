@@ -107,6 +107,9 @@ class GPTConfig:
         head_dim: per-head width ``d`` (defaults to ``d_model // n_head``).
         ffn_hidden: SwiGLU hidden width (defaults to about 8/3 · d_model, rounded up to 64).
         attention: ``"dense"`` (causal within each document) or ``"nsa"``.
+        window: dense attention only: each query sees the last ``window`` keys of its document
+            (a sliding-window model, e.g. the ablation long-context evaluations must tell apart
+            from full attention); None = all of them. NSA's window is ``nsa.window``.
         nsa: NSA parameters, used when ``attention == "nsa"``.
         rope_base: RoPE frequency base.
         norm_eps: RMSNorm epsilon.
@@ -127,6 +130,7 @@ class GPTConfig:
     head_dim: int | None = None
     ffn_hidden: int | None = None
     attention: Literal["dense", "nsa"] = "nsa"
+    window: int | None = None
     nsa: NSAConfig = field(default_factory=NSAConfig)
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
@@ -139,6 +143,16 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if isinstance(self.nsa, dict):
             self.nsa = NSAConfig(**self.nsa)
+        if self.window is not None:
+            _require(
+                isinstance(self.window, int) and self.window > 0,
+                f"model.config.window must be a positive integer or null, got {self.window!r}",
+            )
+            _require(
+                self.attention == "dense",
+                "model.config.window applies to dense attention; NSA's sliding window is "
+                "model.config.nsa.window",
+            )
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "loss_chunk"):
             value = getattr(self, name)
             _require(

@@ -49,6 +49,8 @@ def attention_keys(cfg: GPTConfig, doc_lengths: np.ndarray) -> dict[str, float]:
     t = _positions(doc_lengths)
     keys = {"dense": float((t + 1).sum())}
     if cfg.attention != "nsa":
+        if cfg.window is not None:
+            keys["window"] = float(np.minimum(cfg.window, t + 1).sum())
         return keys
     n = cfg.nsa
     compressed = np.where(t >= n.cmp_kernel - 1, (t - n.cmp_kernel + 1) // n.cmp_stride + 1, 0)
@@ -77,7 +79,10 @@ def batch_flops(cfg: GPTConfig, doc_lengths: np.ndarray) -> BatchFlops:
         2.0 * matmul_params(cfg, with_gates=False) * tokens + pair * keys["dense"]
     ) * TRAIN_FACTOR
     if cfg.attention != "nsa":
-        return BatchFlops(dense_equivalent, dense_equivalent)
+        if cfg.window is None:
+            return BatchFlops(dense_equivalent, dense_equivalent)
+        windowed = (2.0 * matmul_params(cfg) * tokens + pair * keys["window"]) * TRAIN_FACTOR
+        return BatchFlops(dense_equivalent, windowed)
     n, d, h = cfg.nsa, cfg.head_dim, cfg.n_kv_head
     compressed_tokens = float(np.maximum(0, (lengths - n.cmp_kernel) // n.cmp_stride + 1).sum())
     compression = 2.0 * 2 * h * (n.cmp_kernel * d) * d * compressed_tokens * cfg.n_layer

@@ -41,6 +41,8 @@ def test_nsa_violations_name_the_field(kwargs, field):
         ({"vocab_size": 0}, "vocab_size"),
         ({"attention": "linear"}, "attention"),
         ({"kernel_backend": "cuda"}, "kernel_backend"),
+        ({"attention": "dense", "window": 0}, "window"),
+        ({"attention": "nsa", "window": 512}, "window"),
     ],
 )
 def test_gpt_violations_name_the_field(kwargs, field):

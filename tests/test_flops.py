@@ -59,6 +59,16 @@ def test_batch_flops_dense_model_is_its_own_equivalent_and_nsa_is_cheaper_at_lon
     ).dense_equivalent
 
 
+def test_sliding_window_dense_model_counts_only_its_window():
+    kw = dict(n_layer=2, n_head=8, n_kv_head=2, head_dim=128, d_model=1024, attention="dense")
+    full = batch_flops(GPTConfig(**kw), np.array([8192]))
+    windowed = batch_flops(GPTConfig(**kw, window=512), np.array([8192]))
+    assert windowed.dense_equivalent == full.dense_equivalent
+    assert windowed.actual < full.actual
+    short = batch_flops(GPTConfig(**kw, window=512), np.array([300]))  # window covers it
+    assert short.actual == short.dense_equivalent
+
+
 def test_device_peaks():
     assert device_peak_flops("NVIDIA H200", "bf16-mixed") == pytest.approx(989e12)
     assert device_peak_flops("NVIDIA H100 80GB HBM3", "bf16-mixed") == pytest.approx(989e12)

@@ -46,6 +46,7 @@ from fsa_train.data.corpus import (
     resolve_sources,
 )
 from fsa_train.data.packing import PackedWindows, check_seq_len, collate_packed
+from fsa_train.data.retrieval import RetrievalMix, check_retrieval
 from fsa_train.data.sampling import ResumableWindowSampler, ShardedOrderSampler
 from fsa_train.data.shards import DatasetFormatError, check_tokenizer, load_split, read_meta
 from fsa_train.data.tokenizer import RECIPE_VERSION, Tokenizer, load_tokenizer, train_tokenizer
@@ -106,6 +107,10 @@ class TextDataModule(L.LightningDataModule):
         document_mask: keep attention and targets inside documents (else plain causal LM).
         num_workers: DataLoader worker processes.
         seed: seeds the training order (and the split of a corpus).
+        retrieval_fraction: fraction of training windows replaced by synthetic retrieval
+            documents (key sentences in the window's own text, a question about one of them;
+            :mod:`fsa_train.data.retrieval`); 0 = none. Validation is never mixed.
+        retrieval_keys: key sentences per retrieval document (one of them is asked).
     """
 
     def __init__(
@@ -122,6 +127,8 @@ class TextDataModule(L.LightningDataModule):
         document_mask: bool = True,
         num_workers: int = 0,
         seed: int = 1234,
+        retrieval_fraction: float = 0.0,
+        retrieval_keys: int = 4,
     ) -> None:
         super().__init__()
         if corpus is not None and dataset is not None:
@@ -141,6 +148,9 @@ class TextDataModule(L.LightningDataModule):
         self.document_mask = document_mask
         self.num_workers = num_workers
         self.seed = seed
+        check_retrieval(retrieval_fraction, retrieval_keys)
+        self.retrieval_fraction = retrieval_fraction
+        self.retrieval_keys = retrieval_keys
         self.tokenizer: Tokenizer | None = None
         self.data_dir: Path | None = None
         self.train_set: PackedWindows | None = None
@@ -271,7 +281,9 @@ class TextDataModule(L.LightningDataModule):
         self.data_dir = data_dir
         train = load_split(data_dir, "train", tokenizer)
         val = load_split(data_dir, "val", tokenizer)
-        train_set = PackedWindows(train, self.seq_len, self.document_mask)
+        mix = (RetrievalMix(tokenizer, self.retrieval_fraction, self.retrieval_keys, self.seed)
+               if self.retrieval_fraction > 0 else None)
+        train_set = PackedWindows(train, self.seq_len, self.document_mask, mix)
         val_set = PackedWindows(val, self.seq_len, self.document_mask)
         if len(val_set) == 0:
             raise ValueError(
@@ -385,4 +397,7 @@ class TextDataModule(L.LightningDataModule):
                 f"  {name}: {ds.data.n_tokens:,} tokens, {ds.data.n_documents} documents, "
                 f"{len(ds):,} windows"
             )
+        if self.train_set.retrieval is not None:
+            lines.append(f"  train: {self.retrieval_fraction:.1%} of windows are retrieval "
+                         f"documents with {self.retrieval_keys} keys")
         return "\n".join(lines)

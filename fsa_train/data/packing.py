@@ -27,6 +27,7 @@ from fsa_train.data.shards import TokenDataset
 
 if TYPE_CHECKING:
     from fsa_train.config import NSAConfig
+    from fsa_train.data.retrieval import RetrievalMix
 
 IGNORE_INDEX = -100
 
@@ -61,15 +62,20 @@ class PackedWindows(Dataset):
     Item keys: ``input_ids`` int64 [seq_len], ``targets`` int64 [seq_len], ``cu_seqlens`` int32
     [n_segments + 1] (0 first, seq_len last). With ``document_mask=True`` a target that would
     come from the next document is ``IGNORE_INDEX``; with ``False`` the window is one segment and
-    targets are the plain next tokens.
+    targets are the plain next tokens. ``retrieval``: replaces the windows it chooses by
+    synthetic retrieval documents (:mod:`~fsa_train.data.retrieval`; training split only).
     """
 
-    def __init__(self, tokens: TokenDataset, seq_len: int, document_mask: bool = True) -> None:
+    def __init__(self, tokens: TokenDataset, seq_len: int, document_mask: bool = True,
+                 retrieval: RetrievalMix | None = None) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.data = tokens
         self.seq_len = seq_len
         self.document_mask = document_mask
+        self.retrieval = retrieval
+        if retrieval is not None:
+            retrieval.check_fits(seq_len)
 
     def __len__(self) -> int:
         return max(0, (self.data.n_tokens - 1) // self.seq_len)
@@ -80,6 +86,8 @@ class PackedWindows(Dataset):
         L = self.seq_len
         start = w * L
         chunk = self.data.read(start, start + L + 1).astype(np.int64)
+        if self.retrieval is not None and self.retrieval.chooses(w):
+            return self.retrieval.window(w, chunk)
         input_ids = torch.from_numpy(chunk[:-1].copy())
         targets = torch.from_numpy(chunk[1:].copy())
         if not self.document_mask:

@@ -22,9 +22,10 @@ from fsa_train.model.rope import Rotary
 class Attention(nn.Module):
     """Grouped-query self-attention over a packed batch, dense or NSA by ``cfg.attention``.
 
-    Dense attention is ``window_attention(window=None)``: causal within each document. NSA adds
-    the compression weights ``[h, l·d, d]`` for keys and values, the intra-window position
-    embedding ``pe [h, l, d]`` and a per-head sigmoid gate for each of the three branches.
+    Dense attention is ``window_attention(window=cfg.window)``: causal within each document (over
+    the last ``cfg.window`` keys when set). NSA adds the compression weights ``[h, l·d, d]`` for
+    keys and values, the intra-window position embedding ``pe [h, l, d]`` and a per-head
+    sigmoid gate for each of the three branches.
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -95,5 +96,6 @@ class Attention(nn.Module):
         else:
             q = self.rope(q, positions)
             k = self.rope(k, positions)
-            o = window_attention(q, k, v, cu_seqlens, None, None, max_seqlen, backend=backend)
+            o = window_attention(q, k, v, cu_seqlens, self.cfg.window, None, max_seqlen,
+                                 backend=backend)
         return self.o_proj(o.reshape(total, H * d))

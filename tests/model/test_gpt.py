@@ -72,6 +72,22 @@ def test_no_position_sees_a_later_token(attention):
         assert not torch.allclose(out[p], base[p]), p
 
 
+def test_dense_window_sees_exactly_its_last_keys():
+    """``window=W``: the output at t depends on tokens t-W+1..t of its document, none before."""
+    torch.manual_seed(0)
+    model = GPT(small_config("dense", n_layer=1, window=6)).double()
+    ids, cu = packed_batch([40], 64)
+    base = model(ids, cu)
+    changed = ids.clone()
+    changed[10] = (changed[10] + 5) % 64
+    out = model(changed, cu)
+    torch.testing.assert_close(out[16:], base[16:], rtol=0, atol=0)  # 10 is out of every window
+    assert not torch.allclose(out[15], base[15])  # 15 - 6 + 1 = 10: still inside
+    full = GPT(small_config("dense", n_layer=1)).double()
+    full.load_state_dict(model.state_dict())
+    assert not torch.allclose(full(changed, cu)[16:], full(ids, cu)[16:])
+
+
 def test_builds_on_the_meta_device():
     """A model built under ``torch.device("meta")`` (to count or shard parameters before
     allocating them) works, and has the parameter count of a real one."""
