@@ -46,7 +46,7 @@ from fsa_train.data.corpus import (
     resolve_sources,
 )
 from fsa_train.data.packing import PackedWindows, check_seq_len, collate_packed
-from fsa_train.data.retrieval import RetrievalMix, check_retrieval
+from fsa_train.data.retrieval_mix import RetrievalMix, check_retrieval
 from fsa_train.data.sampling import ResumableWindowSampler, ShardedOrderSampler
 from fsa_train.data.shards import DatasetFormatError, check_tokenizer, load_split, read_meta
 from fsa_train.data.tokenizer import RECIPE_VERSION, Tokenizer, load_tokenizer, train_tokenizer
@@ -109,7 +109,7 @@ class TextDataModule(L.LightningDataModule):
         seed: seeds the training order (and the split of a corpus).
         retrieval_fraction: fraction of training windows replaced by synthetic retrieval
             documents (key sentences in the window's own text, a question about one of them;
-            :mod:`fsa_train.data.retrieval`); 0 = none. Validation is never mixed.
+            :mod:`fsa_train.data.retrieval_mix`); 0 = none. Validation is never mixed.
         retrieval_keys: key sentences per retrieval document (one of them is asked).
     """
 

@@ -27,7 +27,7 @@ from fsa_train.data.shards import TokenDataset
 
 if TYPE_CHECKING:
     from fsa_train.config import NSAConfig
-    from fsa_train.data.retrieval import RetrievalMix
+    from fsa_train.data.retrieval_mix import RetrievalMix
 
 IGNORE_INDEX = -100
 
@@ -63,7 +63,7 @@ class PackedWindows(Dataset):
     [n_segments + 1] (0 first, seq_len last). With ``document_mask=True`` a target that would
     come from the next document is ``IGNORE_INDEX``; with ``False`` the window is one segment and
     targets are the plain next tokens. ``retrieval``: replaces the windows it chooses by
-    synthetic retrieval documents (:mod:`~fsa_train.data.retrieval`; training split only).
+    synthetic retrieval documents (:mod:`~fsa_train.data.retrieval_mix`; training split only).
     """
 
     def __init__(self, tokens: TokenDataset, seq_len: int, document_mask: bool = True,

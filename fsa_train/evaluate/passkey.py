@@ -14,19 +14,24 @@ are reported beside it.
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from fsa_train.config import ConfigError
-from fsa_train.evaluate.runtime import PRECISIONS, pick_device, precision
+from fsa_train.evaluate.runtime import (
+    add_grid_arguments,
+    add_model_arguments,
+    evaluate_grid,
+    load_model,
+    parse_grid_arguments,
+    precision,
+    trial_rng,
+    write_result,
+)
 
 FILLER = (
     "The grass is green.",
@@ -147,34 +152,34 @@ def exact_match(generated: Sequence[int], answer: Sequence[int]) -> bool:
 
 
 @torch.no_grad()
-def score_prompt(model: torch.nn.Module, prompt: PasskeyPrompt, device: torch.device,
-                 precision_name: str = "auto") -> dict:
-    """Greedy exact match, per-token accuracy and log-likelihood of the key: one forward."""
-    sequence = prompt.ids + prompt.answer[:-1]
+def score_continuation(model: torch.nn.Module, prompt: Sequence[int], answer: Sequence[int],
+                       device: torch.device, precision_name: str = "auto") -> dict:
+    """Greedy exact match, per-token accuracy and log-likelihood of ``answer`` after ``prompt``:
+    one teacher-forced forward over ``prompt + answer[:-1]``."""
+    sequence = [*prompt, *answer[:-1]]
     ids = torch.tensor(sequence, device=device, dtype=torch.int64)
     cu_seqlens = torch.tensor([0, len(sequence)], device=device, dtype=torch.int32)
-    n = len(prompt.answer)
+    n = len(answer)
     with precision(device, precision_name):
         hidden = model(ids, cu_seqlens)
         logits = model.head(hidden[-n:]).float()
-    answer = torch.tensor(prompt.answer, device=device)
+    truth = torch.tensor(list(answer), device=device)
     log_probs = torch.log_softmax(logits, dim=-1)
     predicted = logits.argmax(dim=-1).tolist()
-    generated = greedy_continuation(predicted, prompt.answer)
+    generated = greedy_continuation(predicted, answer)
     return {
-        "key": prompt.key,
-        "prompt_tokens": len(prompt.ids),
-        "depth": prompt.depth,
-        "exact_match": exact_match(generated, prompt.answer),
-        "token_accuracy": sum(p == a for p, a in zip(predicted, prompt.answer, strict=True)) / n,
-        "key_logprob": float(log_probs.gather(1, answer[:, None]).sum()),
+        "exact_match": exact_match(generated, answer),
+        "token_accuracy": sum(p == a for p, a in zip(predicted, answer, strict=True)) / n,
+        "key_logprob": float(log_probs.gather(1, truth[:, None]).sum()),
         "generated": generated,
     }
 
 
-def trial_rng(seed: int, length: int, depth: float, trial: int) -> random.Random:
-    """A generator for one trial that does not depend on which other cells are evaluated."""
-    return random.Random(f"passkey:{seed}:{length}:{depth!r}:{trial}")
+def score_prompt(model: torch.nn.Module, prompt: PasskeyPrompt, device: torch.device,
+                 precision_name: str = "auto") -> dict:
+    """:func:`score_continuation` of a passkey prompt, with its key, length and depth."""
+    score = score_continuation(model, prompt.ids, prompt.answer, device, precision_name)
+    return {"key": prompt.key, "prompt_tokens": len(prompt.ids), "depth": prompt.depth, **score}
 
 
 def evaluate_passkey(
@@ -191,30 +196,17 @@ def evaluate_passkey(
     """Score ``trials`` random keys per (length, depth); returns cells and overall accuracy.
     ``progress`` receives one line per finished cell."""
     device = device or next(model.parameters()).device
-    cells = []
-    started = time.perf_counter()
-    n_cells = len(lengths) * len(depths)
-    for length in lengths:
-        for depth in depths:
-            results = []
-            for trial in range(trials):
-                rng = trial_rng(seed, length, depth, trial)
-                key = str(rng.randint(10000, 99999))
-                prompt = build_prompt(tokenizer, length, depth, key, rng.randrange(len(FILLER)))
-                results.append(score_prompt(model, prompt, device, precision_name))
-            cells.append({
-                "length": length,
-                "depth": depth,
-                "accuracy": sum(r["exact_match"] for r in results) / trials,
-                "token_accuracy": sum(r["token_accuracy"] for r in results) / trials,
-                "mean_key_logprob": sum(r["key_logprob"] for r in results) / trials,
-                "trials": results,
-            })
-            if progress is not None:
-                progress(f"passkey: cell {len(cells)}/{n_cells} (length {length}, depth "
-                         f"{depth:g}): exact match {cells[-1]['accuracy']:.2f}, "
-                         f"{time.perf_counter() - started:.0f} s so far")
-    overall = sum(c["accuracy"] for c in cells) / len(cells) if cells else 0.0
+
+    def score_trial(length: int, depth: float, trial: int) -> dict:
+        rng = trial_rng("passkey", seed, length, depth, trial)
+        key = str(rng.randint(10000, 99999))
+        prompt = build_prompt(tokenizer, length, depth, key, rng.randrange(len(FILLER)))
+        return score_prompt(model, prompt, device, precision_name)
+
+    cells, overall = evaluate_grid(
+        "passkey", lengths, depths, trials, score_trial,
+        {"accuracy": "exact_match", "token_accuracy": "token_accuracy",
+         "mean_key_logprob": "key_logprob"}, progress)
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed,
             "accuracy": overall, "cells": cells}
 
@@ -242,33 +234,13 @@ def passkey_main(argv: list[str]) -> None:
                                      description="Passkey retrieval on an exported model.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("exported", help="file written by `fsa-train export`")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    parser.add_argument("--trials", type=int, default=5, help="random keys per (length, depth)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    parser.add_argument("--out", default=None, help="write the full results as JSON here")
-    args = parser.parse_args(argv)
-    if args.trials < 1:
-        parser.error("--trials must be >= 1")
-    if any(not 0.0 <= d <= 1.0 for d in args.depths):
-        parser.error("--depths must be in [0, 1]")
-    from fsa_train.export import load_exported
-
-    device = pick_device(args.device)
-    model, tokenizer = load_exported(args.exported, device)
-    if tokenizer is None:
-        raise ValueError(f"{args.exported}: the export holds no tokenizer; cannot build prompts")
+    add_model_arguments(parser)
+    add_grid_arguments(parser, [4096, 8192, 16384, 32768], [0.0, 0.25, 0.5, 0.75, 1.0], 5)
+    args = parse_grid_arguments(parser, argv)
+    device, model, tokenizer = load_model(args)
     result = evaluate_passkey(model, tokenizer, args.lengths, args.depths, args.trials,
                               args.seed, device, args.precision,
                               progress=lambda line: print(line, file=sys.stderr, flush=True))
     result["exported"] = str(args.exported)
     print(format_table(result))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"results: {out}")
+    write_result(result, args.out)

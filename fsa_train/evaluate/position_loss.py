@@ -8,15 +8,13 @@ at position ``p`` is predicted from ``p + 1`` tokens of context.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsa_train.evaluate.runtime import PRECISIONS, pick_device, precision
+from fsa_train.evaluate.runtime import add_model_arguments, load_model, precision, write_result
 from fsa_train.kernels.varlen import document_positions
 
 IGNORE_INDEX = -100
@@ -137,7 +135,7 @@ def position_loss_main(argv: list[str]) -> None:
     """``fsa-train position-loss EXPORTED DATASET --seq_len 8192 --batches 50 --buckets pow2``."""
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="fsa-train position-loss",
                                      description="Validation loss bucketed by token position.")
-    parser.add_argument("exported", help="file written by `fsa-train export`")
+    add_model_arguments(parser)
     parser.add_argument("dataset", help="directory written by `fsa-train prepare-data`")
     parser.add_argument("--split", default="val", choices=["val", "train"])
     parser.add_argument("--seq_len", type=int, default=8192)
@@ -146,16 +144,10 @@ def position_loss_main(argv: list[str]) -> None:
     parser.add_argument("--buckets", default="pow2",
                         help="'pow2', a fixed width (e.g. 1024) or comma-separated starts")
     parser.add_argument("--document_mask", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
-    parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     from fsa_train.data.packing import PackedWindows, check_seq_len, collate_packed
     from fsa_train.data.shards import check_tokenizer, load_split, read_meta
-    from fsa_train.export import load_exported
-
-    device = pick_device(args.device)
-    model, tokenizer = load_exported(args.exported, device)
+    device, model, tokenizer = load_model(args, needs_tokenizer=False)
     meta = read_meta(args.dataset)
     if tokenizer is not None:
         check_tokenizer(meta, tokenizer, args.dataset)
@@ -180,8 +172,4 @@ def position_loss_main(argv: list[str]) -> None:
     result.update(exported=str(args.exported), dataset=str(args.dataset), split=args.split,
                   seq_len=args.seq_len, batches=n_batches, batch_size=args.batch_size)
     print(format_buckets(result))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"results: {out}")
+    write_result(result, args.out)

@@ -1,4 +1,4 @@
-"""Synthetic retrieval documents in the training stream (fsa_train.data.retrieval)."""
+"""Synthetic retrieval documents in the training stream (fsa_train.data.retrieval_mix)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fsa_train.config import ConfigError
 from fsa_train.data.datamodule import TextDataModule
 from fsa_train.data.packing import PackedWindows
 from fsa_train.data.prepare import load_split, prepare_dataset
-from fsa_train.data.retrieval import (
+from fsa_train.data.retrieval_mix import (
     RetrievalMix,
     build_document,
     check_retrieval,
@@ -110,7 +110,7 @@ def test_windows_are_replaced_with_the_windows_own_text(kjv_texts, small_tokeniz
 
 def _needles(tokenizer, ids: list[int]):
     """The (offset, name, key) of every key sentence found in ``ids``."""
-    from fsa_train.data.retrieval import NAMES
+    from fsa_train.data.retrieval_mix import NAMES
 
     text = tokenizer.decode(ids)
     found = []

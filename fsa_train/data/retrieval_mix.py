@@ -76,11 +76,16 @@ class RetrievalDocument:
 
 
 def build_document(tokenizer: RetrievalTokenizer, filler: Sequence[int], length: int,
-                   n_keys: int, rng: random.Random) -> RetrievalDocument:
+                   n_keys: int, rng: random.Random,
+                   asked_depth: float | None = None) -> RetrievalDocument:
     """A document of exactly ``length`` tokens from ``filler`` tokens (natural text; cut or
-    cycled to fit) with ``n_keys`` key sentences at uniform random offsets and a question
-    about one of them. A ConfigError when ``length`` cannot hold the sentences."""
+    cycled to fit) with ``n_keys`` key sentences at uniform random offsets of the text and a
+    question about one of them; ``asked_depth`` in [0, 1] puts the asked sentence at that
+    fraction of the text instead (evaluations by distance). A ConfigError when ``length``
+    cannot hold the sentences."""
     check_retrieval(0.0, n_keys)
+    if asked_depth is not None and not 0.0 <= asked_depth <= 1.0:
+        raise ValueError(f"asked_depth must be in [0, 1], got {asked_depth}")
     names = rng.sample(NAMES, n_keys)
     keys = [str(rng.randint(10000, 99999)) for _ in names]
     asked = rng.randrange(n_keys)
@@ -97,19 +102,22 @@ def build_document(tokenizer: RetrievalTokenizer, filler: Sequence[int], length:
     if len(filler) == 0:
         raise ValueError("build_document needs some filler tokens")
     text = [int(filler[i % len(filler)]) for i in range(room)]
-    cuts = sorted(rng.randint(0, room) for _ in range(n_keys))  # needle i goes to cut i
+    cuts = [rng.randint(0, room) for _ in range(n_keys)]
+    if asked_depth is not None:
+        cuts[asked] = round(asked_depth * room)
+    order = sorted(range(n_keys), key=lambda i: (cuts[i], i))
     ids = [tokenizer.bos_id]
     placed = []
     previous = 0
-    for cut, needle, name, key in zip(cuts, needles, names, keys, strict=True):
-        ids += text[previous:cut]
-        placed.append((len(ids), name, key))
-        ids += needle
-        previous = cut
+    for i in order:
+        ids += text[previous:cuts[i]]
+        placed.append((len(ids), names[i], keys[i]))
+        ids += needles[i]
+        previous = cuts[i]
     ids += text[previous:] + prompt
     answer_at = len(ids)
     ids += answer + [tokenizer.eos_id]
-    return RetrievalDocument(ids, tuple(placed), asked, (answer_at, len(answer)))
+    return RetrievalDocument(ids, tuple(placed), order.index(asked), (answer_at, len(answer)))
 
 
 def check_retrieval(fraction: float, keys: int) -> None:
