@@ -3,6 +3,15 @@
 The position of a token is its index in its packed segment (``cu_seqlens``), i.e. how many
 earlier tokens the model could attend to: the same positions the model itself uses. A target
 at position ``p`` is predicted from ``p + 1`` tokens of context.
+
+Most tokens of natural text are predicted as well from a few hundred tokens as from thousands,
+so the mean loss hides long-range ability. ``short_context=C`` also scores every token with at
+most ``C`` tokens of context (documents cut every C tokens, twice with cuts C/2 apart, keeping
+for each token the run where it saw more: between C/2 and C tokens) and reports the **key
+tokens**: those beyond position C whose loss drops by more than ``key_threshold`` nats with the
+full context. Their full-context loss, and how many there are, is what separates a model that
+uses distant context from one that does not. The key tokens can be chosen by a ``reference``
+model (for example the dense run) so that every model is scored on the same tokens.
 """
 
 from __future__ import annotations
@@ -41,6 +50,61 @@ def token_losses(
         for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
     ]
     return torch.cat(parts)
+
+
+def cut_every(cu_seqlens: torch.Tensor, total: int, context: int,
+              offset: int = 0) -> torch.Tensor:
+    """``cu_seqlens`` with each document also cut at its positions ``offset + k·context``."""
+    pos = document_positions(cu_seqlens, total)
+    cut = (pos > 0) & (pos >= offset) & ((pos - offset) % context == 0)
+    starts = torch.nonzero(cut).flatten()
+    return torch.unique(torch.cat([cu_seqlens.long(), starts])).to(cu_seqlens.dtype)
+
+
+def short_context_losses(model: torch.nn.Module, input_ids: torch.Tensor,
+                         targets: torch.Tensor, cu_seqlens: torch.Tensor,
+                         context: int) -> torch.Tensor:
+    """Per-token losses with between ``context // 2 + 1`` and ``context`` tokens of context (all
+    of them below position ``context // 2``): two forwards on documents cut every ``context``
+    tokens, the cuts of the second shifted by half of it."""
+    total = input_ids.numel()
+    half = max(1, context // 2)
+    first = token_losses(model, input_ids, targets, cut_every(cu_seqlens, total, context))
+    second = token_losses(model, input_ids, targets,
+                          cut_every(cu_seqlens, total, context, half))
+    pos = document_positions(cu_seqlens, total)
+    seen_first = pos % context
+    seen_second = torch.where(pos >= half, (pos - half) % context, pos)
+    return torch.where(seen_first >= seen_second, first, second)
+
+
+class KeyTokens:
+    """Counts and loss sums of the key tokens (beyond ``context``, gain > ``threshold``)."""
+
+    def __init__(self, context: int, threshold: float) -> None:
+        self.context, self.threshold = context, threshold
+        self.candidates = self.tokens = 0
+        self.loss = self.short_loss = 0.0
+
+    def update(self, full: torch.Tensor, short: torch.Tensor, chooser_full: torch.Tensor,
+               chooser_short: torch.Tensor, positions: torch.Tensor,
+               targets: torch.Tensor) -> None:
+        """Add one batch: ``full``/``short`` losses of the scored model; the key tokens are
+        chosen from the ``chooser``'s (the same model, or a reference)."""
+        candidate = (targets != IGNORE_INDEX) & (positions >= self.context)
+        key = candidate & (chooser_short - chooser_full > self.threshold)
+        self.candidates += int(candidate.sum())
+        self.tokens += int(key.sum())
+        self.loss += float(full[key].double().sum())
+        self.short_loss += float(short[key].double().sum())
+
+    def result(self) -> dict:
+        n = self.tokens
+        return {"short_context": self.context, "threshold": self.threshold,
+                "candidates": self.candidates, "tokens": n,
+                "fraction": n / self.candidates if self.candidates else None,
+                "loss": self.loss / n if n else None,
+                "short_loss": self.short_loss / n if n else None}
 
 
 def bucket_edges(spec: str | Sequence[int], seq_len: int) -> list[int]:
@@ -103,20 +167,37 @@ def position_loss(
     edges: Sequence[int],
     device: torch.device | None = None,
     precision_name: str = "auto",
+    short_context: int | None = None,
+    key_threshold: float = 2.0,
+    reference: torch.nn.Module | None = None,
 ) -> dict:
     """Mean loss per position bucket over ``batches`` (dicts with ``input_ids``, ``targets``,
-    ``cu_seqlens``, as ``TextDataModule`` yields them)."""
+    ``cu_seqlens``, as ``TextDataModule`` yields them); with ``short_context``, also the key
+    tokens (module docstring), chosen by ``reference`` when given."""
     device = device or next(model.parameters()).device
     totals = PositionLoss(edges)
+    keys = KeyTokens(short_context, key_threshold) if short_context else None
     for batch in batches:
         ids = batch["input_ids"].to(device)
         targets = batch["targets"].to(device)
         cu_seqlens = batch["cu_seqlens"].to(device)
+        positions = document_positions(cu_seqlens, ids.numel())
         with precision(device, precision_name):
             losses = token_losses(model, ids, targets, cu_seqlens,
                                   max_seqlen=batch.get("max_seqlen"))
-        totals.update(losses, document_positions(cu_seqlens, ids.numel()), targets)
-    return totals.result()
+            if keys is not None:
+                short = short_context_losses(model, ids, targets, cu_seqlens, short_context)
+                chooser = (losses, short) if reference is None else (
+                    token_losses(reference, ids, targets, cu_seqlens,
+                                 max_seqlen=batch.get("max_seqlen")),
+                    short_context_losses(reference, ids, targets, cu_seqlens, short_context))
+                keys.update(losses, short, *chooser, positions, targets)
+        totals.update(losses, positions, targets)
+    result = totals.result()
+    if keys is not None:
+        result["key_tokens"] = {**keys.result(),
+                                "chosen_by": "reference" if reference is not None else "itself"}
+    return result
 
 
 def format_buckets(result: dict) -> str:
@@ -128,6 +209,18 @@ def format_buckets(result: dict) -> str:
         lines.append(f"| {span} | {b['tokens']} | {loss} |")
     overall = f"{result['loss']:.4f}" if result["loss"] is not None else "–"
     lines.append(f"\noverall: {overall} over {result['tokens']} tokens")
+    key = result.get("key_tokens")
+    if key is not None:
+        if key["tokens"]:
+            lines.append(f"key tokens (chosen by {key['chosen_by']}: loss drops by more than "
+                         f"{key['threshold']:g} nats from {key['short_context']} tokens of "
+                         f"context to all): {key['tokens']} of {key['candidates']} "
+                         f"({key['fraction']:.2%}), loss {key['loss']:.4f} with the full "
+                         f"context, {key['short_loss']:.4f} with the short one")
+        else:
+            lines.append(f"key tokens: none of {key['candidates']} tokens beyond position "
+                         f"{key['short_context']} gains {key['threshold']:g} nats from the "
+                         "full context")
     return "\n".join(lines)
 
 
@@ -144,7 +237,17 @@ def position_loss_main(argv: list[str]) -> None:
     parser.add_argument("--buckets", default="pow2",
                         help="'pow2', a fixed width (e.g. 1024) or comma-separated starts")
     parser.add_argument("--document_mask", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--short_context", type=int, default=None,
+                        help="also report the key tokens: those whose loss drops most from "
+                             "this many tokens of context to all (two more forwards a batch)")
+    parser.add_argument("--key_threshold", type=float, default=2.0,
+                        help="nats a key token's loss must drop by")
+    parser.add_argument("--reference", default=None,
+                        help="an exported model that chooses the key tokens (default: the model "
+                             "itself), so that several models are scored on the same tokens")
     args = parser.parse_args(argv)
+    if args.short_context is not None and args.short_context < 2:
+        parser.error("--short_context must be >= 2")
     from fsa_train.data.packing import PackedWindows, check_seq_len, collate_packed
     from fsa_train.data.shards import check_tokenizer, load_split, read_meta
     device, model, tokenizer = load_model(args, needs_tokenizer=False)
@@ -167,8 +270,13 @@ def position_loss_main(argv: list[str]) -> None:
         collate_packed([windows[b * args.batch_size + i] for i in range(args.batch_size)])
         for b in range(n_batches)
     )
+    reference = None
+    if args.reference is not None:
+        from fsa_train.export import load_exported
+
+        reference, _ = load_exported(args.reference, device)
     result = position_loss(model, batches, bucket_edges(args.buckets, args.seq_len), device,
-                           args.precision)
+                           args.precision, args.short_context, args.key_threshold, reference)
     result.update(exported=str(args.exported), dataset=str(args.dataset), split=args.split,
                   seq_len=args.seq_len, batches=n_batches, batch_size=args.batch_size)
     print(format_buckets(result))

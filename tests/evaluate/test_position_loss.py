@@ -87,3 +87,92 @@ def test_cli_on_a_prepared_dataset(exported, tokenizer, texts, tmp_path, capsys)
     assert result["batches"] == 3 and [b["start"] for b in result["buckets"]] == [0, 16, 32, 48]
     assert 0 < result["tokens"] <= 3 * 2 * 64
     assert "| 48+ |" in capsys.readouterr().out
+
+
+# ---- key tokens: the loss on what only distant context predicts ------------------------------
+
+
+class LagCopier(torch.nn.Module):
+    """Predicts the token ``lag`` positions back in its own segment (one-hot logits), uniform
+    where the segment is shorter: perfect on text that repeats with period ``lag`` if and only
+    if it sees at least ``lag`` tokens."""
+
+    def __init__(self, vocab: int, lag: int) -> None:
+        super().__init__()
+        self.vocab, self.lag = vocab, lag
+        self.head = torch.nn.Identity()
+        self.cfg = type("Cfg", (), {"loss_chunk": 64})()
+
+    def forward(self, ids, cu_seqlens, max_seqlen=None):
+        from fsa_train.kernels.varlen import document_positions
+
+        logits = torch.zeros(len(ids), self.vocab)
+        pos = document_positions(cu_seqlens, len(ids))
+        sees = pos + 1 >= self.lag  # the target of p is token p + 1 = token p + 1 - lag
+        rows = torch.nonzero(sees).flatten()
+        logits[rows, ids[rows + 1 - self.lag]] = 30.0
+        return logits
+
+
+def _periodic(vocab: int, n: int, lag: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    period = torch.randint(0, vocab, (lag,), generator=generator)
+    ids = period.repeat(n // lag + 2)[: n + 1]
+    return {"input_ids": ids[:-1], "targets": ids[1:].clone(),
+            "cu_seqlens": torch.tensor([0, n], dtype=torch.int32)}
+
+
+def test_cut_every_adds_boundaries_inside_documents():
+    from fsa_train.evaluate.position_loss import cut_every
+
+    cu = torch.tensor([0, 10, 13], dtype=torch.int32)
+    assert cut_every(cu, 13, 4).tolist() == [0, 4, 8, 10, 13]
+    assert cut_every(cu, 13, 4, 2).tolist() == [0, 2, 6, 10, 12, 13]
+    assert cut_every(cu, 13, 4).dtype == torch.int32
+
+
+def test_short_context_sees_between_half_and_all_of_it():
+    from fsa_train.evaluate.position_loss import short_context_losses
+
+    vocab = 50
+    batch = _periodic(vocab, 200, lag=24)
+    # a copier needing 24 tokens of context: with 32 it has 17..32 tokens, so sometimes enough
+    loss = short_context_losses(LagCopier(vocab, 24), batch["input_ids"], batch["targets"],
+                                batch["cu_seqlens"], 32)
+    assert (loss < 1e-3).any() and (loss > 1.0).any()
+    # with 64 it always has more than 32: enough everywhere past the first period
+    loss = short_context_losses(LagCopier(vocab, 24), batch["input_ids"], batch["targets"],
+                                batch["cu_seqlens"], 64)
+    assert (loss[23:] < 1e-3).all()
+
+
+def test_key_tokens_separate_a_long_range_model_from_a_short_one():
+    vocab, n = 50, 512
+    batch = _periodic(vocab, n, lag=100)
+    edges = bucket_edges("pow2", n)
+    long_range = position_loss(LagCopier(vocab, 100), [batch], edges, torch.device("cpu"),
+                               short_context=32)
+    keys = long_range["key_tokens"]
+    assert keys["candidates"] == n - 32 and keys["tokens"] == keys["candidates"] - (100 - 1 - 32)
+    assert keys["loss"] < 1e-3 and keys["short_loss"] > 3.0
+    short_range = position_loss(LagCopier(vocab, 10), [_periodic(vocab, n, lag=100)], edges,
+                                torch.device("cpu"), short_context=32)
+    assert short_range["key_tokens"]["tokens"] == 0
+    assert "key tokens: none" in format_buckets(short_range)
+    # the long-range model's key tokens, chosen by it, score the short-range model badly
+    judged = position_loss(LagCopier(vocab, 10), [batch], edges, torch.device("cpu"),
+                           short_context=32, reference=LagCopier(vocab, 100))
+    assert judged["key_tokens"]["tokens"] == keys["tokens"]
+    assert judged["key_tokens"]["loss"] > 3.0 and judged["key_tokens"]["chosen_by"] == "reference"
+    assert "key tokens (chosen by reference" in format_buckets(judged)
+
+
+def test_cli_key_tokens(exported, tokenizer, texts, tmp_path):
+    dataset = prepare_dataset(texts, tokenizer, tmp_path / "ds", val_documents=2)
+    out = tmp_path / "loss.json"
+    position_loss_main([str(exported), str(dataset), "--seq_len", "64", "--batches", "2",
+                        "--short_context", "16", "--reference", str(exported),
+                        "--out", str(out)])
+    keys = json.loads(out.read_text())["key_tokens"]
+    assert keys["short_context"] == 16 and keys["chosen_by"] == "reference"
+    assert keys["candidates"] > 0

@@ -95,6 +95,16 @@ def test_explicit_library_on_the_interpreter_is_a_one_line_error(monkeypatch):
         wa.window_attention(q, k, v, cu, 0, settings=_settings("cudnn"))
 
 
+def test_longest_document_from_the_caller_or_the_boundaries():
+    from fsa_train.kernels.utils import longest_document
+
+    cu = torch.tensor([0, 5, 12, 13])
+    assert longest_document(cu, 13, None) == 7
+    assert longest_document(cu, 13, 9) == 9
+    assert longest_document(cu, 13, 99) == 13  # never past the batch
+    assert longest_document(torch.tensor([0]), 0, None) == 1
+
+
 def test_plan_shape_rounds_documents_and_length_up():
     cu = torch.tensor([0, 5, 12, 13], dtype=torch.int64)
     padded, longest = cudnn.plan_shape(cu, 13, None)
