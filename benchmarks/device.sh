@@ -33,9 +33,12 @@
 #     warm). Knobs: SEQ_LEN (8192), BATCH (4), STEPS (1600: 52.4M tokens at 8192 x 4), VAL_EVERY
 #     (100); MODEL_CONFIG, VOCAB, PRECISION, VAL_BATCHES, PASSKEY_LENGTHS (loss_parity's
 #     defaults); advance: BUDGET (570 s), SEEDS ("0"), MODES ("dense nsa"; add nsa_block for
-#     block-shared selection), FROM (a committed loss_parity_* directory whose finished,
-#     evaluated runs join the report instead of running again: same recipe and seeds only),
-#     TAG (the report's name suffix). $OUT gets each job's
+#     block-shared selection, dense_window for the window-only ablation), RETRIEVAL (the
+#     fraction of training windows that are retrieval documents), RETRIEVAL_KEYS; finish:
+#     RETRIEVAL_LENGTHS (fsa-train retrieval at these lengths), SHORT_CONTEXT (key tokens),
+#     KEY_REFERENCE (the mode that chooses them, e.g. dense); FROM (a committed loss_parity_*
+#     directory whose finished, evaluated runs join the report instead of running again: same
+#     recipe and seeds only), TAG (the report's name suffix). $OUT gets each job's
 #     log and the run records (runs_jsonl.tgz), and the report once every run has finished.
 #   bash benchmarks/device.sh trainer-check
 #     Multi-GPU trainer check on a machine with 2 GPUs (DeepSpeed ZeRO, exact resume, scaling).
@@ -140,13 +143,19 @@ loss_parity() {
         --seeds "$seed" --tokens $((STEPS * SEQ_LEN * BATCH)) --seq_len "$SEQ_LEN" \
         --batch_size "$BATCH" --val_every "$VAL_EVERY" ${STOP_AT:+--stop_at "$STOP_AT"} \
         ${MODEL_CONFIG:+--model_config "$MODEL_CONFIG"} ${VOCAB:+--vocab_size "$VOCAB"} \
-        ${PRECISION:+--precision "$PRECISION"} ${VAL_BATCHES:+--val_batches "$VAL_BATCHES"}
+        ${PRECISION:+--precision "$PRECISION"} ${VAL_BATCHES:+--val_batches "$VAL_BATCHES"} \
+        ${RETRIEVAL:+--retrieval_fraction "$RETRIEVAL"} \
+        ${RETRIEVAL_KEYS:+--retrieval_keys "$RETRIEVAL_KEYS"}
       ;;
     finish)
       parity_setup_device
       # shellcheck disable=SC2086
       "${parity[@]}" evaluate --dataset "$DATA" --out "$RUNS" --seq_len "$SEQ_LEN" \
-        ${PASSKEY_LENGTHS:+--passkey_lengths $PASSKEY_LENGTHS}
+        ${PASSKEY_LENGTHS:+--passkey_lengths $PASSKEY_LENGTHS} \
+        ${RETRIEVAL_LENGTHS:+--retrieval_lengths $RETRIEVAL_LENGTHS} \
+        ${RETRIEVAL_KEYS:+--retrieval_keys "$RETRIEVAL_KEYS"} \
+        ${SHORT_CONTEXT:+--short_context "$SHORT_CONTEXT"} \
+        ${KEY_REFERENCE:+--key_reference "$KEY_REFERENCE"}
       "${parity[@]}" report --out "$RUNS" --results "${OUT:-$RUNS}" ${TAG:+--tag "$TAG"}
       ;;
     advance)

@@ -1,7 +1,9 @@
 """Loss parity of NSA against dense attention (issue 7): one experiment anyone can rerun.
 
 The same GPT is trained per seed with ``attention: dense``, ``attention: nsa`` (exact token
-selection) and, as mode ``nsa_block``, NSA with ``nsa.selection: block``, by the real trainer
+selection), as mode ``nsa_block`` NSA with ``nsa.selection: block`` and, as mode
+``dense_window``, dense attention over a 512-token window only (the ablation that long-context
+evaluations must tell apart from dense), by the real trainer
 (``fsa-train fit``, one process per run): same seed, so the same initial weights for every shared
 parameter (``GPT.init_generator``) and the same token stream (the data seed), the same number of
 tokens and the same schedule. Then:
@@ -11,7 +13,10 @@ tokens and the same schedule. Then:
   limited length); each run directory holds its config, ``train.jsonl`` and
   ``val.jsonl`` (``MetricsFile``: losses with tokens and training seconds) and checkpoints.
 * ``evaluate``: exports each run's last checkpoint and runs ``fsa-train position-loss`` (loss
-  by token position: does NSA keep up late in long documents?) and ``fsa-train passkey``.
+  by token position: does NSA keep up late in long documents? with ``--short_context``, the
+  key tokens, optionally chosen by one reference run) and ``fsa-train passkey``; with
+  ``--retrieval_lengths``, ``fsa-train retrieval`` (multi-key retrieval by distance, for runs
+  trained with ``--retrieval_fraction``).
 * ``report``: ``loss_parity_<device>_<date>[_<tag>].{json,md,png}`` in ``--results`` (the
   device and last day of the runs' jobs; the plot: validation loss against tokens and against
   training time): final validation loss per mode (mean and spread over seeds), NSA minus dense,
@@ -38,6 +43,7 @@ import math
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -45,14 +51,17 @@ import yaml
 from benchmarks import REGISTRY, register
 from benchmarks.common import Record, device_slug, run_meta, tag_type
 
-MODES = ("dense", "nsa", "nsa_block")
+MODES = ("dense", "nsa", "nsa_block", "dense_window")
 SPARSE_MODES = ("nsa", "nsa_block")
 MODE_OPTIONS = {
     "dense": ["--model.config.attention", "dense"],
     "nsa": ["--model.config.attention", "nsa", "--model.config.nsa.selection", "token"],
     "nsa_block": ["--model.config.attention", "nsa", "--model.config.nsa.selection", "block"],
+    "dense_window": ["--model.config.attention", "dense"],
 }
-"""The ``fsa-train fit`` options that make each mode (after the model preset and run config)."""
+"""The ``fsa-train fit`` options that make each mode (after the model preset and run config);
+``dense_window`` (the window-only ablation long-context evaluations must tell apart from dense)
+adds ``--model.config.window`` from ``--ablation_window``."""
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -114,11 +123,19 @@ def run_config(args: argparse.Namespace, mode: str, seed: int, steps: int) -> di
                     "init_args": {"step": args.stop_at}}] if args.stop_at else []),
             ],
         },
-        "model": {"config": {"attention": "dense" if mode == "dense" else "nsa"},
+        "model": {"config": {"attention": "nsa" if mode in SPARSE_MODES else "dense"},
                   "warmup_steps": min(args.warmup, steps // 10)},
         "data": {"dataset": str(Path(args.dataset).resolve()), "vocab_size": args.vocab_size,
-                 "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.data_seed},
+                 "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.data_seed,
+                 "retrieval_fraction": args.retrieval_fraction,
+                 "retrieval_keys": args.retrieval_keys},
     }
+
+
+def mode_options(args: argparse.Namespace, mode: str) -> list[str]:
+    """:data:`MODE_OPTIONS` of ``mode``, with the ablation's window."""
+    window = ["--model.config.window", str(args.ablation_window)] if mode == "dense_window" else []
+    return [*MODE_OPTIONS[mode], *window]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -161,17 +178,20 @@ def command_run(args: argparse.Namespace) -> None:
                   flush=True)
             record_job(where)
             fsa_train("fit", "--config", str(Path(args.model_config).resolve()),
-                      "--config", str(config.resolve()), *MODE_OPTIONS[mode], "--resume", "auto",
-                      *args.extra)
+                      "--config", str(config.resolve()), *mode_options(args, mode),
+                      "--resume", "auto", *args.extra)
 
 
-EVALUATIONS = ("position_loss.json", "passkey.json")
+def evaluations(args: argparse.Namespace) -> tuple[str, ...]:
+    """The result files ``evaluate`` writes into each run directory."""
+    return ("position_loss.json", "passkey.json",
+            *(("retrieval.json",) if args.retrieval_lengths else ()))
 
 
-def evaluated(where: Path) -> bool:
+def evaluated(where: Path, names: Sequence[str]) -> bool:
     """Whether a run's evaluations exist and are newer than its last checkpoint (or the run has
     no checkpoint: records copied from a committed result, as evaluated then)."""
-    results = [where / name for name in EVALUATIONS]
+    results = [where / name for name in names]
     if not all(path.is_file() for path in results):
         return False
     checkpoint = where / "checkpoints" / "last.ckpt"
@@ -179,9 +199,27 @@ def evaluated(where: Path) -> bool:
             or min(path.stat().st_mtime for path in results) > checkpoint.stat().st_mtime)
 
 
+def key_reference(args: argparse.Namespace, where: Path) -> list[str]:
+    """``--reference`` of position-loss: the export of ``--key_reference``'s run of the same
+    seed, when there is one (else each model chooses its own key tokens)."""
+    if not (args.short_context and args.key_reference):
+        return []
+    seed = where.name.rsplit("-s", 1)[1]
+    reference = where.parent / f"{args.key_reference}-s{seed}" / "model.pt"
+    if reference.is_file() and reference.parent != where:
+        return ["--reference", str(reference)]
+    if reference.parent != where:
+        print(f"{where}: no {reference}, key tokens chosen by the model itself", flush=True)
+    return []
+
+
 def command_evaluate(args: argparse.Namespace) -> None:
-    for where in sorted(p for p in Path(args.out).iterdir() if read_jsonl(p / "val.jsonl")):
-        if evaluated(where):
+    names = evaluations(args)
+    runs = sorted(p for p in Path(args.out).iterdir() if read_jsonl(p / "val.jsonl"))
+    if args.key_reference:  # the reference is exported first
+        runs.sort(key=lambda p: not p.name.startswith(f"{args.key_reference}-s"))
+    for where in runs:
+        if evaluated(where, names):
             print(f"{where}: evaluated, kept", flush=True)
             continue
         if not (where / "checkpoints" / "last.ckpt").is_file():
@@ -193,9 +231,15 @@ def command_evaluate(args: argparse.Namespace) -> None:
         fsa_train("position-loss", str(exported), str(Path(args.dataset).resolve()),
                   "--seq_len", str(args.seq_len),
                   *(["--batches", str(args.batches)] if args.batches else []),
+                  *(["--short_context", str(args.short_context)] if args.short_context else []),
+                  *key_reference(args, where),
                   "--out", str(where / "position_loss.json"))
         fsa_train("passkey", str(exported), "--lengths", *map(str, args.passkey_lengths),
                   "--trials", str(args.passkey_trials), "--out", str(where / "passkey.json"))
+        if args.retrieval_lengths:
+            fsa_train("retrieval", str(exported), "--lengths", *map(str, args.retrieval_lengths),
+                      "--keys", str(args.retrieval_keys), "--trials", str(args.retrieval_trials),
+                      "--out", str(where / "retrieval.json"))
         if where.name.startswith("nsa-") and args.overlap_batches:
             # how much neighbouring queries' selections overlap: the selected kernel's design
             subprocess.run([sys.executable, "-m", "benchmarks", "run", "selection_overlap",
@@ -304,6 +348,7 @@ def summarize(out: Path) -> dict:
             "tokens_per_s": statistics.median(rates) if rates else None,
             "position_loss": _maybe_json(where / "position_loss.json"),
             "passkey": _maybe_json(where / "passkey.json"),
+            "retrieval": _maybe_json(where / "retrieval.json"),
             "selection_overlap": _maybe_json(where / "selection_overlap.json"),
         }
     modes = {}
@@ -436,6 +481,7 @@ def markdown(summary: dict, title: str) -> str:
                              f"{cell['accuracy']:.2f} / {cell['token_accuracy']:.2f} / "
                              f"{cell['key_logprob']:.1f}")
             lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    lines += _retrieval_lines(summary)
     overlaps = {n: r["selection_overlap"] for n, r in summary["runs"].items()
                 if r.get("selection_overlap")}
     for name, result in overlaps.items():
@@ -449,6 +495,41 @@ def markdown(summary: dict, title: str) -> str:
                       f"{v['union']:.1f} / {v['inflation']:.2f}"
                       for v in result["overall"].values()) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def _retrieval_lines(summary: dict) -> list[str]:
+    """Key-token loss and multi-key retrieval of the runs that have them (older reports: none)."""
+    lines = []
+    keyed = {n: r["position_loss"]["key_tokens"] for n, r in summary["runs"].items()
+             if r.get("position_loss") and r["position_loss"].get("key_tokens")}
+    if keyed:
+        first = next(iter(keyed.values()))
+        lines += ["", f"Key tokens (`position-loss --short_context {first['short_context']}`): "
+                  f"tokens past position {first['short_context']} whose loss drops by more than "
+                  f"{first['threshold']:g} nats with the full context; chosen by the run itself "
+                  "or by a reference run (`chosen by`):", "",
+                  "| run | chosen by | key tokens | of | loss, full context | loss, short |",
+                  "|---|---|---|---|---|---|"]
+        for name, k in keyed.items():
+            lines.append(f"| {name} | {k['chosen_by']} | {k['tokens']:,} | {k['candidates']:,} "
+                         f"| {_fmt(k['loss'])} | {_fmt(k['short_loss'])} |")
+    found = {n: r["retrieval"] for n, r in summary["runs"].items() if r.get("retrieval")}
+    if found:
+        first = next(iter(found.values()))
+        names = list(found)
+        lines += ["", f"Multi-key retrieval (`fsa-train retrieval`, {first['keys']} keys, "
+                  f"{first['trials']} trials per cell; copying a random key scores "
+                  f"{first['chance']:.2f}): exact match by length and depth of the asked key "
+                  "(mean distance in tokens):", "",
+                  "| length | depth | " + " | ".join(names) + " |",
+                  "|---|---" * 1 + "|---" * len(names) + "|"]
+        cells = {n: {(c["length"], c["depth"]): c for c in found[n]["cells"]} for n in names}
+        for length, depth in ((c["length"], c["depth"]) for c in first["cells"]):
+            row = [cells[n].get((length, depth)) for n in names]
+            distance = next(c["mean_distance"] for c in row if c)
+            lines.append(f"| {length} | {depth:g} ({distance:.0f}) | " + " | ".join(
+                "–" if c is None else f"{c['accuracy']:.2f}" for c in row) + " |")
+    return lines
 
 
 def passkey_by_length(result: dict) -> dict[int, dict[str, float]]:
@@ -477,7 +558,7 @@ def plot(summary: dict, path: Path) -> bool:
         return False
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in summary["runs"].items():
-        style = {"nsa": "-", "nsa_block": ":"}.get(r["mode"], "--")
+        style = {"nsa": "-", "nsa_block": ":", "dense_window": "-."}.get(r["mode"], "--")
         tokens = [v["tokens_seen"] / 1e6 for v in r["val"]]
         times = [v["train_time_s"] / 60 for v in r["val"]]
         loss = [v["val/loss"] for v in r["val"]]
@@ -534,6 +615,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--warmup", type=int, default=200)
     run.add_argument("--data_seed", type=int, default=1234, help="the same stream for all runs")
     run.add_argument("--precision", default="bf16-mixed")
+    run.add_argument("--retrieval_fraction", type=float, default=0.0,
+                     help="data.retrieval_fraction: synthetic retrieval documents in training")
+    run.add_argument("--retrieval_keys", type=int, default=4)
+    run.add_argument("--ablation_window", type=int, default=512,
+                     help="model.config.window of the dense_window mode")
     run.add_argument("--stop_at", type=int, default=None,
                      help="end this job at this step (a multiple of --val_every); rerun to go on")
     run.add_argument("extra", nargs="*", help="more fsa-train fit options (after --)")
@@ -545,6 +631,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="position-loss sequences (default: the whole validation split)")
     ev.add_argument("--passkey_lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ev.add_argument("--passkey_trials", type=int, default=3)
+    ev.add_argument("--retrieval_lengths", type=int, nargs="*", default=[],
+                    help="fsa-train retrieval at these lengths (none: skipped)")
+    ev.add_argument("--retrieval_keys", type=int, default=4)
+    ev.add_argument("--retrieval_trials", type=int, default=5)
+    ev.add_argument("--short_context", type=int, default=None,
+                    help="position-loss --short_context: the key tokens (none: skipped)")
+    ev.add_argument("--key_reference", choices=MODES, default=None,
+                    help="the mode whose run (same seed) chooses every run's key tokens")
     ev.add_argument("--overlap_batches", type=int, default=8,
                     help="validation windows for selection_overlap.py on NSA runs (0: skip)")
     rep = sub.add_parser("report", help="JSON, Markdown and PNG of the runs")

@@ -256,8 +256,10 @@ def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_pat
     model.write_text(TINY_PARITY_MODEL)
     env.update(PY=str(python), OUT=str(out), DATA=str(data), RUNS=str(runs),
                MODEL_CONFIG=str(model), VOCAB="320", PRECISION="32-true", VAL_BATCHES="1",
-               SEQ_LEN="64", BATCH="2", STEPS="4", VAL_EVERY="2", PASSKEY_LENGTHS="256",
-               BUDGET="400")
+               SEQ_LEN="128", BATCH="2", STEPS="4", VAL_EVERY="2", PASSKEY_LENGTHS="256",
+               BUDGET="400", MODES="dense nsa dense_window", RETRIEVAL="0.5",
+               RETRIEVAL_KEYS="1", RETRIEVAL_LENGTHS="160", SHORT_CONTEXT="16",
+               KEY_REFERENCE="dense")
 
     def device_step(*words: str) -> str:
         result = subprocess.run(["bash", "benchmarks/device.sh", "loss-parity", *words],
@@ -273,20 +275,27 @@ def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_pat
     report = report_file.read_text()
     assert "| dense-s0 |" in report and "NSA − dense" in report
     assert "Block selections of nsa-s0" in report
+    assert "| dense_window-s0 |" in report and "Multi-key retrieval" in report
+    assert "Key tokens" in report
+    assert "window: 512" in (runs / "dense_window-s0" / "config.yaml").read_text()
+    assert "retrieval_fraction: 0.5" in (runs / "dense_window-s0" / "run.yaml").read_text()
     for mode in ("dense", "nsa"):
         assert f"attention: {mode}" in (runs / f"{mode}-s0" / "run.yaml").read_text()
     summary = json.loads(report_file.with_suffix(".json").read_text())
     dense, nsa = summary["runs"]["dense-s0"], summary["runs"]["nsa-s0"]
     assert [v["step"] for v in dense["val"]] == [2, 4] == [v["step"] for v in nsa["val"]]
-    assert dense["tokens"] == nsa["tokens"] == 4 * 2 * 64
+    assert dense["tokens"] == nsa["tokens"] == 4 * 2 * 128
     assert dense["position_loss"]["buckets"] and nsa["passkey"]["cells"]
+    assert nsa["retrieval"]["keys"] == 1 and nsa["retrieval"]["cells"]
+    assert nsa["position_loss"]["key_tokens"]["chosen_by"] == "reference"
+    assert dense["position_loss"]["key_tokens"]["chosen_by"] == "itself"
     assert nsa["selection_overlap"]["layers"] and dense["selection_overlap"] is None
     pair = summary["pairs"][0]
     assert pair["nsa_minus_dense"] == nsa["final_val_loss"] - dense["final_val_loss"]
     # each job's device and versions, and the parameter counts from the saved configs
     assert [job["torch"] for job in dense["jobs"]] == [torch.__version__]
     assert nsa["setup"]["parameters"] > dense["setup"]["parameters"] > 0
-    assert dense["setup"]["seq_len"] == 64 and nsa["setup"]["attention"] == "nsa"
+    assert dense["setup"]["seq_len"] == 128 and nsa["setup"]["attention"] == "nsa"
     assert 0 < dense["steady_time_s"] <= dense["train_time_s"]
     assert (out / "runs_jsonl.tgz").stat().st_size > 0
     # a finished run is not trained again

@@ -96,7 +96,7 @@ def build_document(tokenizer: RetrievalTokenizer, filler: Sequence[int], length:
     fixed = 2 + sum(map(len, needles)) + len(prompt) + len(answer)  # + BOS, EOS
     room = length - fixed
     if room < 0:
-        raise ConfigError(f"a retrieval document with {n_keys} keys needs at least {fixed} "
+        raise ConfigError(f"a retrieval document with {n_keys} key(s) needs at least {fixed} "
                           f"tokens, more than data.seq_len + 1 = {length}: use fewer "
                           "data.retrieval_keys or a longer data.seq_len")
     if len(filler) == 0:
