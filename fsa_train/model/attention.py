@@ -17,6 +17,7 @@ from fsa_train.kernels import (
     window_attention,
 )
 from fsa_train.model.rope import Rotary
+from fsa_train.parallel.sequence import SequenceShard
 
 
 class Attention(nn.Module):
@@ -72,30 +73,63 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
         varlen: NSAVarlen | None = None, max_seqlen: int | None = None,
+        shard: SequenceShard | None = None,
     ) -> torch.Tensor:
         """``x [total, D]`` → ``[total, D]``; documents never attend to each other.
 
         ``varlen`` (NSA only): the batch's :func:`fsa_train.kernels.nsa_varlen`, shared by all
         layers; computed here when None. ``max_seqlen``: the longest document, when the data
-        knows it (library attention kernels size their grid with it)."""
+        knows it (library attention kernels size their grid with it). ``shard``: sequence
+        parallelism (:mod:`fsa_train.parallel.sequence`): ``x`` is this rank's slice of the
+        sequence, ``cu_seqlens``, ``positions`` and ``varlen`` are the whole sequence's."""
         total = x.shape[0]
         d, H, h = self.cfg.head_dim, self.cfg.n_head, self.cfg.n_kv_head
         q = self.q_proj(x).view(total, H, d)
         k = self.k_proj(x).view(total, h, d)
         v = self.v_proj(x).view(total, h, d)
+        gates = torch.sigmoid(self.gate(x)).view(total, H, 3) if self.sparse else None
+        if shard is None:
+            o = self.core(q, k, v, gates, cu_seqlens, positions, varlen, max_seqlen)
+        else:
+            o = self._sequence_parallel_core(q, k, v, gates, cu_seqlens, positions, varlen,
+                                             max_seqlen, shard)
+        return self.o_proj(o.reshape(total, H * d))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor | None,
+             cu_seqlens: torch.Tensor, positions: torch.Tensor, varlen: NSAVarlen | None,
+             max_seqlen: int | None, kv_heads: slice = slice(None)) -> torch.Tensor:
+        """The attention core on pre-RoPE ``q [total, H', d]``, ``k, v [total, h', d]`` (and
+        NSA's ``gates [total, H', 3]``) of whole documents; ``kv_heads``: which of the layer's KV
+        heads ``k`` holds (their slice of the compression weights)."""
         backend = self.cfg.kernel_backend
         if self.sparse:
-            gates = torch.sigmoid(self.gate(x)).view(total, H, 3)
-            params = CompressionParams(self.w_ck, self.w_cv, self.pe)
+            params = CompressionParams(self.w_ck[kv_heads], self.w_cv[kv_heads],
+                                       self.pe[kv_heads])
             if varlen is None:
-                varlen = nsa_varlen(cu_seqlens, total, self.cfg.nsa, positions)
-            o = nsa_attention(
+                varlen = nsa_varlen(cu_seqlens, q.shape[0], self.cfg.nsa, positions)
+            return nsa_attention(
                 q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend,
                 varlen=varlen, max_seqlen=max_seqlen,
             )
-        else:
-            q = self.rope(q, positions)
-            k = self.rope(k, positions)
-            o = window_attention(q, k, v, cu_seqlens, self.cfg.window, None, max_seqlen,
-                                 backend=backend)
-        return self.o_proj(o.reshape(total, H * d))
+        q = self.rope(q, positions)
+        k = self.rope(k, positions)
+        return window_attention(q, k, v, cu_seqlens, self.cfg.window, None, max_seqlen,
+                                backend=backend)
+
+    def _sequence_parallel_core(self, q, k, v, gates, cu_seqlens, positions, varlen,
+                                max_seqlen, shard: SequenceShard) -> torch.Tensor:
+        """:meth:`core` on the whole sequence for this rank's heads, through DeepSpeed's
+        all-to-all (gates travel with q, as extra channels)."""
+        d = self.cfg.head_dim
+        kv_heads = shard.head_slice(self.cfg.n_kv_head)
+        if gates is not None:
+            q = torch.cat([q, gates.to(q.dtype)], dim=-1)
+
+        def local(q, k, v, *_):
+            q, k, v = q[:, 0], k[:, 0], v[:, 0]
+            q, g = (q[..., :d], q[..., d:]) if gates is not None else (q, None)
+            o = self.core(q, k, v, g, cu_seqlens, positions, varlen, max_seqlen, kv_heads)
+            return o[:, None]
+
+        o = shard.attention(local)(q[:, None], k[:, None], v[:, None], 1)
+        return o[:, 0]

@@ -18,6 +18,7 @@ from fsa_train.config import GPTConfig
 from fsa_train.kernels.nsa import NSAVarlen, nsa_varlen
 from fsa_train.kernels.varlen import document_positions
 from fsa_train.model.attention import Attention
+from fsa_train.parallel.sequence import SequenceShard, full_total
 
 IGNORE_INDEX = -100
 
@@ -48,8 +49,9 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
         varlen: NSAVarlen | None = None, max_seqlen: int | None = None,
+        shard: SequenceShard | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cu_seqlens, positions, varlen, max_seqlen)
+        x = x + self.attn(self.attn_norm(x), cu_seqlens, positions, varlen, max_seqlen, shard)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -107,14 +109,18 @@ class GPT(nn.Module):
         return count
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int | None = None) -> torch.Tensor:
+                max_seqlen: int | None = None,
+                shard: SequenceShard | None = None) -> torch.Tensor:
         """Final hidden states ``[total, D]`` (after the last norm) for tokens ``[total]``.
 
         ``max_seqlen``: the longest document of the batch as a host integer, when known (the
-        packed batches carry it; library attention kernels size their grid with it)."""
+        packed batches carry it; library attention kernels size their grid with it).
+        ``shard``: sequence parallelism (:mod:`fsa_train.parallel.sequence`): ``input_ids``
+        are this rank's slice of the packed sequence that ``cu_seqlens`` describes; the hidden
+        states returned are that slice's."""
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be packed 1-D [total], got {tuple(input_ids.shape)}")
-        total = input_ids.shape[0]
+        total = full_total(input_ids.shape[0], shard)
         positions = document_positions(cu_seqlens, total)
         # NSA's compressed-token indices depend on the batch only: once for all layers.
         varlen = (nsa_varlen(cu_seqlens, total, self.cfg.nsa, positions)
@@ -123,10 +129,10 @@ class GPT(nn.Module):
         recompute = self.cfg.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                x = checkpoint(block, x, cu_seqlens, positions, varlen, max_seqlen,
+                x = checkpoint(block, x, cu_seqlens, positions, varlen, max_seqlen, shard,
                                use_reentrant=False)
             else:
-                x = block(x, cu_seqlens, positions, varlen, max_seqlen)
+                x = block(x, cu_seqlens, positions, varlen, max_seqlen, shard)
         return self.norm(x)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Parallelism beyond data parallelism: sequence parallelism over a group of ranks."""
