@@ -141,6 +141,13 @@ class GPT(nn.Module):
         Each chunk's logits are recomputed in backward instead of stored, so memory holds one
         chunk of ``[loss_chunk, vocab]`` logits rather than all of them.
         """
+        total_loss, count = self.loss_terms(hidden, targets)
+        return total_loss / count.clamp(min=1)
+
+    def loss_terms(self, hidden: torch.Tensor,
+                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed cross-entropy over targets != -100 and their count (what a mean over
+        several shards of one batch needs: :func:`fsa_train.parallel.sequence.shard_loss`)."""
         total_loss = hidden.new_zeros((), dtype=torch.float32)
         for h_chunk, t_chunk in zip(
             hidden.split(self.cfg.loss_chunk), targets.split(self.cfg.loss_chunk), strict=True
@@ -151,8 +158,7 @@ class GPT(nn.Module):
                 )
             else:
                 total_loss = total_loss + self._chunk_loss_sum(h_chunk, t_chunk)
-        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        return total_loss / count
+        return total_loss, (targets != IGNORE_INDEX).sum()
 
     def _chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()

@@ -82,3 +82,19 @@ def gather_tokens(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(shard.size)]
     dist.all_gather(parts, x.contiguous(), group=shard.group)
     return torch.cat(parts)
+
+
+def shard_batch(batch: dict, shard: SequenceShard) -> dict:
+    """This rank's part of a packed batch: its slice of ``input_ids`` and ``targets``; the
+    whole sequence's ``cu_seqlens`` and ``max_seqlen`` (the attention core needs them)."""
+    mine = shard.token_slice(batch["input_ids"].numel())
+    return {**batch, "input_ids": batch["input_ids"][mine], "targets": batch["targets"][mine]}
+
+
+def shard_loss(loss_sum: torch.Tensor, count: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
+    """This rank's share of the batch's mean loss: its summed loss over the group's token count.
+    The shares add up over the group to the mean, and so do their gradients (summed over the
+    group by the gradient reduction); the value is not the mean (all-reduce it to log)."""
+    total = count.detach().clone()
+    dist.all_reduce(total, group=shard.group)
+    return loss_sum / total.clamp(min=1)

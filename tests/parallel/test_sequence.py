@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, kind: str) -> None:
     import torch.distributed as dist
 
     from fsa_train.model import GPT
-    from fsa_train.parallel.sequence import SequenceShard
+    from fsa_train.parallel.sequence import SequenceShard, shard_batch, shard_loss
 
     deepspeed.init_distributed(dist_backend="gloo")
     shard = SequenceShard.of(dist.new_group(list(range(world))))
@@ -61,6 +61,25 @@ def _worker(rank: int, world: int, port: int, kind: str) -> None:
         if name not in want:
             assert p.grad is None, name
             continue
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=shard.group)
+        torch.testing.assert_close(grad, want[name], rtol=0, atol=1e-9, msg=name)
+    # the loss: every rank's share of the mean over the whole sequence's targets
+    targets = torch.randint(0, 64, (total,), generator=generator)
+    targets[cu[1:].long() - 1] = -100
+    model.zero_grad()
+    want_loss = model.loss(model(ids, cu), targets)
+    want_loss.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    part = shard_batch({"input_ids": ids, "targets": targets, "cu_seqlens": cu}, shard)
+    share = shard_loss(*model.loss_terms(model(part["input_ids"], cu, shard=shard),
+                                         part["targets"]), shard)
+    share.backward()
+    mean = share.detach().clone()
+    dist.all_reduce(mean, group=shard.group)
+    torch.testing.assert_close(mean, want_loss.detach(), rtol=0, atol=1e-6)
+    for name, p in model.named_parameters():
         grad = p.grad.clone()
         dist.all_reduce(grad, group=shard.group)
         torch.testing.assert_close(grad, want[name], rtol=0, atol=1e-9, msg=name)
