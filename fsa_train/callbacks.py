@@ -115,16 +115,18 @@ class ThroughputMonitor(L.Callback):
         elapsed = max(end - self._batch_started, 1e-9)
         tokens = batch["input_ids"].numel()
         world = trainer.world_size
+        # under sequence parallelism P ranks share each batch: 1/P of its tokens and FLOPs each
+        sharing = int(getattr(pl_module, "hparams", {}).get("sequence_parallel", 1) or 1)
         log = {
-            "throughput/tokens_per_s": tokens * world / elapsed,
-            "throughput/tokens_per_s_per_device": tokens / elapsed,
+            "throughput/tokens_per_s": tokens * world / sharing / elapsed,
+            "throughput/tokens_per_s_per_device": tokens / sharing / elapsed,
         }
         config = getattr(pl_module, "config", None)
         if config is not None and self._peak:
             lengths = torch.diff(batch["cu_seqlens"].to("cpu", torch.int64)).numpy()
             flops = batch_flops(config, lengths)
-            log["perf/mfu"] = flops.actual / elapsed / self._peak
-            log["perf/mfu_dense_equiv"] = flops.dense_equivalent / elapsed / self._peak
+            log["perf/mfu"] = flops.actual / sharing / elapsed / self._peak
+            log["perf/mfu_dense_equiv"] = flops.dense_equivalent / sharing / elapsed / self._peak
         if pl_module.device.type == "cuda":
             log["memory/peak_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         engine = getattr(trainer.strategy, "deepspeed_engine", None)

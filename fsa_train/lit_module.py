@@ -10,8 +10,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from fsa_train.config import GPTConfig
+from fsa_train.config import ConfigError, GPTConfig
 from fsa_train.model import GPT
+from fsa_train.parallel.sequence import SequenceShard, check_degree, shard_batch, shard_loss
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -63,6 +64,9 @@ class LitGPT(L.LightningModule):
         compile: compile each transformer block with ``torch.compile``.
         on_nonfinite: what a non-finite loss or gradient does: ``"stop"`` the run with a clear
             message (checkpoints already written stay intact) or ``"skip"`` that step.
+        sequence_parallel: ranks that share one packed sequence (DeepSpeed-Ulysses,
+            :mod:`fsa_train.parallel.sequence`): each holds 1/P of its tokens. Must divide
+            ``config.n_kv_head`` and the number of ranks; 1 = off.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class LitGPT(L.LightningModule):
         sample_tokens: int = 48,
         compile: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        sequence_parallel: int = 1,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -87,11 +92,29 @@ class LitGPT(L.LightningModule):
             raise ValueError(f"model.on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        check_degree(sequence_parallel, config.n_kv_head)
         self.save_hyperparameters()
         self.config = config
         self.model = GPT(config)
         self.skipped_steps = 0
         self.tokens_seen = 0
+        self.sequence_shard: SequenceShard | None = None
+
+    def setup(self, stage: str) -> None:
+        """Form the sequence-parallel groups (ranks ``[k·P, (k+1)·P)``) once the processes
+        exist; every rank creates every group, as ``torch.distributed.new_group`` requires."""
+        degree = self.hparams.sequence_parallel
+        if degree == 1 or self.sequence_shard is not None:
+            return
+        world = self.trainer.world_size
+        if world % degree or not torch.distributed.is_initialized():
+            raise ConfigError(f"model.sequence_parallel={degree} needs a multiple of {degree} "
+                              f"ranks in one distributed run, got {world}")
+        for start in range(0, world, degree):
+            group = torch.distributed.new_group(list(range(start, start + degree)))
+            if start <= self.trainer.global_rank < start + degree:
+                self.sequence_shard = SequenceShard(group, degree,
+                                                    self.trainer.global_rank - start)
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -105,14 +128,30 @@ class LitGPT(L.LightningModule):
                 max_seqlen: int | None = None) -> torch.Tensor:
         return self.model(input_ids, cu_seqlens, max_seqlen)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.model(batch["input_ids"], batch["cu_seqlens"], batch.get("max_seqlen"))
-        return self.model.loss(hidden, batch["targets"])
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to differentiate and the batch's mean loss (to log). Under sequence
+        parallelism the first is this rank's share times P: the gradient reduction averages
+        over all ranks, P of which hold one sequence, and the sum of the shares is the mean."""
+        shard = self.sequence_shard
+        if shard is None:
+            hidden = self.model(batch["input_ids"], batch["cu_seqlens"], batch.get("max_seqlen"))
+            loss = self.model.loss(hidden, batch["targets"])
+            return loss, loss
+        part = shard_batch(batch, shard)
+        hidden = self.model(part["input_ids"], part["cu_seqlens"], part.get("max_seqlen"), shard)
+        share = shard_loss(*self.model.loss_terms(hidden, part["targets"]), shard)
+        mean = share.detach().clone()
+        torch.distributed.all_reduce(mean, group=shard.group)
+        return share * shard.size, mean
+
+    def sequences_per_step(self) -> int:
+        """Distinct packed batches the ranks train on per step (ranks / sequence_parallel)."""
+        return self.trainer.world_size // self.hparams.sequence_parallel
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        loss = self._loss(batch)
+        loss, mean = self._loss(batch)
         # Every rank must take the same branch (a rank that skips alone would hang the others).
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)))
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(mean)))
         if not finite:
             if self.hparams.on_nonfinite == "skip":
                 self.skipped_steps += 1
@@ -123,8 +162,8 @@ class LitGPT(L.LightningModule):
                 f"checkpoint is intact. Lower model.learning_rate, check the data, or set "
                 f"model.on_nonfinite: skip"
             )
-        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True, on_step=True)
+        self.tokens_seen += batch["input_ids"].numel() * self.sequences_per_step()
+        self.log("train/loss", mean, prog_bar=True, on_step=True)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
@@ -187,7 +226,7 @@ class LitGPT(L.LightningModule):
         )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        _, loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True,
                  batch_size=int((batch["targets"] != -100).sum()))
         return loss

@@ -316,8 +316,18 @@ class TextDataModule(L.LightningDataModule):
             check_seq_len(self.seq_len, config.nsa)
 
     def _rank_and_world(self) -> tuple[int, int]:
+        """This rank's data-parallel rank and the data-parallel world: under sequence
+        parallelism (``model.sequence_parallel`` = P) the P ranks of a group read the same
+        batches."""
         trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if trainer is None:
+            return 0, 1
+        try:
+            hparams = trainer.lightning_module.hparams
+        except (AttributeError, RuntimeError):
+            hparams = {}
+        sharing = int(hparams.get("sequence_parallel", 1) or 1)
+        return trainer.global_rank // sharing, trainer.world_size // sharing
 
     def train_dataloader(self) -> DataLoader:
         """This rank's shuffled (seeded, per epoch), resumable training batches."""

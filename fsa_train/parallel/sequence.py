@@ -66,8 +66,13 @@ class SequenceShard:
     def attention(self, core):
         """DeepSpeed's all-to-all attention around ``core(q, k, v) -> o`` on ``[N, 1, heads/P,
         d]`` tensors; called with this rank's ``[N/P, 1, heads, d]`` ones."""
+        import deepspeed
+        import deepspeed.comm
         from deepspeed.sequence.layer import DistributedAttention
 
+        if not deepspeed.comm.is_initialized():  # a run without the DeepSpeed strategy
+            deepspeed.init_distributed(dist_backend=dist.get_backend(self.group),
+                                       auto_mpi_discovery=False)
         return DistributedAttention(core, self.group, scatter_idx=2, gather_idx=0)
 
 
