@@ -22,7 +22,8 @@ def parse(capsys, *configs: Path) -> str:
 
 
 def test_presets_exist():
-    assert len(MODELS) >= 2 and {p.stem for p in STRATEGIES} >= {"ddp", "zero1", "zero2", "zero3"}
+    assert len(MODELS) >= 2 and {p.stem for p in STRATEGIES} >= {"ddp", "zero1", "zero2", "zero3",
+                                                            "ulysses"}
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
@@ -32,6 +33,8 @@ def test_base_model_strategy_combination_parses(model, strategy, capsys):
     assert "bf16-mixed" in printed
     if strategy.stem.startswith("zero"):
         assert f"stage: {strategy.stem[-1]}" in printed
+    if strategy.stem == "ulysses":
+        assert "sequence_parallel: 2" in printed and "stage: 2" in printed
 
 
 def test_demo_config_parses(capsys):
