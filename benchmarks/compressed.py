@@ -124,6 +124,19 @@ def run_case(c: dict, with_reference: bool) -> dict:
         tuned = dataclasses.replace(base_settings(), topk_configs="tuned")
         select(tuned)
         out["select_tuned_ms"] = timed(lambda: select(tuned))
+    try:  # FlexAttention with the compressed mask (KernelSettings.compressed_kernel="flex")
+        flex = dataclasses.replace(base_settings(), compressed_kernel="flex")
+
+        def flex_fwd_bwd():
+            o, _ = ca.compressed_attention(q, k, v, cu, cuc, L, S, settings=flex)
+            return torch.autograd.grad(o, (q, k, v), c["do"])
+
+        flex_fwd_bwd()
+        out["flex_fwd_ms"] = timed(lambda: ca.compressed_attention(q, k, v, cu, cuc, L, S,
+                                                                   settings=flex))
+        out["flex_fwd_bwd_ms"] = timed(flex_fwd_bwd)
+    except Exception as error:  # noqa: BLE001 - report and go on
+        out["flex_error"] = repr(error)[:200]
     pairs = visible_pairs(c["lengths"])
     flops = 4 * D * c["H"] * pairs
     out["cmp_fwd_tflops"] = flops / out["cmp_fwd_ms"] * 1e-9
@@ -183,6 +196,15 @@ def markdown(results: dict) -> str:
         for name, r in results["cases"].items()
         if "select_tuned_ms" in r
     ]
+    extra += [
+        f"- {name}: FlexAttention (compiled, `compressed_kernel=flex`) fwd "
+        f"{fmt(r['flex_fwd_ms'])} ms, fwd+bwd {fmt(r['flex_fwd_bwd_ms'])} ms "
+        f"({r['cmp_fwd_bwd_ms'] / r['flex_fwd_bwd_ms']:.2f}× ours' speed)"
+        for name, r in results["cases"].items()
+        if "flex_fwd_bwd_ms" in r
+    ]
+    extra += [f"- {name}: FlexAttention failed: {r['flex_error']}"
+              for name, r in results["cases"].items() if "flex_error" in r]
     extra += [
         f"- {name}: rows whose selection differs from the reference's (bf16 inputs): "
         f"{r['select_rows_differing_from_ref']:.2e}"

@@ -19,6 +19,7 @@ _MERGES = ("bitonic", "sort")
 _TOPK_CONFIGS = ("tuned", "safe")
 _WINDOW_BWD = ("fused", "split", "atomic")
 WINDOW_KERNELS = ("auto", "triton", "cudnn", "flash")
+COMPRESSED_KERNELS = ("auto", "triton", "flex")
 _LAUNCH_KEYS = {"BLOCK_M", "num_warps", "num_stages", "PREFETCH"}
 _BLOCK_SPARSE_KEYS = {"SPLIT", "PACK", "num_warps", "num_stages"}
 
@@ -47,6 +48,9 @@ class KernelSettings:
             through ``torch.nn.attention.varlen.varlen_attn``), both fp16/bf16 only, or "auto"
             (the kernel measured fastest for the shape class, never one that is missing or
             refuses the inputs).
+        compressed_kernel: which kernel runs ``compressed_attention`` (``FSA_COMPRESSED_KERNEL``):
+            "triton" (ours), "flex" (FlexAttention with the compressed mask as a ``mask_mod``,
+            compiled on CUDA) or "auto" (ours until a GPU measurement ranks them).
         compressed_dkdv_splits: query-range splits of the compressed attention's dk/dv kernel
             (0: enough to fill the GPU, 1 under the interpreter); tests force other counts.
         selected_fwd_config, selected_bwd_config: launch configuration of the selected kernels
@@ -69,6 +73,7 @@ class KernelSettings:
     topk_configs: str = "tuned"
     window_bwd: str = "fused"
     window_kernel: str = "auto"
+    compressed_kernel: str = "auto"
     compressed_dkdv_splits: int = 0
     selected_fwd_config: dict | None = None
     selected_bwd_config: dict | None = None
@@ -90,6 +95,9 @@ class KernelSettings:
         if self.window_kernel not in WINDOW_KERNELS:
             raise ValueError(f"FSA_WINDOW_KERNEL must be one of {WINDOW_KERNELS}, "
                              f"got {self.window_kernel!r}")
+        if self.compressed_kernel not in COMPRESSED_KERNELS:
+            raise ValueError(f"FSA_COMPRESSED_KERNEL must be one of {COMPRESSED_KERNELS}, "
+                             f"got {self.compressed_kernel!r}")
         if self.compressed_dkdv_splits < 0:
             raise ValueError(f"compressed_dkdv_splits must be >= 0, "
                              f"got {self.compressed_dkdv_splits}")
@@ -129,6 +137,7 @@ class KernelSettings:
             topk_configs=env.get("FSA_TOPK_CONFIGS", "tuned"),
             window_bwd=env.get("FSA_WINDOW_BWD", "fused"),
             window_kernel=env.get("FSA_WINDOW_KERNEL", "auto"),
+            compressed_kernel=env.get("FSA_COMPRESSED_KERNEL", "auto"),
             block_sparse_autotune=flag("FSA_BLOCK_SPARSE_AUTOTUNE"),
         )
 

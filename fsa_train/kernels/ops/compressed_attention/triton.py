@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fsa_train.kernels.ops.compressed_attention import flex
 from fsa_train.kernels.settings import KernelSettings, resolve_settings
 from fsa_train.kernels.triton_utils import (
     LN2_JIT,
@@ -465,13 +466,18 @@ def compressed_attention(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel: int, str
                          scale: float | None = None, *, settings: KernelSettings | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The naive op's contract (:mod:`.naive`) in Triton: fp16, bf16 or fp32 inputs with any
-    token/head strides; the LSE is fp32. ``settings``: autotuning and forced dk/dv splits."""
+    token/head strides; the LSE is fp32. ``settings``: the kernel (``compressed_kernel``: ours
+    or FlexAttention, :mod:`.flex`), autotuning and forced dk/dv splits."""
     _check(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride)
+    settings = resolve_settings(settings)
+    if settings.compressed_kernel == "flex":
+        return flex.compressed_attention(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride,
+                                         scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k_c, v_c = rowmajor(q), rowmajor(k_c), rowmajor(v_c)
     return _CompressedAttention.apply(
         q, k_c, v_c, as_int32(cu_seqlens), as_int32(cu_seqlens_c), int(kernel), int(stride), scale,
-        resolve_settings(settings),
+        settings,
     )
 
 
