@@ -62,7 +62,7 @@ class SDPAAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
-        varlen: None = None, max_seqlen: int | None = None,
+        varlen: None = None, max_seqlen: int | None = None, shard: None = None,
     ) -> torch.Tensor:
         if cu_seqlens.numel() != self.sequences + 1:
             raise ValueError(f"the SDPA path takes {self.sequences} equal-length documents, "

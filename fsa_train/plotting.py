@@ -50,15 +50,48 @@ def run_series(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
             for name, points in series.items()}
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw :data:`PANELS` (those with data) to ``out`` (default ``RUN_DIR/metrics.png``)."""
+def pyplot(command: str = "fsa-train plot"):
+    """matplotlib's pyplot on the Agg backend, or a one-line ConfigError naming the extra."""
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError("fsa-train plot needs matplotlib: pip install 'fsa-train[plot]' "
+        raise ConfigError(f"{command} needs matplotlib: pip install 'fsa-train[plot]' "
                           "(or matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_grid(result: dict, out: str | Path, title: str) -> Path:
+    """A heatmap of an evaluation grid (``cells`` with length, depth, accuracy: passkey or
+    retrieval results) to ``out``: lengths down, depths across, exact match in each cell."""
+    plt = pyplot("the evaluation plot")
+    lengths, depths = result["lengths"], result["depths"]
+    accuracy = {(c["length"], c["depth"]): c["accuracy"] for c in result["cells"]}
+    grid = [[accuracy[(n, d)] for d in depths] for n in lengths]
+    figure, axis = plt.subplots(figsize=(1.2 * len(depths) + 2, 0.6 * len(lengths) + 1.6))
+    image = axis.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    axis.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+    axis.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+    axis.set(xlabel="depth of the key (0: farthest from the question)", ylabel="tokens",
+             title=title)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            axis.text(j, i, f"{value:.2f}", ha="center", va="center",
+                      color="white" if value < 0.6 else "black")
+    figure.colorbar(image, ax=axis, label="exact match")
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw :data:`PANELS` (those with data) to ``out`` (default ``RUN_DIR/metrics.png``)."""
+    plt = pyplot()
 
     series = run_series(run_dir)
     panels = [(title, [n for n in names if n in series]) for title, names in PANELS]

@@ -139,6 +139,7 @@ def retrieval_main(argv: list[str]) -> None:
     parser.add_argument("--keys", type=int, default=4, help="key sentences per document")
     parser.add_argument("--filler", default=None,
                         help="JSONL corpus for the natural text (default: the bundled KJV)")
+    parser.add_argument("--plot", default=None, help="a PNG heatmap of the exact match here")
     args = parse_grid_arguments(parser, argv)
     device, model, tokenizer = load_model(args)
     filler = natural_filler(tokenizer, args.filler)
@@ -148,3 +149,7 @@ def retrieval_main(argv: list[str]) -> None:
     result["exported"] = str(args.exported)
     print(format_table(result))
     write_result(result, args.out)
+    if args.plot:
+        from fsa_train.plotting import plot_grid
+
+        print(f"plot: {plot_grid(result, args.plot, f'retrieval, {args.keys} keys')}")

@@ -97,9 +97,12 @@ def test_depth_sets_the_distance_and_runs_are_deterministic(tiny_model, tokenize
 
 def test_command_on_an_exported_model(exported, tmp_path, capsys):
     out = tmp_path / "retrieval.json"
+    pytest.importorskip("matplotlib")
     cli_main(["retrieval", str(exported), "--lengths", "256", "--depths", "0", "0.5",
-              "--keys", "2", "--trials", "2", "--out", str(out)])
+              "--keys", "2", "--trials", "2", "--out", str(out), "--plot",
+              str(tmp_path / "retrieval.png")])
     printed = capsys.readouterr().out
+    assert (tmp_path / "retrieval.png").stat().st_size > 0
     assert "Exact match" in printed and "| 256 |" in printed
     result = json.loads(out.read_text())
     assert result["keys"] == 2 and len(result["cells"]) == 2
