@@ -447,9 +447,11 @@ def test_loss_parity_copied_runs_join_the_report_without_evaluating_again(tmp_pa
 
     committed = ROOT / "benchmarks/results/loss_parity_h200_2026-12-02/dense-s0"
     shutil.copytree(committed, tmp_path / "dense-s0")
-    args = argparse.Namespace(out=str(tmp_path), dataset="unused", seq_len=8192, batches=None)
+    parser = argparse.ArgumentParser()
+    loss_parity.add_arguments(parser)
+    args = parser.parse_args(["evaluate", "--out", str(tmp_path), "--dataset", "unused"])
     loss_parity.command_evaluate(args)  # nothing to do: no fsa-train command runs
-    assert loss_parity.evaluated(tmp_path / "dense-s0")
+    assert loss_parity.evaluated(tmp_path / "dense-s0", loss_parity.evaluations(args))
     setup = loss_parity.model_setup(tmp_path / "dense-s0")
     assert setup["unknown_fields"] == ["selected_kernel"] and setup["d_model"] == 1024
     other = tmp_path / "nsa-s0"
