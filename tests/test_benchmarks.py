@@ -257,7 +257,7 @@ def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_pat
     env.update(PY=str(python), OUT=str(out), DATA=str(data), RUNS=str(runs),
                MODEL_CONFIG=str(model), VOCAB="320", PRECISION="32-true", VAL_BATCHES="1",
                SEQ_LEN="128", BATCH="2", STEPS="4", VAL_EVERY="2", PASSKEY_LENGTHS="256",
-               BUDGET="400", MODES="dense nsa dense_window", RETRIEVAL="0.5",
+               BUDGET="400", MODES="dense nsa", RETRIEVAL="0.5",
                RETRIEVAL_KEYS="1", RETRIEVAL_LENGTHS="160", SHORT_CONTEXT="16",
                KEY_REFERENCE="dense")
 
@@ -275,10 +275,8 @@ def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_pat
     report = report_file.read_text()
     assert "| dense-s0 |" in report and "NSA − dense" in report
     assert "Block selections of nsa-s0" in report
-    assert "| dense_window-s0 |" in report and "Multi-key retrieval" in report
-    assert "Key tokens" in report
-    assert "window: 512" in (runs / "dense_window-s0" / "config.yaml").read_text()
-    assert "retrieval_fraction: 0.5" in (runs / "dense_window-s0" / "run.yaml").read_text()
+    assert "Multi-key retrieval" in report and "Key tokens" in report
+    assert "retrieval_fraction: 0.5" in (runs / "nsa-s0" / "run.yaml").read_text()
     for mode in ("dense", "nsa"):
         assert f"attention: {mode}" in (runs / f"{mode}-s0" / "run.yaml").read_text()
     summary = json.loads(report_file.with_suffix(".json").read_text())
@@ -434,6 +432,23 @@ def test_loss_parity_block_mode_is_a_third_run_compared_with_dense(tmp_path):
     assert "| mode | seed | NSA − dense (nats)" in table and "| nsa_block | 0 | -0.0500 |" in table
     assert summary["block_vs_token"] == [{"seed": 0, "block_minus_token": pytest.approx(0.05)}]
     assert "| 0 | +0.0500 |" in table
+
+
+def test_loss_parity_window_ablation_is_dense_with_a_window():
+    import argparse
+
+    from benchmarks import loss_parity
+
+    parser = argparse.ArgumentParser()
+    loss_parity.add_arguments(parser)
+    args = parser.parse_args(["run", "--dataset", "d", "--out", "o", "--ablation_window", "256",
+                              "--retrieval_fraction", "0.02"])
+    options = loss_parity.mode_options(args, "dense_window")
+    assert options == ["--model.config.attention", "dense", "--model.config.window", "256"]
+    config = loss_parity.run_config(args, "dense_window", 0, 100)
+    assert config["model"]["config"]["attention"] == "dense"
+    assert config["data"]["retrieval_fraction"] == 0.02
+    assert "--model.config.window" not in loss_parity.mode_options(args, "dense")
 
 
 def test_loss_parity_copied_runs_join_the_report_without_evaluating_again(tmp_path):
