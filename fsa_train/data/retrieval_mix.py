@@ -75,6 +75,22 @@ class RetrievalDocument:
         return self.answer[0] - self.needles[self.asked][0]
 
 
+def word_boundary(tokenizer: RetrievalTokenizer, text: Sequence[int], cut: int,
+                  reach: int = 16) -> int:
+    """``cut`` moved to the nearest offset of ``text`` where a word starts (at most ``reach``
+    tokens away; else unchanged), so a key sentence never splits a word. Tokenizers without
+    ``word_starts()`` keep ``cut``."""
+    starts = getattr(tokenizer, "word_starts", None)
+    if starts is None or cut in (0, len(text)):
+        return cut
+    starts = starts()
+    for step in range(reach + 1):
+        for at in (cut - step, cut + step):
+            if 0 <= at < len(text) and starts[text[at]]:
+                return at
+    return cut
+
+
 def build_document(tokenizer: RetrievalTokenizer, filler: Sequence[int], length: int,
                    n_keys: int, rng: random.Random,
                    asked_depth: float | None = None) -> RetrievalDocument:
@@ -105,6 +121,7 @@ def build_document(tokenizer: RetrievalTokenizer, filler: Sequence[int], length:
     cuts = [rng.randint(0, room) for _ in range(n_keys)]
     if asked_depth is not None:
         cuts[asked] = round(asked_depth * room)
+    cuts = [word_boundary(tokenizer, text, cut) for cut in cuts]
     order = sorted(range(n_keys), key=lambda i: (cuts[i], i))
     ids = [tokenizer.bos_id]
     placed = []

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from fsa_train.data.corpus import file_sha256
@@ -188,6 +189,7 @@ class Tokenizer:
         except (RuntimeError, OSError) as e:
             raise ValueError(f"not a sentencepiece model: {self.path} ({e})") from None
         self.checksum = file_sha256(self.path)
+        self._word_starts: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -218,6 +220,14 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int:
         """Id of a piece (e.g. a special token); ``unk_id`` if it is not in the vocabulary."""
         return self._sp.piece_to_id(piece)
+
+    def word_starts(self) -> np.ndarray:
+        """``bool [vocab_size]``: which pieces begin a word (sentencepiece's ``▁`` prefix), so
+        that text can be cut between words; computed once."""
+        if self._word_starts is None:
+            self._word_starts = np.array(
+                [self._sp.id_to_piece(i).startswith("\u2581") for i in range(self.vocab_size)])
+        return self._word_starts
 
     def __getstate__(self) -> dict:
         return {"path": self.path}

@@ -36,8 +36,11 @@ def test_document_layout(small_tokenizer):
         assert len(doc.needles) == 4 and len({name for _, name, _ in doc.needles}) == 4
         offsets = [at for at, _, _ in doc.needles]
         assert offsets == sorted(offsets)
+        starts = tok.word_starts()
         for at, name, key in doc.needles:
-            assert _contains(doc.ids, tok.encode(key_sentence(name, key)), at)
+            needle = tok.encode(key_sentence(name, key))
+            assert _contains(doc.ids, needle, at)
+            assert starts[doc.ids[at + len(needle)]]  # the text goes on with a whole word
         _, name, key = doc.needles[doc.asked]
         start, n = doc.answer
         assert tok.decode(doc.ids[start:start + n]).strip() == key
@@ -46,6 +49,23 @@ def test_document_layout(small_tokenizer):
         assert 0 < doc.distance < 300
     with pytest.raises(ConfigError, match="needs at least"):
         build_document(tok, filler, 40, 4, random.Random(0))
+
+
+def test_word_boundary_moves_a_cut_to_the_nearest_word_start(small_tokenizer):
+    from fsa_train.data.retrieval_mix import word_boundary
+
+    text = small_tokenizer.encode("In the beginning God created the heaven and the earth.")
+    starts = small_tokenizer.word_starts()
+    assert starts.dtype == bool and starts.shape == (small_tokenizer.vocab_size,)
+    for cut in range(len(text) + 1):
+        moved = word_boundary(small_tokenizer, text, cut)
+        assert moved in (0, len(text)) or starts[text[moved]]
+        assert abs(moved - cut) <= 16
+
+    class Plain:  # a tokenizer without word information keeps the cut
+        pass
+
+    assert word_boundary(Plain(), text, 3) == 3
 
 
 def test_questions_cover_every_key_and_distances_spread(small_tokenizer):
