@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from fsa_train.parallel.sequence import degree_of
+
 
 class TrainingSummary(L.Callback):
     """At the end of ``fit``, prints where the checkpoint and wandb run are, the last validation
@@ -116,7 +118,7 @@ class ThroughputMonitor(L.Callback):
         tokens = batch["input_ids"].numel()
         world = trainer.world_size
         # under sequence parallelism P ranks share each batch: 1/P of its tokens and FLOPs each
-        sharing = int(getattr(pl_module, "hparams", {}).get("sequence_parallel", 1) or 1)
+        sharing = degree_of(pl_module)
         log = {
             "throughput/tokens_per_s": tokens * world / sharing / elapsed,
             "throughput/tokens_per_s_per_device": tokens / sharing / elapsed,

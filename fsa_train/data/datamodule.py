@@ -50,6 +50,7 @@ from fsa_train.data.retrieval_mix import RetrievalMix, check_retrieval
 from fsa_train.data.sampling import ResumableWindowSampler, ShardedOrderSampler
 from fsa_train.data.shards import DatasetFormatError, check_tokenizer, load_split, read_meta
 from fsa_train.data.tokenizer import RECIPE_VERSION, Tokenizer, load_tokenizer, train_tokenizer
+from fsa_train.parallel.sequence import degree_of
 
 
 def default_cache_dir() -> Path:
@@ -323,10 +324,9 @@ class TextDataModule(L.LightningDataModule):
         if trainer is None:
             return 0, 1
         try:
-            hparams = trainer.lightning_module.hparams
-        except (AttributeError, RuntimeError):
-            hparams = {}
-        sharing = int(hparams.get("sequence_parallel", 1) or 1)
+            sharing = degree_of(trainer.lightning_module)
+        except (AttributeError, RuntimeError):  # no module attached
+            sharing = 1
         return trainer.global_rank // sharing, trainer.world_size // sharing
 
     def train_dataloader(self) -> DataLoader:

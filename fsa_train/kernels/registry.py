@@ -79,7 +79,7 @@ class Op:
             if not tensor.is_cuda and not interpreting():
                 raise ValueError(
                     f"{self.name} with backend='triton' needs CUDA tensors, got {tensor.device}")
-        elif impl is None or not tensor.is_cuda:
+        elif impl is None:
             return self.naive
         supports = getattr(self.triton_module_or_none, "supports", None)
         if supports is not None and not supports(*args, **kwargs):

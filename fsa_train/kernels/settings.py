@@ -86,18 +86,14 @@ class KernelSettings:
         tiles = self.topk_tile_blocks
         if tiles < 0 or tiles & (tiles - 1):
             raise ValueError(f"FSA_TOPK_TILE_BLOCKS must be 0 or a power of two, got {tiles}")
-        if self.topk_configs not in _TOPK_CONFIGS:
-            raise ValueError(f"FSA_TOPK_CONFIGS must be one of {_TOPK_CONFIGS}, "
-                             f"got {self.topk_configs!r}")
-        if self.window_bwd not in _WINDOW_BWD:
-            raise ValueError(f"FSA_WINDOW_BWD must be one of {_WINDOW_BWD}, "
-                             f"got {self.window_bwd!r}")
-        if self.window_kernel not in WINDOW_KERNELS:
-            raise ValueError(f"FSA_WINDOW_KERNEL must be one of {WINDOW_KERNELS}, "
-                             f"got {self.window_kernel!r}")
-        if self.compressed_kernel not in COMPRESSED_KERNELS:
-            raise ValueError(f"FSA_COMPRESSED_KERNEL must be one of {COMPRESSED_KERNELS}, "
-                             f"got {self.compressed_kernel!r}")
+        for variable, value, choices in (
+            ("FSA_TOPK_CONFIGS", self.topk_configs, _TOPK_CONFIGS),
+            ("FSA_WINDOW_BWD", self.window_bwd, _WINDOW_BWD),
+            ("FSA_WINDOW_KERNEL", self.window_kernel, WINDOW_KERNELS),
+            ("FSA_COMPRESSED_KERNEL", self.compressed_kernel, COMPRESSED_KERNELS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{variable} must be one of {choices}, got {value!r}")
         if self.compressed_dkdv_splits < 0:
             raise ValueError(f"compressed_dkdv_splits must be >= 0, "
                              f"got {self.compressed_dkdv_splits}")

@@ -76,6 +76,16 @@ class SequenceShard:
         return DistributedAttention(core, self.group, scatter_idx=2, gather_idx=0)
 
 
+def degree_of(module) -> int:
+    """The sequence-parallel degree a LightningModule was configured with (1: none, or a module
+    without the ``sequence_parallel`` hyperparameter)."""
+    try:
+        hparams = module.hparams
+    except (AttributeError, RuntimeError):
+        return 1
+    return int(hparams.get("sequence_parallel", 1) or 1)
+
+
 def full_total(local_tokens: int, shard: SequenceShard | None) -> int:
     """Tokens of the whole packed sequence of which a rank holds ``local_tokens``."""
     return local_tokens if shard is None else local_tokens * shard.size

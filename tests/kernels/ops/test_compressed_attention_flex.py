@@ -88,3 +88,20 @@ def test_gpu_flex_matches_reference(dtype, G, d):
     for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref, strict=True):
         assert rel_error(a, b, rms_floor=True) <= 1e-2, name
     _compare_lse(lse, lse_ref, 0.5)
+
+
+def test_block_mask_is_built_once_per_batch():
+    """The layers of one step share the batch's boundaries: one mask; a new batch (or an
+    in-place change) builds another, and the results stay right."""
+    q, k, v, _, cu, cuc = _inputs([40, 30], 2, 2, 16, 8, 4, torch.float64, seed=1)
+    first = flex._block_mask(cu, cuc, 70, k.shape[0], 8, 4)
+    assert flex._block_mask(cu, cuc, 70, k.shape[0], 8, 4) is first
+    other = cu.clone()
+    assert flex._block_mask(other, cuc, 70, k.shape[0], 8, 4) is not first
+    q2, k2, v2, _, cu2, cuc2 = _inputs([10, 60], 2, 2, 16, 8, 4, torch.float64, seed=2)
+    cu.copy_(cu2)
+    cuc.copy_(cuc2)  # same tensors, new boundaries: must not reuse the old mask
+    with torch.no_grad():
+        o, _ = flex.compressed_attention(q2, k2, v2, cu, cuc, 8, 4)
+        o_ref, _ = reference.compressed_attention(q2, k2, v2, cu2, cuc2, 8, 4)
+    assert rel_error(o, o_ref, rms_floor=True) < 1e-10

@@ -38,6 +38,35 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False)
 
 
+_LAST_MASK: list = []
+"""The last block mask and what it was built from: every NSA layer of a step passes the same
+``cu_seqlens`` tensors, so one mask serves them all (the tensors are held, so a later batch's
+cannot take their place unnoticed; an in-place change bumps their version)."""
+
+
+def _block_mask(cu_seqlens, cu_seqlens_c, total: int, total_c: int, kernel: int, stride: int):
+    key = (cu_seqlens, cu_seqlens_c, cu_seqlens._version, cu_seqlens_c._version, total, total_c,
+           kernel, stride)
+    if _LAST_MASK and len(_LAST_MASK[0]) == len(key) and all(
+            a is b if isinstance(a, torch.Tensor) else a == b
+            for a, b in zip(_LAST_MASK[0], key, strict=True)):
+        return _LAST_MASK[1]
+    _, create_block_mask = _flex()
+    doc_q = document_ids(cu_seqlens, total)
+    pos_q = document_positions(cu_seqlens, total)
+    doc_c = document_ids(cu_seqlens_c, total_c)
+    pos_c = document_positions(cu_seqlens_c, total_c)
+
+    def visible(b, h, q_idx, kv_idx):
+        return (doc_q[q_idx] == doc_c[kv_idx]) & (pos_c[kv_idx] * stride + kernel - 1
+                                                   <= pos_q[q_idx])
+
+    mask = create_block_mask(visible, None, None, total, total_c, device=cu_seqlens.device,
+                             _compile=cu_seqlens.is_cuda)
+    _LAST_MASK[:] = [key, mask]
+    return mask
+
+
 def unsupported(q: torch.Tensor) -> str | None:
     """Why the FlexAttention path cannot run these inputs (None when it can)."""
     if _flex() is None:
@@ -54,20 +83,9 @@ def compressed_attention(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel: int, str
     reason = unsupported(q)
     if reason is not None:
         raise ValueError(reason)
-    flex_attention, create_block_mask = _flex()
-    total, total_c = q.shape[0], k_c.shape[0]
+    flex_attention, _ = _flex()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    doc_q = document_ids(cu_seqlens, total)
-    pos_q = document_positions(cu_seqlens, total)
-    doc_c = document_ids(cu_seqlens_c, total_c)
-    pos_c = document_positions(cu_seqlens_c, total_c)
-
-    def visible(b, h, q_idx, kv_idx):
-        return (doc_q[q_idx] == doc_c[kv_idx]) & (pos_c[kv_idx] * stride + kernel - 1
-                                                   <= pos_q[q_idx])
-
-    block_mask = create_block_mask(visible, None, None, total, total_c, device=q.device,
-                                   _compile=q.is_cuda)
+    block_mask = _block_mask(cu_seqlens, cu_seqlens_c, q.shape[0], k_c.shape[0], kernel, stride)
     run = _compiled() if q.is_cuda else flex_attention
     o, lse = run(q.transpose(0, 1)[None], k_c.transpose(0, 1)[None], v_c.transpose(0, 1)[None],
                  block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k_c.shape[1],

@@ -599,10 +599,14 @@ def window_attention_with_lse(q, k, v, cu_seqlens, window: int | None = None,
     The LSE carries no gradient.
     """
     _check(q, k, v, cu_seqlens, window)
+    return _ours(q, k, v, cu_seqlens, window, scale, resolve_settings(settings))
+
+
+def _ours(q, k, v, cu_seqlens, window, scale, settings: KernelSettings):
+    """Our kernel on checked inputs: ``(o, lse)``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
-    return _WindowAttention.apply(q, k, v, as_int32(cu_seqlens), window, scale,
-                                  resolve_settings(settings))
+    return _WindowAttention.apply(q, k, v, as_int32(cu_seqlens), window, scale, settings)
 
 
 def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: float | None = None,
@@ -619,4 +623,4 @@ def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: floa
         return cudnn.window_attention(q, k, v, cu_seqlens, window, scale, max_seqlen)
     if kernel == "flash":
         return flash.window_attention(q, k, v, cu_seqlens, window, scale, max_seqlen)
-    return window_attention_with_lse(q, k, v, cu_seqlens, window, scale, settings=settings)[0]
+    return _ours(q, k, v, cu_seqlens, window, scale, settings)[0]
