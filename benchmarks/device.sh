@@ -36,9 +36,9 @@
 #     block-shared selection, dense_window for the window-only ablation), RETRIEVAL (the
 #     fraction of training windows that are retrieval documents), RETRIEVAL_KEYS; finish:
 #     RETRIEVAL_LENGTHS (fsa-train retrieval at these lengths), SHORT_CONTEXT (key tokens),
-#     KEY_REFERENCE (the mode that chooses them, e.g. dense); FROM (a committed loss_parity_*
-#     directory whose finished, evaluated runs join the report instead of running again: same
-#     recipe and seeds only), TAG (the report's name suffix). $OUT gets each job's
+#     KEY_REFERENCE (the mode that chooses them, e.g. dense); FROM (committed loss_parity_*
+#     directories, separated by spaces, whose finished, evaluated runs join the report
+#     instead of running again: same recipe only), TAG (the report's name suffix). $OUT gets each job's
 #     log and the run records (runs_jsonl.tgz), and the report once every run has finished.
 #   bash benchmarks/device.sh trainer-check
 #     Multi-GPU trainer check on a machine with 2 GPUs (DeepSpeed ZeRO, exact resume, scaling).
@@ -178,8 +178,11 @@ loss_parity() {
       }
       if [ -n "${FROM:-}" ]; then  # committed runs to compare with, instead of running them again
         mkdir -p "$RUNS"
-        for run in "$FROM"/*/; do
-          if [ ! -e "$RUNS/$(basename "$run")" ]; then cp -r "$run" "$RUNS/"; echo "$run: copied"; fi
+        local from
+        for from in $FROM; do
+          for run in "$from"/*/; do
+            if [ ! -e "$RUNS/$(basename "$run")" ]; then cp -r "$run" "$RUNS/"; echo "$run: copied"; fi
+          done
         done
       fi
       step data.log data || exit 1

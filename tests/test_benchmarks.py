@@ -20,8 +20,8 @@ from benchmarks import common  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
-GPU_BENCHMARKS = ["block_selection", "compressed", "nsa", "profile_nsa", "selected", "throughput",
-                  "window"]
+GPU_BENCHMARKS = ["block_selection", "compressed", "memory", "nsa", "profile_nsa", "selected",
+                  "throughput", "window"]
 
 
 def runner(*words: str, env: dict | None = None, timeout: int = 300):
@@ -39,7 +39,7 @@ def test_list_names_every_benchmark_module():
     assert listed == benchmarks.module_names() == sorted(benchmarks.load_all())
     assert {"block_selection", "selected", "compressed", "window", "nsa", "throughput",
             "kernel_resources", "loss_parity", "selection_overlap", "profile_nsa",
-            "trainer_check", "parity_corpus"} == set(listed)
+            "trainer_check", "parity_corpus", "memory"} == set(listed)
     for name, bench in benchmarks.load_all().items():
         assert bench.name == name and bench.summary and bench.main.__module__ == \
             f"benchmarks.{name}"
@@ -213,6 +213,29 @@ def test_nsa_core_benchmark_smoke(tmp_path):
     assert expected <= methods
     assert all(row["fwd_ms"] > 0 for row in rows)
     assert "| nsa core |" in json_file.with_suffix(".md").read_text()
+
+
+def test_memory_counts_each_saved_storage_once_and_leaves_parameters_out():
+    from benchmarks.memory import BLOCK_INPUT, saved_bytes
+
+    linear = torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(16, 8, requires_grad=True)
+    hidden = linear(x)  # mm saves x (the block input) and the weight (a parameter)
+    out = hidden * hidden  # mul saves hidden once, though it is both operands
+    by_node = saved_bytes(out, x, list(linear.parameters()))
+    assert by_node == {BLOCK_INPUT: 16 * 8 * 4, "MulBackward0": 16 * 4 * 4}
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    result = runner("run", "memory", "--device", "cpu", "--context", "128", "--d_model", "128",
+                    "--head_dim", "32", "--modes", "dense", "nsa", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (json_file,) = tmp_path.glob("memory_cpu_*.json")
+    rows = {row["mode"]: row for row in json.loads(json_file.read_text())["rows"]}
+    # the block input (fp32, d_model 128) is kept by both; NSA keeps more than dense
+    assert rows["dense"]["saved_by_node"]["block input"] == 128 * 128 * 4
+    assert rows["nsa"]["saved_per_token"] > rows["dense"]["saved_per_token"] > 0
+    assert "| block input |" in json_file.with_suffix(".md").read_text()
 
 
 def test_nsa_layouts():
