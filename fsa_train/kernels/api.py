@@ -8,6 +8,7 @@ from fsa_train.kernels.ops.compressed_attention.naive import (
     compressed_attention as _compressed_attention,
 )
 from fsa_train.kernels.ops.gate_mix.naive import gate_mix as _gate_mix
+from fsa_train.kernels.ops.gate_mix.naive import gated_projection as _gated_projection
 from fsa_train.kernels.ops.select_blocks.naive import select_blocks as _select_blocks
 from fsa_train.kernels.ops.selected_attention.naive import (
     selected_attention as _selected_attention,
@@ -24,6 +25,7 @@ select_blocks = define_op(_select_blocks, f"{_OPS_PACKAGE}.select_blocks.triton"
 selected_attention = define_op(_selected_attention, f"{_OPS_PACKAGE}.selected_attention.triton")
 window_attention = define_op(_window_attention, f"{_OPS_PACKAGE}.window_attention.triton")
 gate_mix = define_op(_gate_mix, f"{_OPS_PACKAGE}.gate_mix.triton")
+gated_projection = define_op(_gated_projection, f"{_OPS_PACKAGE}.gate_mix.triton")
 
 OPS = tuple(REGISTRY)
 """The op names, in NSA order."""

@@ -88,8 +88,10 @@ def nsa_attention(
     varlen: NSAVarlen | None = None,
     settings: KernelSettings | None = None,
     max_seqlen: int | None = None,
-) -> torch.Tensor:
-    """NSA core output ``[total, H, d]``.
+    mix: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NSA core output ``[total, H, d]`` (``mix=False``: the three branch outputs
+    ``(o_cmp, o_sel, o_win)`` unmixed, for :func:`~fsa_train.kernels.gated_projection`).
 
     Args:
         q: queries before RoPE ``[total, H, d]``.
@@ -139,4 +141,6 @@ def nsa_attention(
                                    partials=cfg.selected_partials, selection=cfg.selection,
                                    **run)
     o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, max_seqlen, **run)
+    if not mix:
+        return o_cmp, o_sel, o_win
     return ops.gate_mix(o_cmp, o_sel, o_win, gates, **run)

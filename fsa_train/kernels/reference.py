@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fsa_train.kernels.ops.compress.naive import compress
 from fsa_train.kernels.ops.compressed_attention.naive import compressed_attention
-from fsa_train.kernels.ops.gate_mix.naive import gate_mix
+from fsa_train.kernels.ops.gate_mix.naive import gate_mix, gated_projection
 from fsa_train.kernels.ops.select_blocks.naive import block_scores, overlap_weights, select_blocks
 from fsa_train.kernels.ops.selected_attention.naive import selected_attention
 from fsa_train.kernels.ops.window_attention.naive import window_attention
@@ -22,6 +22,7 @@ __all__ = [
     "compressed_attention",
     "compressed_lengths",
     "gate_mix",
+    "gated_projection",
     "overlap_weights",
     "select_blocks",
     "selected_attention",

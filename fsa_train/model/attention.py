@@ -12,12 +12,34 @@ from fsa_train.config import GPTConfig
 from fsa_train.kernels import (
     CompressionParams,
     NSAVarlen,
+    gated_projection,
     nsa_attention,
     nsa_varlen,
     window_attention,
 )
 from fsa_train.model.rope import Rotary
 from fsa_train.parallel.sequence import SequenceShard
+
+
+class OutputProjection(nn.Linear):
+    """The attention's output projection ``[total, H·d] → [total, D]``, a linear layer without
+    bias. NSA calls it with its three branch outputs and gates instead of their gated sum: the
+    sum is formed inside (:func:`fsa_train.kernels.gated_projection`), so the step does not
+    keep it from forward to backward (one ``[total, H, d]`` tensor per layer less; the branches
+    keep their outputs for their own backward anyway). Still called as a module, so that
+    parameter hooks (DeepSpeed ZeRO-3's gathering) see it."""
+
+    def __init__(self, in_features: int, out_features: int, backend: str = "auto") -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.backend = backend
+
+    def forward(self, o: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                gates: torch.Tensor | None = None) -> torch.Tensor:
+        """``o``: the mixed heads ``[total, H·d]``, or ``(o_cmp, o_sel, o_win)`` each
+        ``[total, H, d]`` with ``gates [total, H, 3]``."""
+        if gates is None:
+            return super().forward(o)
+        return gated_projection(*o, gates, self.weight, backend=self.backend)
 
 
 class Attention(nn.Module):
@@ -36,7 +58,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.d_model, H * d, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, h * d, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, h * d, bias=False)
-        self.o_proj = nn.Linear(H * d, cfg.d_model, bias=False)
+        self.o_proj = OutputProjection(H * d, cfg.d_model, cfg.kernel_backend)
         self.rope = Rotary(d, cfg.rope_base)
         self.sparse = cfg.attention == "nsa"
         if self.sparse:
@@ -88,6 +110,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(total, h, d)
         v = self.v_proj(x).view(total, h, d)
         gates = torch.sigmoid(self.gate(x)).view(total, H, 3) if self.sparse else None
+        if shard is None and self.sparse:
+            branches = self.core(q, k, v, gates, cu_seqlens, positions, varlen, max_seqlen,
+                                 mix=False)
+            return self.o_proj(branches, gates)
         if shard is None:
             o = self.core(q, k, v, gates, cu_seqlens, positions, varlen, max_seqlen)
         else:
@@ -97,10 +123,11 @@ class Attention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor | None,
              cu_seqlens: torch.Tensor, positions: torch.Tensor, varlen: NSAVarlen | None,
-             max_seqlen: int | None, kv_heads: slice = slice(None)) -> torch.Tensor:
+             max_seqlen: int | None, kv_heads: slice = slice(None), mix: bool = True):
         """The attention core on pre-RoPE ``q [total, H', d]``, ``k, v [total, h', d]`` (and
         NSA's ``gates [total, H', 3]``) of whole documents; ``kv_heads``: which of the layer's KV
-        heads ``k`` holds (their slice of the compression weights)."""
+        heads ``k`` holds (their slice of the compression weights). ``mix=False`` (NSA): the
+        three branch outputs, for :class:`OutputProjection` to mix."""
         backend = self.cfg.kernel_backend
         if self.sparse:
             params = CompressionParams(self.w_ck[kv_heads], self.w_cv[kv_heads],
@@ -109,7 +136,7 @@ class Attention(nn.Module):
                 varlen = nsa_varlen(cu_seqlens, q.shape[0], self.cfg.nsa, positions)
             return nsa_attention(
                 q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend,
-                varlen=varlen, max_seqlen=max_seqlen,
+                varlen=varlen, max_seqlen=max_seqlen, mix=mix,
             )
         q = self.rope(q, positions)
         k = self.rope(k, positions)

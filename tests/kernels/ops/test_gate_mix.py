@@ -147,3 +147,95 @@ def test_gpu_64k_tokens_bf16_deterministic():
         err = rel_error(got, ref, rms_floor=True)
         assert err <= 1e-2, (name, err)
         assert torch.equal(got, second), name
+
+
+# --------------------------------------------------------------------------- gated_projection
+
+
+PROJECTION_ERROR = {torch.float32: 1e-6, torch.float16: 2e-3}
+"""Relative L2 error bounds; fp16: the mixed output is rounded to fp16 before the matmul, as a
+linear layer's input is."""
+
+
+def _weight(D, H, d, dtype, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(D, H * d, generator=gen) / (H * d) ** 0.5).to(DEVICE, dtype)
+
+
+def _projection_truth(inputs, weight, dy):
+    leaves = [x.detach().double().requires_grad_() for x in (*inputs, weight)]
+    out = reference.gated_projection(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves, dy.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_gated_projection_matches_fp64_reference(dtype, strided):
+    inputs, _ = _inputs(37, 3, 16, dtype, strided, seed=6)
+    weight = _weight(24, 3, 16, dtype)
+    dy = torch.randn(37, 24, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    leaves = [x.detach().requires_grad_() for x in (*inputs, weight)]
+    out = gm.gated_projection(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy)
+    want, want_grads = _projection_truth(inputs, weight, dy)
+    assert out.dtype == dtype and out.shape == (37, 24)
+    assert rel_error(out, want) <= PROJECTION_ERROR[dtype]
+    for name, x, got, ref in zip(("cmp", "sel", "win", "gates", "weight"), leaves, grads,
+                                 want_grads, strict=True):
+        assert got.dtype == x.dtype and got.shape == x.shape, name
+        assert rel_error(got, ref) <= PROJECTION_ERROR[dtype], (name, rel_error(got, ref))
+
+
+def test_gated_projection_keeps_only_its_inputs_for_the_backward():
+    """What the op saves: the three branch outputs, the gates and the weight, no mixed output
+    (a linear layer after gate_mix keeps the mixed [total, H, d] output as its input)."""
+    inputs, _ = _inputs(37, 3, 16, torch.float32, strided=False, seed=8)
+    weight = _weight(24, 3, 16, torch.float32)
+    leaves = [x.detach().requires_grad_() for x in (*inputs, weight)]
+    out = gm.gated_projection(*leaves)
+    saved = {t.untyped_storage().data_ptr() for t in out.grad_fn.saved_tensors}
+    assert saved == {x.untyped_storage().data_ptr() for x in leaves}
+    unfused = torch.nn.functional.linear(gm.gate_mix(*leaves[:4]).flatten(1), leaves[4])
+    mm = unfused.grad_fn  # the linear layer's node keeps the mixed output
+    kept = {t.untyped_storage().data_ptr() for t in node_saved(mm)}
+    assert kept - {x.untyped_storage().data_ptr() for x in leaves}
+
+
+def node_saved(node):
+    return [getattr(node, n) for n in dir(node) if n.startswith("_saved_")
+            and isinstance(getattr(node, n), torch.Tensor)]
+
+
+def test_gated_projection_needs_a_matching_weight_and_dispatches():
+    inputs, _ = _inputs(5, 2, 16, torch.float32, strided=False)
+    weight = _weight(8, 2, 16, torch.float32)
+    op = REGISTRY["gated_projection"]
+    assert op.resolve("triton", inputs[0], (*inputs, weight), {}) is gm.gated_projection
+    torch.testing.assert_close(ops.gated_projection(*inputs, weight, backend="triton"),
+                               ops.gated_projection(*inputs, weight, backend="reference"))
+    with pytest.raises(ValueError, match=r"weight must be \[D, 32\]"):
+        gm.gated_projection(*inputs, weight[:, :16])
+
+
+@pytest.mark.gpu
+def test_gpu_gated_projection_under_autocast_matches_the_unfused_layer():
+    total, H, d, D = 16384, 8, 128, 1024
+    inputs, _ = _inputs(total, H, d, torch.bfloat16, strided=False, seed=9)
+    weight = _weight(D, H, d, torch.float32)
+    dy = torch.randn(total, D, device=DEVICE, dtype=torch.bfloat16)
+
+    def run(fn):
+        leaves = [x.detach().requires_grad_() for x in (*inputs, weight)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(*leaves)
+        return out, torch.autograd.grad(out, leaves, dy)
+
+    out, grads = run(gm.gated_projection)
+    want, want_grads = run(lambda *x: torch.nn.functional.linear(
+        gm.gate_mix(*x[:4]).flatten(1), x[4]))
+    assert out.dtype == want.dtype == torch.bfloat16
+    assert rel_error(out, want) <= 1e-2
+    for name, got, ref in zip(("cmp", "sel", "win", "gates", "weight"), grads, want_grads,
+                              strict=True):
+        assert got.dtype == ref.dtype, name
+        assert rel_error(got, ref, rms_floor=True) <= 1e-2, (name, rel_error(got, ref))

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from fsa_train.kernels.settings import KernelSettings
 
-__all__ = ["GateMix", "gate_mix"]
+__all__ = ["GateMix", "GatedProjection", "gate_mix", "gated_projection"]
 
 _TILE = 4096
 """Elements (rows × d) of one branch per program: 8 KB in bf16."""
@@ -102,20 +102,51 @@ def _check(o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, gates:
         raise ValueError("branch outputs and gates must be floating point")
 
 
+def _mix(o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The forward kernel: the gated sum ``[total, H, d]``, contiguous, in ``dtype`` (default
+    o_cmp's)."""
+    total, H, d = o_cmp.shape
+    out = torch.empty(o_cmp.shape, dtype=dtype or o_cmp.dtype, device=o_cmp.device)
+    rows, br = total * H, _TILE // d
+    if rows:
+        _fwd_kernel[(triton.cdiv(rows, br),)](
+            o_cmp, o_sel, o_win, gates, out,
+            *o_cmp.stride(), *o_sel.stride(), *o_win.stride(), *gates.stride(), rows, H,
+            D=d, BR=br, num_warps=4,
+        )
+    return out
+
+
+def _mix_backward(do: torch.Tensor, branches: list, gates: torch.Tensor,
+                  dtypes: tuple, need: tuple) -> tuple:
+    """The backward kernel: the branch gradients (in ``dtypes``) and the gate gradient, None
+    where ``need`` says so; ``branches`` may be None when the gate gradient is not needed."""
+    total, H, d = do.shape
+    grads = [
+        torch.empty(do.shape, dtype=dtype, device=do.device) if n else None
+        for dtype, n in zip(dtypes, need[:3], strict=True)
+    ]
+    d_g = torch.empty(gates.shape, dtype=gates.dtype, device=do.device) if need[3] else None
+    rows, br = total * H, _TILE // d
+    if rows and any(need):
+        # unused pointers and strides get ``do``'s: the kernel never touches them
+        ptrs = [x if x is not None else do for x in (*branches, *grads, d_g)]
+        strides = [s for x in ptrs[:3] for s in x.stride()]
+        _bwd_kernel[(triton.cdiv(rows, br),)](
+            do, *ptrs[:3], gates, *ptrs[3:], *do.stride(), *strides, *gates.stride(), rows, H,
+            D=d, BR=br, NEED_C=need[0], NEED_S=need[1], NEED_W=need[2], NEED_G=need[3],
+            num_warps=8,
+        )
+    return (*grads, d_g)
+
+
 class GateMix(torch.autograd.Function):
     """``Σ_x gates[..., x:x+1]·o_x`` with a fused Triton forward and backward."""
 
     @staticmethod
     def forward(ctx, o_cmp, o_sel, o_win, gates):
-        total, H, d = o_cmp.shape
-        out = torch.empty(o_cmp.shape, dtype=o_cmp.dtype, device=o_cmp.device)
-        rows, br = total * H, _TILE // d
-        if rows:
-            _fwd_kernel[(triton.cdiv(rows, br),)](
-                o_cmp, o_sel, o_win, gates, out,
-                *o_cmp.stride(), *o_sel.stride(), *o_win.stride(), *gates.stride(), rows, H,
-                D=d, BR=br, num_warps=4,
-            )
+        out = _mix(o_cmp, o_sel, o_win, gates)
         # the branch outputs are needed only for the gate gradients
         branches = (o_cmp, o_sel, o_win) if ctx.needs_input_grad[3] else (None, None, None)
         ctx.save_for_backward(*branches, gates)
@@ -125,24 +156,39 @@ class GateMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         *branches, gates = ctx.saved_tensors
+        return _mix_backward(do, branches, gates, ctx.dtypes, ctx.needs_input_grad)
+
+
+class GatedProjection(torch.autograd.Function):
+    """``gate_mix(o_cmp, o_sel, o_win, gates).flatten(1) @ weight.T`` that keeps only the
+    branch outputs (which the branches keep for their own backward anyway) and the gates: the
+    mixed output is recomputed by the forward kernel in the backward, for ``weight``'s
+    gradient, instead of being held from forward to backward like a linear layer's input."""
+
+    @staticmethod
+    def forward(ctx, o_cmp, o_sel, o_win, gates, weight, dtype):
+        total = o_cmp.shape[0]
+        w = weight.to(dtype)
+        y = _mix(o_cmp, o_sel, o_win, gates, dtype).view(total, -1) @ w.t()
+        ctx.save_for_backward(o_cmp, o_sel, o_win, gates, w)
+        ctx.dtypes = (o_cmp.dtype, o_sel.dtype, o_win.dtype)
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        o_cmp, o_sel, o_win, gates, w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        total, H, d = do.shape
-        grads = [
-            torch.empty(do.shape, dtype=dtype, device=do.device) if n else None
-            for dtype, n in zip(ctx.dtypes, need[:3], strict=True)
-        ]
-        d_g = torch.empty(gates.shape, dtype=gates.dtype, device=do.device) if need[3] else None
-        rows, br = total * H, _TILE // d
-        if rows and any(need):
-            # unused pointers and strides get ``do``'s: the kernel never touches them
-            ptrs = [x if x is not None else do for x in (*branches, *grads, d_g)]
-            strides = [s for x in ptrs[:3] for s in x.stride()]
-            _bwd_kernel[(triton.cdiv(rows, br),)](
-                do, *ptrs[:3], gates, *ptrs[3:], *do.stride(), *strides, *gates.stride(), rows, H,
-                D=d, BR=br, NEED_C=need[0], NEED_S=need[1], NEED_W=need[2], NEED_G=need[3],
-                num_warps=8,
-            )
-        return (*grads, d_g)
+        dy = dy.to(w.dtype)
+        d_w = None
+        if need[4]:
+            mixed = _mix(o_cmp, o_sel, o_win, gates, w.dtype).view(dy.shape[0], -1)
+            d_w = (dy.t() @ mixed).to(ctx.weight_dtype)
+        grads = (None,) * 4
+        if any(need[:4]):
+            do = (dy @ w).view(o_cmp.shape)
+            grads = _mix_backward(do, [o_cmp, o_sel, o_win], gates, ctx.dtypes, need[:4])
+        return (*grads, d_w, None)
 
 
 def gate_mix(
@@ -161,3 +207,28 @@ def gate_mix(
     """
     _check(o_cmp, o_sel, o_win, gates)
     return GateMix.apply(o_cmp, o_sel, o_win, gates)
+
+
+def gated_projection(
+    o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor,
+    weight: torch.Tensor, *, settings: KernelSettings | None = None,
+) -> torch.Tensor:
+    """The output projection of the gated sum, ``[total, D]`` (see the naive op); the mixed
+    output is not kept for the backward (:class:`GatedProjection`)."""
+    _check(o_cmp, o_sel, o_win, gates)
+    _check_weight(o_cmp, weight)
+    return GatedProjection.apply(o_cmp, o_sel, o_win, gates, weight, _matmul_dtype(o_cmp))
+
+
+def _check_weight(o_cmp: torch.Tensor, weight: torch.Tensor) -> None:
+    total, H, d = o_cmp.shape
+    if weight.dim() != 2 or weight.shape[1] != H * d:
+        raise ValueError(f"weight must be [D, {H * d}] for branch outputs [total, {H}, {d}], "
+                         f"got {tuple(weight.shape)}")
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer would compute in: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
