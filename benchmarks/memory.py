@@ -1,8 +1,8 @@
 """Where a training step's activation memory sits: the tensors one transformer block keeps for
 its backward, by the autograd node that keeps them, for dense, cuDNN SDPA and NSA (issues 16, 20).
 
-For each mode, one :class:`fsa_train.model.gpt.Block` of the benchmark GPT (``benchmarks.throughput``'s
-``model_config``: 0.35B by default) runs forward under bf16 autocast on one sequence of
+For each mode, one :class:`fsa_train.model.gpt.Block` of the benchmark GPT
+(``benchmarks.throughput``'s ``model_config``: 0.35B by default) runs forward under bf16 autocast on one sequence of
 ``--context`` tokens. Then:
 
 * **saved**: the autograd graph from the block's output is walked; every tensor a node holds for
@@ -34,9 +34,9 @@ import torch
 from benchmarks import REGISTRY, register
 from benchmarks.common import Record, require_cuda, run_meta
 from benchmarks.throughput import MODES, SDPAAttention, model_config
-from fsa_train.model.gpt import Block
-from fsa_train.kernels.varlen import document_positions
 from fsa_train.kernels.nsa import nsa_varlen
+from fsa_train.kernels.varlen import document_positions
+from fsa_train.model.gpt import Block
 
 BLOCK_INPUT = "block input"
 WEIGHT_CASTS = "weight casts"
