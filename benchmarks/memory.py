@@ -2,8 +2,8 @@
 its backward, by the autograd node that keeps them, for dense, cuDNN SDPA and NSA (issues 16, 20).
 
 For each mode, one :class:`fsa_train.model.gpt.Block` of the benchmark GPT
-(``benchmarks.throughput``'s ``model_config``: 0.35B by default) runs forward under bf16 autocast on one sequence of
-``--context`` tokens. Then:
+(``benchmarks.throughput``'s ``model_config``: 0.35B by default) runs forward under bf16
+autocast on one sequence of ``--context`` tokens. Then:
 
 * **saved**: the autograd graph from the block's output is walked; every tensor a node holds for
   its backward (the ``_saved_*`` attributes of built-in nodes, ``saved_tensors`` and tensor
