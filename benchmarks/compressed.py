@@ -38,6 +38,9 @@ from benchmarks import REGISTRY, register
 from benchmarks.common import Record, bench, join_tags, require_cuda, run_meta, run_shapes
 
 D = 128
+LIBRARY_KERNELS = {"flex": "FlexAttention (compiled, `compressed_kernel=flex`)",
+                   "cudnn": "cuDNN over compressed positions (`compressed_kernel=cudnn`)"}
+"""The maintained kernels timed beside ours (``KernelSettings.compressed_kernel``)."""
 KV_HEADS = 4
 L, S, B, T, INIT, LOCAL = 32, 16, 64, 16, 1, 2
 
@@ -124,19 +127,24 @@ def run_case(c: dict, with_reference: bool) -> dict:
         tuned = dataclasses.replace(base_settings(), topk_configs="tuned")
         select(tuned)
         out["select_tuned_ms"] = timed(lambda: select(tuned))
-    try:  # FlexAttention with the compressed mask (KernelSettings.compressed_kernel="flex")
-        flex = dataclasses.replace(base_settings(), compressed_kernel="flex")
+    longest = max(c["lengths"])
+    for kernel in LIBRARY_KERNELS:  # KernelSettings.compressed_kernel: the maintained kernels
+        try:
+            settings = dataclasses.replace(base_settings(), compressed_kernel=kernel)
 
-        def flex_fwd_bwd():
-            o, _ = ca.compressed_attention(q, k, v, cu, cuc, L, S, settings=flex)
-            return torch.autograd.grad(o, (q, k, v), c["do"])
+            def lib_fwd(settings=settings):
+                return ca.compressed_attention(q, k, v, cu, cuc, L, S, None, longest,
+                                               settings=settings)
 
-        flex_fwd_bwd()
-        out["flex_fwd_ms"] = timed(lambda: ca.compressed_attention(q, k, v, cu, cuc, L, S,
-                                                                   settings=flex))
-        out["flex_fwd_bwd_ms"] = timed(flex_fwd_bwd)
-    except Exception as error:  # noqa: BLE001 - report and go on
-        out["flex_error"] = repr(error)[:200]
+            def lib_fwd_bwd(lib_fwd=lib_fwd):
+                o, _ = lib_fwd()
+                return torch.autograd.grad(o, (q, k, v), c["do"])
+
+            lib_fwd_bwd()
+            out[f"{kernel}_fwd_ms"] = timed(lib_fwd)
+            out[f"{kernel}_fwd_bwd_ms"] = timed(lib_fwd_bwd)
+        except Exception as error:  # noqa: BLE001 - report and go on
+            out[f"{kernel}_error"] = repr(error)[:200]
     pairs = visible_pairs(c["lengths"])
     flops = 4 * D * c["H"] * pairs
     out["cmp_fwd_tflops"] = flops / out["cmp_fwd_ms"] * 1e-9
@@ -196,15 +204,18 @@ def markdown(results: dict) -> str:
         for name, r in results["cases"].items()
         if "select_tuned_ms" in r
     ]
-    extra += [
-        f"- {name}: FlexAttention (compiled, `compressed_kernel=flex`) fwd "
-        f"{fmt(r['flex_fwd_ms'])} ms, fwd+bwd {fmt(r['flex_fwd_bwd_ms'])} ms "
-        f"({r['cmp_fwd_bwd_ms'] / r['flex_fwd_bwd_ms']:.2f}× ours' speed)"
-        for name, r in results["cases"].items()
-        if "flex_fwd_bwd_ms" in r
-    ]
-    extra += [f"- {name}: FlexAttention failed: {r['flex_error']}"
-              for name, r in results["cases"].items() if "flex_error" in r]
+    for kernel, label in LIBRARY_KERNELS.items():
+        extra += [
+            f"- {name}: {label} fwd {fmt(r[kernel + '_fwd_ms'])} ms, fwd+bwd "
+            f"{fmt(r[kernel + '_fwd_bwd_ms'])} ms "
+            f"({r['cmp_fwd_bwd_ms'] / r[kernel + '_fwd_bwd_ms']:.2f}× ours' speed, "
+            f"{r['cmp_fwd_bwd_tflops'] * r['cmp_fwd_bwd_ms'] / r[kernel + '_fwd_bwd_ms']:.0f} "
+            "TFLOP/s)"
+            for name, r in results["cases"].items()
+            if kernel + "_fwd_bwd_ms" in r
+        ]
+        extra += [f"- {name}: {label} failed: {r[kernel + '_error']}"
+                  for name, r in results["cases"].items() if kernel + "_error" in r]
     extra += [
         f"- {name}: rows whose selection differs from the reference's (bf16 inputs): "
         f"{r['select_rows_differing_from_ref']:.2e}"

@@ -57,3 +57,33 @@ def assert_close(
     assert torch.isfinite(got).all(), f"{what}: not finite"
     err = rel_error(got, want, rms_floor)
     assert err <= tol, f"{what}: rel err {err:.2e} > {tol:.0e}"
+
+
+def compressed_batch(
+    lengths: Sequence[int], H: int, h: int, d: int, kernel: int, stride: int,
+    dtype: torch.dtype, seed: int, device: str | torch.device = DEVICE, q_scale: float = 1.0,
+) -> tuple[torch.Tensor, ...]:
+    """A packed batch for compressed attention: ``q [total, H, d]`` (times ``q_scale``),
+    compressed keys and values ``[total_c, h, d]``, an output gradient like q, ``cu_seqlens``
+    and ``cu_seqlens_c`` (compression window ``kernel``, ``stride``); standard normal from a CPU
+    generator."""
+    from fsa_train.kernels import reference
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cu = cu_seqlens(lengths, device=device)
+    cuc = reference.compressed_lengths(cu, kernel, stride)
+    total, total_c = sum(lengths), int(cuc[-1])
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    return (rnd(total, H, d, scale=q_scale), rnd(total_c, h, d), rnd(total_c, h, d),
+            rnd(total, H, d), cu, cuc)
+
+
+def assert_same_lse(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    """fp32 LSEs of one shape, ``-inf`` in the same places, finite ones within ``tol``."""
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    finite = torch.isfinite(want)
+    assert (got[finite].double() - want[finite].double()).abs().max() <= tol

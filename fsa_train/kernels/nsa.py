@@ -129,7 +129,8 @@ def nsa_attention(
     k_c = rope(k_c, positions_c, max_position=total)
 
     o_cmp, lse = ops.compressed_attention(
-        q, k_c, v_c, cu_seqlens, cu_seqlens_c, cfg.cmp_kernel, cfg.cmp_stride, scale, **run,
+        q, k_c, v_c, cu_seqlens, cu_seqlens_c, cfg.cmp_kernel, cfg.cmp_stride, scale, max_seqlen,
+        **run,
     )
     with torch.no_grad():
         idx = ops.select_blocks(

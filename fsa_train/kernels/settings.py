@@ -19,7 +19,7 @@ _MERGES = ("bitonic", "sort")
 _TOPK_CONFIGS = ("tuned", "safe")
 _WINDOW_BWD = ("fused", "split", "atomic")
 WINDOW_KERNELS = ("auto", "triton", "cudnn", "flash")
-COMPRESSED_KERNELS = ("auto", "triton", "flex")
+COMPRESSED_KERNELS = ("auto", "triton", "flex", "cudnn")
 _LAUNCH_KEYS = {"BLOCK_M", "num_warps", "num_stages", "PREFETCH"}
 _BLOCK_SPARSE_KEYS = {"SPLIT", "PACK", "num_warps", "num_stages"}
 
@@ -50,7 +50,9 @@ class KernelSettings:
             refuses the inputs).
         compressed_kernel: which kernel runs ``compressed_attention`` (``FSA_COMPRESSED_KERNEL``):
             "triton" (ours), "flex" (FlexAttention with the compressed mask as a ``mask_mod``,
-            compiled on CUDA) or "auto" (ours until a GPU measurement ranks them).
+            compiled on CUDA), "cudnn" (cuDNN's causal attention over compressed positions,
+            each row's queries as extra heads; fp16/bf16, the ``gpu`` extra) or "auto" (ours
+            until a GPU measurement ranks them).
         compressed_dkdv_splits: query-range splits of the compressed attention's dk/dv kernel
             (0: enough to fill the GPU, 1 under the interpreter); tests force other counts.
         selected_fwd_config, selected_bwd_config: launch configuration of the selected kernels

@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 import torch
-from fsa_testing import DEVICE, rel_error
+from fsa_testing import DEVICE, compressed_batch, rel_error
 from fsa_testing import cu_seqlens as _cu
 
 pytest.importorskip("triton")
@@ -29,18 +29,7 @@ _rel = partial(rel_error, rms_floor=True)
 
 
 def _inputs(lengths, H, h, d, kernel, stride, dtype, seed, q_scale=1.0, device=DEVICE):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    cu = _cu(lengths, device=device)
-    cuc = reference.compressed_lengths(cu, kernel, stride)
-    total, total_c = sum(lengths), int(cuc[-1])
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device)
-
-    q = (rnd(total, H, d) * q_scale).to(dtype)
-    return q, rnd(total_c, h, d).to(dtype), rnd(total_c, h, d).to(dtype), rnd(total, H, d).to(
-        dtype
-    ), cu, cuc
+    return compressed_batch(lengths, H, h, d, kernel, stride, dtype, seed, device, q_scale)
 
 
 def _run(fn, q, k, v, do, cu, cuc, kernel, stride, **options):

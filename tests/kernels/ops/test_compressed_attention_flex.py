@@ -11,8 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from fsa_testing import cu_seqlens as _cu
-from fsa_testing import rel_error
+from fsa_testing import assert_same_lse, compressed_batch, rel_error
 
 from fsa_train.kernels import reference
 from fsa_train.kernels.ops.compressed_attention import flex
@@ -21,24 +20,8 @@ from fsa_train.kernels.settings import KernelSettings, default_settings
 pytest.importorskip("torch.nn.attention.flex_attention")
 
 
-def _inputs(lengths, H, h, d, kernel, stride, dtype, seed, device="cpu", q_scale=1.0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    cu = _cu(lengths, device=device)
-    cuc = reference.compressed_lengths(cu, kernel, stride)
-    total, total_c = sum(lengths), int(cuc[-1])
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    return rnd(total, H, d) * q_scale, rnd(total_c, h, d), rnd(total_c, h, d), \
-        rnd(total, H, d), cu, cuc
-
-
-def _compare_lse(a, b, tol):
-    assert a.dtype == torch.float32 and a.shape == b.shape
-    assert torch.equal(torch.isneginf(a), torch.isneginf(b))
-    finite = torch.isfinite(b)
-    assert (a[finite].double() - b[finite].double()).abs().max() <= tol
+_inputs = compressed_batch
+_compare_lse = assert_same_lse
 
 
 @pytest.mark.parametrize("H,h,kernel,stride", [(2, 2, 8, 4), (4, 1, 16, 8), (16, 2, 32, 16)])
@@ -63,7 +46,7 @@ def test_cpu_backward_is_a_one_line_error():
 def test_settings_name_the_kernel():
     assert KernelSettings.from_env({"FSA_COMPRESSED_KERNEL": "flex"}).compressed_kernel == "flex"
     with pytest.raises(ValueError, match="FSA_COMPRESSED_KERNEL"):
-        KernelSettings(compressed_kernel="cudnn")
+        KernelSettings(compressed_kernel="fa4")
 
 
 GPU_PACKED = [1, 100, 4096, 777, 2048, 31, 1000]

@@ -18,10 +18,13 @@ def compressed_attention(
     kernel: int,
     stride: int,
     scale: float | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the compressed tokens whose whole window is in the query's past.
 
     Query at local position t sees compressed token i of its document iff ``t >= i·s + l - 1``.
+    ``max_seqlen``: the longest document as a host integer, if known (library kernels size their
+    grid with it; the result does not depend on it).
 
     Returns:
         ``o [total, H, d]`` in q's dtype (0 for queries that see nothing) and the natural-log

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fsa_train.kernels.ops.compressed_attention import flex
+from fsa_train.kernels.ops.compressed_attention import cudnn, flex
 from fsa_train.kernels.settings import KernelSettings, resolve_settings
 from fsa_train.kernels.triton_utils import (
     LN2_JIT,
@@ -463,16 +463,20 @@ class _CompressedAttention(torch.autograd.Function):
 
 
 def compressed_attention(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel: int, stride: int,
-                         scale: float | None = None, *, settings: KernelSettings | None = None,
+                         scale: float | None = None, max_seqlen: int | None = None, *,
+                         settings: KernelSettings | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The naive op's contract (:mod:`.naive`) in Triton: fp16, bf16 or fp32 inputs with any
-    token/head strides; the LSE is fp32. ``settings``: the kernel (``compressed_kernel``: ours
-    or FlexAttention, :mod:`.flex`), autotuning and forced dk/dv splits."""
+    token/head strides; the LSE is fp32. ``settings``: the kernel (``compressed_kernel``: ours,
+    FlexAttention :mod:`.flex` or cuDNN :mod:`.cudnn`), autotuning and forced dk/dv splits."""
     _check(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride)
     settings = resolve_settings(settings)
     if settings.compressed_kernel == "flex":
         return flex.compressed_attention(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride,
                                          scale)
+    if settings.compressed_kernel == "cudnn":
+        return cudnn.compressed_attention(q, k_c, v_c, cu_seqlens, cu_seqlens_c, kernel, stride,
+                                          scale, max_seqlen)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k_c, v_c = rowmajor(q), rowmajor(k_c), rowmajor(v_c)
     return _CompressedAttention.apply(

@@ -58,16 +58,33 @@ def plan_shape(cu_seqlens: torch.Tensor, total: int,
     return cu, max(1, min(power_of_two_at_least(longest), total))
 
 
+def attention_forward(q, k, v, cu, scale: float, window_left: int,
+                      longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's causal forward on packed rows (``cu`` and ``longest`` from :func:`plan_shape`,
+    ``window_left`` -1 for none): ``o`` like q and the natural-log ``lse [total, H, 1]`` fp32."""
+    return cudnn_sdpa().fwd(q, k, v, scale, is_causal=True, window_left=window_left,
+                            cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                            max_seqlen_kv=longest, return_lse=True)
+
+
+def attention_backward(do, q, k, v, o, lse, cu, scale: float, window_left: int, longest: int,
+                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`attention_forward` (``lse`` as it returned it)."""
+    library = cudnn_sdpa()
+    padded = library.padded_lse(lse[:, :, 0], cu, longest)
+    return library.bwd(rowmajor(do), q, k, v, o, padded, scale, is_causal=True,
+                       window_left=window_left, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                       max_seqlen_q=longest, max_seqlen_kv=longest,
+                       is_deterministic=deterministic)
+
+
 class _CudnnWindowAttention(torch.autograd.Function):
     """cuDNN's forward and backward on the padded plan shape (:func:`plan_shape`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu, scale: float, window_left: int, longest: int,
                 deterministic: bool):
-        library = cudnn_sdpa()
-        o, lse = library.fwd(q, k, v, scale, is_causal=True, window_left=window_left,
-                             cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                             max_seqlen_kv=longest, return_lse=True)
+        o, lse = attention_forward(q, k, v, cu, scale, window_left, longest)
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.options = (scale, window_left, longest, deterministic)
         return o
@@ -75,13 +92,7 @@ class _CudnnWindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
-        scale, window_left, longest, deterministic = ctx.options
-        library = cudnn_sdpa()
-        padded = library.padded_lse(lse[:, :, 0], cu, longest)
-        dq, dk, dv = library.bwd(rowmajor(do), q, k, v, o, padded, scale, is_causal=True,
-                                 window_left=window_left, cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                 max_seqlen_q=longest, max_seqlen_kv=longest,
-                                 is_deterministic=deterministic)
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, cu, *ctx.options)
         return dq, dk, dv, None, None, None, None, None
 
 
