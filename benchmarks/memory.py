@@ -8,7 +8,8 @@ autocast on one sequence of ``--context`` tokens. Then:
 * **saved**: the autograd graph from the block's output is walked; every tensor a node holds for
   its backward (the ``_saved_*`` attributes of built-in nodes, ``saved_tensors`` and tensor
   attributes of custom functions' contexts) is counted once per storage, attributed to the first
-  node that holds it. Parameters are left out; the bf16 weight copies autocast makes are listed as
+  node that holds it, if autograd packed it during the forward (saved-tensor hooks: a
+  checkpointed region's tensors are recomputed, not kept). Parameters are left out; the bf16 weight copies autocast makes are listed as
   ``weight casts`` (per layer, not per token). The block's input (the residual stream, which any
   model keeps) is its own row.
 * **held** (CUDA only): ``torch.cuda.memory_allocated`` after the forward minus before, with the
@@ -50,8 +51,9 @@ def _tensors(value: object) -> list[torch.Tensor]:
     return []
 
 
-def node_tensors(node: object) -> list[torch.Tensor]:
-    """The tensors an autograd node keeps for its backward."""
+def node_tensors(node: object) -> list[tuple[torch.Tensor, bool]]:
+    """The tensors an autograd node keeps for its backward, each with whether it is a custom
+    function's context attribute (kept without being packed)."""
     found: list[torch.Tensor] = []
     for name in dir(node):
         if name.startswith("_saved_"):
@@ -59,13 +61,14 @@ def node_tensors(node: object) -> list[torch.Tensor]:
                 found += _tensors(getattr(node, name))
             except RuntimeError:  # freed already, or not a tensor the node can unpack
                 continue
+    attributes: list[torch.Tensor] = []
     if hasattr(node, "saved_tensors"):  # a custom autograd.Function's context
         try:
             found += _tensors(node.saved_tensors)
         except RuntimeError:
             pass
-        found += [t for value in vars(node).values() for t in _tensors(value)]
-    return found
+        attributes = [t for value in vars(node).values() for t in _tensors(value)]
+    return [(t, False) for t in found] + [(t, True) for t in attributes]
 
 
 def _storage(tensor: torch.Tensor) -> tuple[int, int] | None:
@@ -76,23 +79,55 @@ def _storage(tensor: torch.Tensor) -> tuple[int, int] | None:
     return storage.data_ptr(), storage.nbytes()
 
 
+class PackedStorages:
+    """The storages autograd packs for the backward while active (saved-tensor hooks): what
+    the forward really keeps. A checkpointed region packs nothing here (it recomputes), though
+    unpacking its nodes' tensors in a walk would recompute and show them."""
+
+    def __init__(self) -> None:
+        self.pointers: dict[int, int] = {}
+        """Storage address → bytes."""
+
+    def __enter__(self) -> PackedStorages:
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            key = _storage(tensor)
+            if key is not None:
+                self.pointers[key[0]] = key[1]
+            return tensor
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
 def saved_bytes(output: torch.Tensor, block_input: torch.Tensor,
-                parameters: list[torch.Tensor]) -> dict[str, int]:
-    """Bytes kept for the backward of ``output``'s graph, by node name (each storage once)."""
+                parameters: list[torch.Tensor],
+                packed: PackedStorages | None = None) -> dict[str, int]:
+    """Bytes kept for the backward of ``output``'s graph, by node name (each storage once).
+    ``packed``: count only saved tensors autograd packed while the forward ran (plus custom
+    functions' context attributes, which are not packed)."""
     params = {_storage(p) for p in parameters}
     param_shapes = {tuple(p.shape) for p in parameters}
     seen: set[int] = set()
     skip_input = _storage(block_input)
     by_node: Counter[str] = Counter()
     stack, visited = [output.grad_fn], set()
+    alive = []  # the Python wrappers of visited nodes: a freed one's id() can be reused
     while stack:
         node = stack.pop()
         if node is None or id(node) in visited:
             continue
         visited.add(id(node))
+        alive.append(node)
         stack += [next_node for next_node, _ in node.next_functions]
-        for tensor in node_tensors(node):
+        for tensor, attribute in node_tensors(node):
             key = _storage(tensor)
+            if packed is not None and not attribute and key is not None \
+                    and key[0] not in packed.pointers:
+                continue
             if key is None or key in params or key[0] in seen or key[1] == 0:
                 continue
             seen.add(key[0])
@@ -144,13 +179,14 @@ def measure(args: argparse.Namespace, mode: str, device: torch.device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-    out = forward()
+    with PackedStorages() as packed:
+        out = forward()
     row: dict = {"mode": mode, "tokens": tokens}
     if cuda:
         torch.cuda.synchronize()
         row["held_per_token"] = (torch.cuda.memory_allocated() - start) / tokens
         row["forward_peak_per_token"] = (torch.cuda.max_memory_allocated() - start) / tokens
-    by_node = saved_bytes(out, x, list(block.parameters()))
+    by_node = saved_bytes(out, x, list(block.parameters()), packed)
     row["saved_by_node"] = dict(sorted(by_node.items(), key=lambda kv: -kv[1]))
     per_token = {k: v for k, v in by_node.items() if k != WEIGHT_CASTS}
     row["saved_per_token"] = sum(per_token.values()) / tokens

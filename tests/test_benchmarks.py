@@ -226,6 +226,32 @@ def test_memory_counts_each_saved_storage_once_and_leaves_parameters_out():
     assert by_node == {BLOCK_INPUT: 16 * 8 * 4, "MulBackward0": 16 * 4 * 4}
 
 
+def test_memory_walk_finds_what_autograd_saves():
+    """The graph walk against an independent count: every tensor autograd packs for the
+    backward of a block's norm and SwiGLU under autocast (saved-tensor hooks), each storage
+    once. (Python wrappers of autograd nodes are made on access: a walk that remembers them by
+    id() alone lost a third of these, as a freed wrapper's id came back for another node.)"""
+    import argparse
+
+    from benchmarks import memory
+
+    parser = argparse.ArgumentParser()
+    memory.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--d_model", "96", "--head_dim", "32"])
+    block = memory.build_block(args, "dense", torch.device("cpu"))
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    x = torch.randn(200, 96, requires_grad=True)
+    with memory.PackedStorages() as storages, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = x
+        for _ in range(4):
+            out = out + block.mlp(block.mlp_norm(out))
+    packed = {ptr: n for ptr, n in storages.pointers.items() if ptr not in params}
+    assert len(packed) > 20
+    found = memory.saved_bytes(out, x, list(block.parameters()), storages)
+    assert sum(found.values()) == sum(packed.values())
+    assert found["block input"] == 200 * 96 * 4
+
+
 def test_memory_benchmark_smoke(tmp_path):
     result = runner("run", "memory", "--device", "cpu", "--context", "128", "--d_model", "128",
                     "--head_dim", "32", "--modes", "dense", "nsa", "--out", str(tmp_path))
