@@ -9,8 +9,10 @@ autocast on one sequence of ``--context`` tokens. Then:
   its backward (the ``_saved_*`` attributes of built-in nodes, ``saved_tensors`` and tensor
   attributes of custom functions' contexts) is counted once per storage, attributed to the first
   node that holds it, if autograd packed it during the forward (saved-tensor hooks: a
-  checkpointed region's tensors are recomputed, not kept). Parameters are left out; the bf16 weight copies autocast makes are listed as
-  ``weight casts`` (per layer, not per token). The block's input (the residual stream, which any
+  checkpointed region's tensors are recomputed, not kept). The table's *packed* column is
+  everything autograd packed: the walk's *found* total should equal it, plus only custom
+  functions' context attributes. Parameters are left out; the bf16 weight copies autocast
+  makes are listed as ``weight casts`` (per layer, not per token). The block's input (the residual stream, which any
   model keeps) is its own row.
 * **held** (CUDA only): ``torch.cuda.memory_allocated`` after the forward minus before, with the
   output kept, i.e. everything the forward left allocated, whoever holds it; and the forward's
@@ -190,6 +192,9 @@ def measure(args: argparse.Namespace, mode: str, device: torch.device) -> dict:
     row["saved_by_node"] = dict(sorted(by_node.items(), key=lambda kv: -kv[1]))
     per_token = {k: v for k, v in by_node.items() if k != WEIGHT_CASTS}
     row["saved_per_token"] = sum(per_token.values()) / tokens
+    params = {_storage(p)[0] for p in block.parameters()}
+    # a check of the walk: all autograd packed (the walk adds only context attributes to it)
+    row["packed_bytes"] = sum(n for ptr, n in packed.pointers.items() if ptr not in params)
     row["weight_casts_bytes"] = by_node.get(WEIGHT_CASTS, 0)
     row["output_per_token"] = out.numel() * out.element_size() / tokens
     del out
@@ -209,12 +214,15 @@ def markdown(report: dict) -> str:
         "storage once, parameters left out, autocast's weight copies apart); *held* (CUDA): "
         "what the forward left allocated, output included.",
         "",
-        "| mode | saved B/token | held B/token | forward peak B/token | weight casts MiB |",
-        "|---|---|---|---|---|",
+        "| mode | saved B/token | packed MiB (check) | found MiB | held B/token "
+        "| forward peak B/token | weight casts MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "–" if v is None else f"{v:,.0f}"  # noqa: E731
     for row in rows:
+        found = sum(row["saved_by_node"].values())
         lines.append(f"| {row['mode']} | {fmt(row['saved_per_token'])} | "
+                     f"{row.get('packed_bytes', 0) / 2**20:.1f} | {found / 2**20:.1f} | "
                      f"{fmt(row.get('held_per_token'))} | "
                      f"{fmt(row.get('forward_peak_per_token'))} | "
                      f"{row['weight_casts_bytes'] / 2**20:.1f} |")
