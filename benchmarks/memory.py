@@ -12,8 +12,8 @@ autocast on one sequence of ``--context`` tokens. Then:
   checkpointed region's tensors are recomputed, not kept). The table's *packed* column is
   everything autograd packed: the walk's *found* total should equal it, plus only custom
   functions' context attributes. Parameters are left out; the bf16 weight copies autocast
-  makes are listed as ``weight casts`` (per layer, not per token). The block's input (the residual stream, which any
-  model keeps) is its own row.
+  makes are listed as ``weight casts`` (per layer, not per token). The block's input (the
+  residual stream, which any model keeps) is its own row.
 * **held** (CUDA only): ``torch.cuda.memory_allocated`` after the forward minus before, with the
   output kept, i.e. everything the forward left allocated, whoever holds it; and the forward's
   peak above the start.
