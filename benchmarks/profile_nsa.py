@@ -19,14 +19,15 @@ from benchmarks import REGISTRY, register
 from benchmarks.common import Record, bench, join_tags, require_cuda, run_meta
 
 
-def make_step(tokens: int, groups: int, doc: int | None, kv_heads: int):
+def make_step(tokens: int, groups: int, doc: int | None, kv_heads: int,
+              selection: str = "token"):
     """A fwd+bwd step of the NSA core on random inputs, warmed up."""
     from benchmarks.nsa import make_inputs
     from fsa_train.config import NSAConfig
     from fsa_train.kernels import CompressionParams, nsa_attention
     from fsa_train.model.rope import Rotary
 
-    nsa = NSAConfig()
+    nsa = NSAConfig(selection=selection)
     inp = make_inputs(tokens, doc, groups, kv_heads, 128, nsa, "cuda", torch.bfloat16)
     leaves = [inp[n].requires_grad_() for n in ("q", "k", "v", "gates", "w_k", "w_v", "pe")]
     q, k, v, gates, w_k, w_v, pe = leaves
@@ -36,7 +37,8 @@ def make_step(tokens: int, groups: int, doc: int | None, kv_heads: int):
     def step() -> None:
         for leaf in leaves:
             leaf.grad = None
-        nsa_attention(q, k, v, gates, params, inp["cu"], nsa, rope).backward(inp["do"])
+        nsa_attention(q, k, v, gates, params, inp["cu"], nsa, rope,
+                      max_seqlen=doc or tokens).backward(inp["do"])
 
     for _ in range(3):
         step()
@@ -44,13 +46,14 @@ def make_step(tokens: int, groups: int, doc: int | None, kv_heads: int):
     return step
 
 
-def host_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: int) -> str:
+def host_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: int,
+               selection: str = "token") -> str:
     """Eager step time vs CUDA-graph replay (the GPU's share), and where the host time goes."""
     import cProfile
     import io
     import pstats
 
-    step = make_step(tokens, groups, doc, kv_heads)
+    step = make_step(tokens, groups, doc, kv_heads, selection)
     eager = bench(step, warmup=25, rep=200)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -76,10 +79,11 @@ def host_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: i
             f"cProfile of 20 eager steps (tottime):\n\n```\n{text.getvalue()[-6000:]}\n```\n")
 
 
-def profile_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: int) -> str:
+def profile_shape(tokens: int, groups: int, doc: int | None, kv_heads: int, rows: int,
+                  selection: str = "token") -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    step = make_step(tokens, groups, doc, kv_heads)
+    step = make_step(tokens, groups, doc, kv_heads, selection)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
@@ -118,6 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=[parse_shape(s) for s in ("16384:4", "65536:4", "16384:1")],
                         help="tokens:G[:kv_heads[:doc]]")
     parser.add_argument("--host", action="store_true", help="host overhead instead of kernels")
+    parser.add_argument("--selection", choices=["token", "block"], default="token",
+                        help="NSA's selection granularity (NSAConfig.selection)")
 
 
 @register("profile_nsa", summary="kernel-level (or --host: host-side) profile of the NSA core",
@@ -127,10 +133,11 @@ def main(args: argparse.Namespace) -> dict:
     record = Record("profile_nsa", run_meta(), args.out,
                     join_tags("host" if args.host else None, args.tag))
     data = {"meta": record.meta, "host": args.host, "rows": args.rows,
+            "selection": args.selection,
             "shapes": [list(s) for s in args.shapes], "parts": []}
     for tokens, groups, kv_heads, doc in args.shapes:
         run = host_shape if args.host else profile_shape
-        text = run(tokens, groups, doc, kv_heads, args.rows)
+        text = run(tokens, groups, doc, kv_heads, args.rows, args.selection)
         print(text, flush=True)
         data["parts"].append(text)
     record.write(data, markdown(data))
