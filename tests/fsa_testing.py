@@ -87,3 +87,35 @@ def assert_same_lse(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     assert torch.equal(torch.isneginf(got), torch.isneginf(want))
     finite = torch.isfinite(want)
     assert (got[finite].double() - want[finite].double()).abs().max() <= tol
+
+
+COMPRESSED_GPU_PACKED = [1, 100, 4096, 777, 2048, 31, 1000]
+"""The packed batch of the compressed-attention GPU tests: tiny, long and mid documents."""
+
+
+def check_compressed_kernel(kernel: str, dtype: torch.dtype, G: int, d: int,
+                            max_seqlen: int | None, lse_tol: float) -> None:
+    """``compressed_attention`` with ``compressed_kernel=kernel`` on the GPU against the fp32
+    reference: output, dq/dk/dv (relative error <= 1e-2) and the LSE (within ``lse_tol``), on
+    :data:`COMPRESSED_GPU_PACKED` with l = 32, s = 16."""
+    from dataclasses import replace
+
+    from fsa_train.kernels import reference
+    from fsa_train.kernels.ops.compressed_attention import triton as ca
+    from fsa_train.kernels.settings import default_settings
+
+    h = 4 if G <= 4 else 2
+    q, k, v, do, cu, cuc = compressed_batch(COMPRESSED_GPU_PACKED, G * h, h, d, 32, 16, dtype,
+                                            G + d, "cuda", 4.0)
+    settings = replace(default_settings(), compressed_kernel=kernel)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    o, lse = ca.compressed_attention(q, k, v, cu, cuc, 32, 16, None, max_seqlen,
+                                     settings=settings)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o_ref, lse_ref = reference.compressed_attention(qr, kr, vr, cu, cuc, 32, 16)
+    grads_ref = torch.autograd.grad(o_ref, (qr, kr, vr), do.float())
+    assert o.dtype == dtype and rel_error(o, o_ref, rms_floor=True) <= 1e-2
+    for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref, strict=True):
+        assert rel_error(a, b, rms_floor=True) <= 1e-2, name
+    assert_same_lse(lse, lse_ref, lse_tol)

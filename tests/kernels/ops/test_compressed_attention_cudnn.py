@@ -9,15 +9,13 @@ ones; and the slot maps are a bijection between tokens that see keys and filled 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
-from fsa_testing import assert_same_lse, compressed_batch, rel_error
+from fsa_testing import assert_same_lse, check_compressed_kernel, compressed_batch, rel_error
 
 from fsa_train.kernels import reference
 from fsa_train.kernels.ops.compressed_attention import cudnn
-from fsa_train.kernels.settings import KernelSettings, default_settings
+from fsa_train.kernels.settings import KernelSettings
 
 LENGTHS = [37, 1, 100, 7, 64, 0, 50, 31, 32]
 """Documents shorter than the window (l = 32 below: 1, 7, 31), exactly one window (32), empty."""
@@ -91,31 +89,12 @@ def test_settings_and_cpu_inputs_are_one_line_errors():
         cudnn.compressed_attention(q, k, v, cu, cuc, 8, 4)
 
 
-GPU_PACKED = [1, 100, 4096, 777, 2048, 31, 1000]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,G,d,max_seqlen",
                          [(torch.bfloat16, 1, 128, 4096), (torch.bfloat16, 4, 128, None),
                           (torch.bfloat16, 16, 128, 4096), (torch.float16, 4, 64, 4096)])
 def test_gpu_cudnn_matches_reference(dtype, G, d, max_seqlen):
-    from fsa_train.kernels.ops.compressed_attention import triton as ca
-
-    if cudnn.unsupported(torch.empty(1, 1, 64, device="cuda", dtype=torch.bfloat16),
-                         torch.empty(1, 1, 64, device="cuda", dtype=torch.bfloat16)):
+    probe = torch.empty(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    if cudnn.unsupported(probe, probe):
         pytest.skip("nvidia-cudnn-frontend is not installed")
-    h = 4 if G <= 4 else 2
-    q, k, v, do, cu, cuc = compressed_batch(GPU_PACKED, G * h, h, d, 32, 16, dtype, G + d,
-                                            "cuda", 4.0)
-    settings = replace(default_settings(), compressed_kernel="cudnn")
-    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    o, lse = ca.compressed_attention(q, k, v, cu, cuc, 32, 16, None, max_seqlen,
-                                     settings=settings)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
-    o_ref, lse_ref = reference.compressed_attention(qr, kr, vr, cu, cuc, 32, 16)
-    grads_ref = torch.autograd.grad(o_ref, (qr, kr, vr), do.float())
-    assert o.dtype == dtype and rel_error(o, o_ref, rms_floor=True) <= 1e-2
-    for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref, strict=True):
-        assert rel_error(a, b, rms_floor=True) <= 1e-2, name
-    assert_same_lse(lse, lse_ref, 0.05)
+    check_compressed_kernel("cudnn", dtype, G, d, max_seqlen, lse_tol=0.05)
