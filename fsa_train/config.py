@@ -120,6 +120,14 @@ class GPTConfig:
             ``"triton"``.
         activation_checkpointing: recompute each block in backward instead of storing its
             activations (less memory, about a third more compute).
+        fused_ops: who computes RMSNorm, SwiGLU's activation and the head + cross-entropy:
+            ``"torch"`` (default: ``nn.RMSNorm``, ``silu(a) * b``, our chunked checkpointed
+            cross-entropy), ``"liger"`` (liger-kernel's fused Triton ops; needs CUDA and
+            ``pip install 'fsa-train[liger]'``) or ``"auto"`` (liger where it imports and the
+            tensors are on CUDA, torch elsewhere). Parameters and state-dict keys are the same
+            in every mode (:mod:`fsa_train.model.fused`). Not ``"auto"`` by default: which
+            kernels a run used would then depend on whether a package happens to be installed,
+            and the GPU benchmark (``benchmarks/fused_ops.py``) has the last word.
     """
 
     vocab_size: int = 32000
@@ -139,6 +147,7 @@ class GPTConfig:
     loss_chunk: int = 4096
     kernel_backend: Literal["auto", "reference", "triton"] = "auto"
     activation_checkpointing: bool = False
+    fused_ops: Literal["auto", "liger", "torch"] = "torch"
 
     def __post_init__(self) -> None:
         if isinstance(self.nsa, dict):
@@ -197,6 +206,10 @@ class GPTConfig:
             self.kernel_backend in ("auto", "reference", "triton"),
             f"model.config.kernel_backend must be 'auto', 'reference' or 'triton', "
             f"got {self.kernel_backend!r}",
+        )
+        _require(
+            self.fused_ops in ("auto", "liger", "torch"),
+            f"model.config.fused_ops must be 'auto', 'liger' or 'torch', got {self.fused_ops!r}",
         )
         _require(self.rope_base > 0, f"model.config.rope_base must be > 0, got {self.rope_base!r}")
         _require(self.norm_eps > 0, f"model.config.norm_eps must be > 0, got {self.norm_eps!r}")

@@ -93,6 +93,9 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
                               "`fsa-train export CHECKPOINT OUTPUT` writes one")
     fields = dict(payload["config"])
     fields["nsa"] = NSAConfig(**fields["nsa"])
+    if fields.get("fused_ops") == "liger":
+        # the fused ops change speed, not the model: an export runs wherever it is loaded
+        fields["fused_ops"] = "auto"
     model = GPT(GPTConfig(**fields))
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()

@@ -41,6 +41,7 @@ def test_nsa_violations_name_the_field(kwargs, field):
         ({"vocab_size": 0}, "vocab_size"),
         ({"attention": "linear"}, "attention"),
         ({"kernel_backend": "cuda"}, "kernel_backend"),
+        ({"fused_ops": "triton"}, "fused_ops"),
         ({"attention": "dense", "window": 0}, "window"),
         ({"attention": "nsa", "window": 512}, "window"),
     ],

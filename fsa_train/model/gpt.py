@@ -18,22 +18,30 @@ from fsa_train.config import GPTConfig
 from fsa_train.kernels.nsa import NSAVarlen, nsa_varlen
 from fsa_train.kernels.varlen import document_positions
 from fsa_train.model.attention import Attention
+from fsa_train.model.fused import (
+    IGNORE_INDEX,
+    LMHead,
+    RMSNorm,
+    check_mode,
+    silu_mul,
+    use_liger,
+)
 from fsa_train.parallel.sequence import SequenceShard, full_total
-
-IGNORE_INDEX = -100
 
 
 class SwiGLU(nn.Module):
-    """``w2(silu(w1 x) · w3 x)``."""
+    """``w2(silu(w1 x) · w3 x)``; the activation on liger's kernel where ``fused_ops`` says
+    (:func:`fsa_train.model.fused.silu_mul`)."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def __init__(self, d_model: int, hidden: int, fused_ops: str = "torch") -> None:
         super().__init__()
         self.w1 = nn.Linear(d_model, hidden, bias=False)
         self.w3 = nn.Linear(d_model, hidden, bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
+        self.fused_ops = fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x), self.fused_ops))
 
 
 class Block(nn.Module):
@@ -41,10 +49,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_ops)
         self.attn = Attention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_ops)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.fused_ops)
 
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
@@ -60,6 +68,7 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        check_mode(cfg.fused_ops)  # a missing liger-kernel is one line, before any tensor
         self.cfg = cfg
         # One draw of the global RNG before any module exists (module construction consumes a
         # different amount for dense and NSA): every parameter is then initialised from its own
@@ -68,8 +77,8 @@ class GPT(nn.Module):
         self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_ops)
+        self.head = LMHead(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.reset_parameters()
@@ -139,7 +148,8 @@ class GPT(nn.Module):
         """Mean cross-entropy over targets != -100, computed in chunks of ``loss_chunk`` tokens.
 
         Each chunk's logits are recomputed in backward instead of stored, so memory holds one
-        chunk of ``[loss_chunk, vocab]`` logits rather than all of them.
+        chunk of ``[loss_chunk, vocab]`` logits rather than all of them. With liger's fused
+        linear cross-entropy (``fused_ops``) liger chunks instead and ``loss_chunk`` is unused.
         """
         total_loss, count = self.loss_terms(hidden, targets)
         return total_loss / count.clamp(min=1)
@@ -148,6 +158,9 @@ class GPT(nn.Module):
                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The summed cross-entropy over targets != -100 and their count (what a mean over
         several shards of one batch needs: :func:`fsa_train.parallel.sequence.shard_loss`)."""
+        count = (targets != IGNORE_INDEX).sum()
+        if hidden.shape[0] and use_liger(self.cfg.fused_ops, hidden):
+            return self.head(hidden, targets), count
         total_loss = hidden.new_zeros((), dtype=torch.float32)
         for h_chunk, t_chunk in zip(
             hidden.split(self.cfg.loss_chunk), targets.split(self.cfg.loss_chunk), strict=True
@@ -158,7 +171,7 @@ class GPT(nn.Module):
                 )
             else:
                 total_loss = total_loss + self._chunk_loss_sum(h_chunk, t_chunk)
-        return total_loss, (targets != IGNORE_INDEX).sum()
+        return total_loss, count
 
     def _chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()

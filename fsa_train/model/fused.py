@@ -1,0 +1,143 @@
+"""The model's norms, SwiGLU activation and loss on liger-kernel's fused Triton ops, or on torch's.
+
+``GPTConfig.fused_ops`` picks them (issue 20):
+
+* ``"torch"``: ``nn.RMSNorm``, ``silu(a) * b`` and the chunked, checkpointed cross-entropy of
+  :meth:`fsa_train.model.gpt.GPT.loss_terms`, exactly as before the switch existed;
+* ``"liger"``: liger-kernel's ``LigerRMSNormFunction`` (torch's rounding: the normalised input
+  in fp32, cast to the input's dtype, then times the weight), ``LigerSiLUMulFunction`` between
+  our own ``w1``/``w3``/``w2`` linears (one kernel, its backward recomputes the SiLU instead of
+  keeping it) and ``LigerFusedLinearCrossEntropyFunction`` for the head and loss (logits made
+  chunk by chunk and never kept; the gradients are computed in the forward);
+* ``"auto"``: liger where liger-kernel imports and the tensors are on CUDA, torch elsewhere.
+
+Only the computation changes: the modules, their parameters and their names are the same in
+every mode, so state dicts and checkpoints move freely between modes. liger-kernel is an
+optional dependency (``pip install 'fsa-train[liger]'``); nothing here imports it until a
+mode other than ``"torch"`` asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsa_train.config import ConfigError
+
+FUSED_OPS = ("auto", "liger", "torch")
+"""The values of ``GPTConfig.fused_ops``."""
+
+IGNORE_INDEX = -100
+
+LIGER_MISSING = ("model.config.fused_ops='liger' needs liger-kernel (pip install liger-kernel, "
+                 "or pip install 'fsa-train[liger]')")
+"""The one-line error when liger is asked for and cannot be imported."""
+
+
+@dataclass(frozen=True)
+class Liger:
+    """The liger-kernel ops the model calls (their autograd Functions' ``apply``)."""
+
+    rms_norm: Callable
+    """``(x, weight, eps, offset, casting_mode, in_place) -> y``."""
+    silu_mul: Callable
+    """``(a, b) -> silu(a) * b``."""
+    linear_cross_entropy: Callable
+    """``(x, weight, target, bias, ce_weight, ignore_index, lse_square_scale,
+    label_smoothing, reduction) -> (loss, ...)``."""
+    version: str
+
+
+@cache
+def liger() -> Liger | None:
+    """liger-kernel's ops, or None when it is not installed or does not import here."""
+    try:
+        from importlib import metadata
+
+        from liger_kernel.ops import (
+            LigerFusedLinearCrossEntropyFunction,
+            LigerRMSNormFunction,
+            LigerSiLUMulFunction,
+        )
+    except Exception:  # noqa: BLE001 - ImportError, or its Triton failing to load here
+        return None
+    try:
+        version = metadata.version("liger-kernel")
+    except metadata.PackageNotFoundError:  # importable from a source tree
+        version = "?"
+    return Liger(LigerRMSNormFunction.apply, LigerSiLUMulFunction.apply,
+                 LigerFusedLinearCrossEntropyFunction.apply, version)
+
+
+def check_mode(mode: str) -> None:
+    """Raise the one-line :class:`ConfigError` when ``mode`` is ``"liger"`` and liger-kernel
+    cannot be imported (called when the model is built, before any tensor exists)."""
+    if mode == "liger" and liger() is None:
+        raise ConfigError(LIGER_MISSING)
+
+
+def use_liger(mode: str, x: torch.Tensor) -> bool:
+    """Whether the op on ``x`` runs on liger: ``"liger"`` always (CUDA tensors required),
+    ``"auto"`` when liger imports and ``x`` is on CUDA, ``"torch"`` never."""
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return x.is_cuda and liger() is not None
+    check_mode(mode)
+    if not x.is_cuda:
+        raise ConfigError(f"model.config.fused_ops='liger' needs CUDA tensors, got {x.device} "
+                          f"(use 'auto' to fall back to torch off the GPU)")
+    return True
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same ``weight``), computed by liger's kernel where ``fused_ops`` says.
+
+    liger's backward may write the input gradient into the output gradient's memory
+    (``in_place``); it is off here, because autograd can hand the same gradient tensor to
+    more than one consumer."""
+
+    def __init__(self, dim: int, eps: float, fused_ops: str = "torch") -> None:
+        super().__init__(dim, eps=eps)
+        self.fused_ops = fused_ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_liger(self.fused_ops, x):
+            return liger().rms_norm(x, self.weight, self.eps, 0.0, "llama", False)
+        return super().forward(x)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor, mode: str = "torch") -> torch.Tensor:
+    """SwiGLU's activation ``silu(a) * b``: liger's one kernel where ``mode`` says, else torch's
+    two ops (which keep ``a``, ``silu(a)`` and ``b`` for the backward; liger keeps ``a`` and
+    ``b`` and recomputes the SiLU)."""
+    if use_liger(mode, a):
+        return liger().silu_mul(a, b)
+    return F.silu(a) * b
+
+
+class LMHead(nn.Linear):
+    """The output head ``[total, D] → [total, vocab]`` (no bias). Called with targets, it
+    returns liger's fused linear cross-entropy summed over the targets != -100 instead of the
+    logits: the logits are made chunk by chunk inside and never kept. Called as a module either
+    way, so that parameter hooks (DeepSpeed ZeRO-3's gathering) see its weight."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, hidden: torch.Tensor,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        ops = liger()
+        if ops is None:
+            raise ConfigError(LIGER_MISSING)
+        # positional: ce_weight None, lse_square_scale 0, label_smoothing 0, reduction "sum"
+        loss = ops.linear_cross_entropy(hidden, self.weight, targets, None, None, IGNORE_INDEX,
+                                        0.0, 0.0, "sum")[0]
+        return loss.float()
