@@ -36,7 +36,7 @@ import torch
 
 from benchmarks import REGISTRY, register
 from benchmarks.common import Record, require_cuda, run_meta
-from benchmarks.throughput import MODES, SDPAAttention, model_config
+from benchmarks.throughput import MODES, SDPAAttention, add_fused_ops_argument, model_config
 from fsa_train.kernels.nsa import nsa_varlen
 from fsa_train.kernels.varlen import document_positions
 from fsa_train.model.gpt import Block
@@ -249,6 +249,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--kernel_backend", choices=["auto", "reference", "triton"], default="auto")
+    add_fused_ops_argument(p)
     p.add_argument("--device", default="cuda", help="cpu: the smoke mode (saved bytes only)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on the CPU)")

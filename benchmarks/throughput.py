@@ -100,7 +100,14 @@ def model_config(args: argparse.Namespace, mode: str, checkpointing: bool) -> GP
         attention="nsa" if mode.startswith("nsa") else "dense",
         nsa=NSAConfig(selection="block" if mode == "nsa_block" else "token"),
         kernel_backend=args.kernel_backend, activation_checkpointing=checkpointing,
+        **fused_ops_field(args),
     )
+
+
+def fused_ops_field(args: argparse.Namespace) -> dict:
+    """``{"fused_ops": ...}`` when ``--fused_ops`` was given (else GPTConfig's default)."""
+    value = getattr(args, "fused_ops", None)  # benchmarks that share model_config may lack it
+    return {"fused_ops": value} if value else {}
 
 
 def sequences_per_step(args: argparse.Namespace, context: int) -> int:
@@ -220,6 +227,11 @@ def kernel_sentence(env: dict) -> str:
             f"{env['window_kernel']}; libraries: {', '.join(installed) or 'none'}.")
 
 
+def fused_sentence(cfg: dict) -> str:
+    """Which fused ops the model used, for reports that recorded them (older ones did not)."""
+    return f" Fused ops (`fused_ops`): {cfg['fused_ops']}." if "fused_ops" in cfg else ""
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown: settings, one row per (mode, context), NSA speed-ups."""
     env, cfg = report["environment"], report["model"]
@@ -232,7 +244,7 @@ def markdown(report: dict) -> str:
         f"{'bf16 autocast' if report['bf16'] else 'fp32'}; one document per sequence, "
         f"{_per_step(report)}; "
         f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW)."
-        + kernel_sentence(env),
+        + kernel_sentence(env) + fused_sentence(cfg),
         "",
         "| mode | context | tokens/s | step ms | MFU | MFU dense-equiv | peak GiB | ckpt |",
         "|---|---|---|---|---|---|---|---|",
@@ -319,9 +331,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--activation_checkpointing", choices=["off", "on", "auto"], default="auto")
     p.add_argument("--kernel_backend", choices=["auto", "reference", "triton"], default="auto")
+    add_fused_ops_argument(p)
     p.add_argument("--device", default="cuda", help="cpu: the smoke mode (wall-clock timing)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on the CPU)")
+
+
+def add_fused_ops_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fused_ops", choices=["auto", "liger", "torch"], default=None,
+                   help="model.config.fused_ops: RMSNorm, SwiGLU and loss on liger-kernel or "
+                        f"torch (default: the config's, {GPTConfig.fused_ops!r})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -20,8 +20,8 @@ from benchmarks import common  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
-GPU_BENCHMARKS = ["block_selection", "compressed", "memory", "nsa", "profile_nsa", "selected",
-                  "throughput", "window"]
+GPU_BENCHMARKS = ["block_selection", "compressed", "fused_ops", "memory", "nsa", "profile_nsa",
+                  "selected", "throughput", "window"]
 
 
 def runner(*words: str, env: dict | None = None, timeout: int = 300):
@@ -39,7 +39,7 @@ def test_list_names_every_benchmark_module():
     assert listed == benchmarks.module_names() == sorted(benchmarks.load_all())
     assert {"block_selection", "selected", "compressed", "window", "nsa", "throughput",
             "kernel_resources", "loss_parity", "selection_overlap", "profile_nsa",
-            "trainer_check", "parity_corpus", "memory"} == set(listed)
+            "trainer_check", "parity_corpus", "memory", "fused_ops"} == set(listed)
     for name, bench in benchmarks.load_all().items():
         assert bench.name == name and bench.summary and bench.main.__module__ == \
             f"benchmarks.{name}"
@@ -216,6 +216,45 @@ def test_nsa_core_benchmark_smoke(tmp_path):
     assert expected <= methods
     assert all(row["fwd_ms"] > 0 for row in rows)
     assert "| nsa core |" in json_file.with_suffix(".md").read_text()
+
+
+def test_fused_ops_benchmark_smoke(tmp_path):
+    """On the CPU our rows run, against themselves; liger's and the compiled rows are listed
+    as not run, with the reason, instead of stopping the run."""
+    result = runner("run", "fused_ops", "--device", "cpu", "--tokens", "64", "--d_model", "32",
+                    "--vocab", "128", "--out", str(tmp_path), "--tag", "smoke")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (json_file,) = tmp_path.glob("fused_ops_cpu_*_smoke.json")
+    report = json.loads(json_file.read_text())
+    rows = {(row["op"], row["method"]): row for row in report["rows"]}
+    assert set(rows) == {(op, method) for op in ("rmsnorm", "swiglu", "loss")
+                         for method in ("ours", "liger", "compiled")}
+    for op in ("rmsnorm", "swiglu", "loss"):
+        assert rows[op, "ours"]["status"] == "ok" and rows[op, "ours"]["fwd_bwd_ms"] > 0
+        assert rows[op, "ours"]["speedup"] == 1.0
+        assert rows[op, "liger"]["status"] == "skipped: liger-kernel runs on CUDA only"
+        assert rows[op, "compiled"]["status"].startswith("skipped: the torch.compile rows")
+    assert report["settings"]["ffn_hidden"] == 128 and "liger" in report["meta"]
+    table = json_file.with_suffix(".md").read_text()
+    assert "| loss | 64 | ours (chunked CE) |" in table
+    assert "- swiglu 64 liger SiLU-mul in our Linears: skipped: liger-kernel runs on CUDA only" \
+        in table
+
+
+def test_fused_ops_ratios_are_against_ours_and_skip_rows_that_did_not_run():
+    from benchmarks.fused_ops import with_ratios
+
+    rows = with_ratios([
+        {"op": "loss", "method": "ours", "tokens": 8, "status": "ok", "fwd_bwd_ms": 4.0,
+         "peak_mib": 100.0},
+        {"op": "loss", "method": "liger", "tokens": 8, "status": "ok", "fwd_bwd_ms": 2.0,
+         "peak_mib": 50.0},
+        {"op": "loss", "method": "compiled", "tokens": 8, "status": "OOM"},
+        {"op": "loss", "method": "liger", "tokens": 16, "status": "ok", "fwd_bwd_ms": 1.0,
+         "peak_mib": 5.0},
+    ])
+    assert [(r["speedup"], r["peak_ratio"]) for r in rows] == [
+        (1.0, 1.0), (2.0, 0.5), (None, None), (None, None)]
 
 
 def test_memory_counts_each_saved_storage_once_and_leaves_parameters_out():

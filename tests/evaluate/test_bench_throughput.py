@@ -80,6 +80,16 @@ def test_tiny_cpu_run_writes_json_and_markdown(bench, tmp_path, capsys):
     assert report["rows"] == saved["rows"]
 
 
+def test_fused_ops_flag_sets_the_config_and_is_recorded(bench, tmp_path):
+    assert bench.model_config(bench.parse_args(TINY), "dense", False).fused_ops == "torch"
+    args = bench.parse_args([*TINY, "--fused_ops", "auto"])
+    assert bench.model_config(args, "nsa", False).fused_ops == "auto"
+    report = bench.main([*TINY, "--contexts", "64", "--modes", "dense", "--fused_ops", "auto",
+                         "--out", str(tmp_path)])
+    assert report["model"]["fused_ops"] == "auto" and report["args"]["fused_ops"] == "auto"
+    assert "Fused ops (`fused_ops`): auto." in written(tmp_path, ".md").read_text()
+
+
 def test_out_of_memory_retries_with_checkpointing(bench, monkeypatch):
     """A real OOM needs a GPU; here the first timing attempt raises one."""
     real = bench.time_training
