@@ -39,7 +39,7 @@ from benchmarks import REGISTRY, register
 from benchmarks.common import Record, peak_mib, rel, require_cuda, run_meta, timer
 from fsa_train.config import GPTConfig
 from fsa_train.model import GPT
-from fsa_train.model.fused import RMSNorm, liger
+from fsa_train.model.fused import RMSNorm, liger, liger_unavailable
 from fsa_train.model.gpt import SwiGLU
 
 OPS = ("rmsnorm", "swiglu", "loss")
@@ -74,8 +74,11 @@ def not_runnable(method: str, device: torch.device) -> str | None:
     if method == "liger":
         if device.type != "cuda":
             return "liger-kernel runs on CUDA only"
-        if liger() is None:
+        reason = liger_unavailable()
+        if reason == "not installed":
             return "liger-kernel is not installed (pip install 'fsa-train[liger]')"
+        if reason is not None:
+            return f"liger-kernel {reason}"
     if method == "compiled" and device.type != "cuda":
         return "the torch.compile rows run on CUDA only (CPU smoke mode)"
     return None

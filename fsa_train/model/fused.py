@@ -54,8 +54,8 @@ class Liger:
 
 
 @cache
-def liger() -> Liger | None:
-    """liger-kernel's ops, or None when it is not installed or does not import here."""
+def _load_liger() -> Liger | str:
+    """liger-kernel's ops, or why they cannot be imported here (one line)."""
     try:
         from importlib import metadata
 
@@ -64,8 +64,12 @@ def liger() -> Liger | None:
             LigerRMSNormFunction,
             LigerSiLUMulFunction,
         )
-    except Exception:  # noqa: BLE001 - ImportError, or its Triton failing to load here
-        return None
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] == "liger_kernel":
+            return "not installed"
+        return f"does not import ({type(error).__name__}: {error})"
+    except Exception as error:  # noqa: BLE001 - e.g. its Triton failing to load here
+        return f"does not import ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
     try:
         version = metadata.version("liger-kernel")
     except metadata.PackageNotFoundError:  # importable from a source tree
@@ -74,11 +78,26 @@ def liger() -> Liger | None:
                  LigerFusedLinearCrossEntropyFunction.apply, version)
 
 
+def liger() -> Liger | None:
+    """liger-kernel's ops, or None when it is not installed or does not import here."""
+    loaded = _load_liger()
+    return loaded if isinstance(loaded, Liger) else None
+
+
+def liger_unavailable() -> str | None:
+    """Why liger-kernel cannot be used here ("not installed", "does not import (...)"), or
+    None when it can."""
+    loaded = _load_liger()
+    return None if isinstance(loaded, Liger) else loaded
+
+
 def check_mode(mode: str) -> None:
     """Raise the one-line :class:`ConfigError` when ``mode`` is ``"liger"`` and liger-kernel
     cannot be imported (called when the model is built, before any tensor exists)."""
-    if mode == "liger" and liger() is None:
-        raise ConfigError(LIGER_MISSING)
+    reason = liger_unavailable() if mode == "liger" else None
+    if reason is not None:
+        raise ConfigError(LIGER_MISSING if reason == "not installed"
+                          else f"model.config.fused_ops='liger': liger-kernel {reason}")
 
 
 def use_liger(mode: str, x: torch.Tensor) -> bool:
@@ -134,9 +153,8 @@ class LMHead(nn.Linear):
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return super().forward(hidden)
+        check_mode("liger")
         ops = liger()
-        if ops is None:
-            raise ConfigError(LIGER_MISSING)
         # positional: ce_weight None, lse_square_scale 0, label_smoothing 0, reduction "sum"
         loss = ops.linear_cross_entropy(hidden, self.weight, targets, None, None, IGNORE_INDEX,
                                         0.0, 0.0, "sum")[0]
