@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 
 from fsa_train.kernels.naive_attention import kept_activations
-from fsa_train.kernels.settings import KernelSettings
+from fsa_train.kernels.settings import KernelSettings, default_settings
 from fsa_train.kernels.utils import interpreting
 
 Backend = Literal["auto", "reference", "triton"]
@@ -174,8 +174,14 @@ def triton_impl(name: str) -> Callable | None:
 
 
 def preload_triton_modules() -> None:
-    """Import every op's Triton module now (a no-op without Triton): ``torch.compile`` cannot
-    trace ``importlib``, so compiled code must find them imported already."""
+    """Import every op's Triton module now (a no-op without Triton) and read the default
+    settings: ``torch.compile`` cannot trace ``importlib`` (nor the settings' JSON), so compiled
+    code must find them ready."""
+    from fsa_train.kernels import libraries
+
+    default_settings()
+    libraries.flash_varlen()
+    libraries.cudnn_sdpa()
     for op in REGISTRY.values():
         _ = op.triton_module_or_none
 
