@@ -124,12 +124,24 @@ def build_model(cfg: GPTConfig, mode: str, device: torch.device, sequences: int 
     return model.to(device)
 
 
+def compile_blocks(model: GPT) -> None:
+    """Each block compiled whole (``fullgraph=True``, Inductor), as ``model.compile: true``
+    does: the NSA and RoPE kernels are custom ops, so nothing breaks the graph."""
+    from fsa_train.kernels.registry import preload_triton_modules
+
+    preload_triton_modules()
+    for block in model.blocks:
+        block.compile(fullgraph=True)
+
+
 def time_training(args: argparse.Namespace, mode: str, context: int, checkpointing: bool,
                   device: torch.device) -> dict:
     """Seconds per training step and peak memory of one (mode, context, checkpointing)."""
     cfg = model_config(args, mode, checkpointing)
     sequences = sequences_per_step(args, context)
     model = build_model(cfg, mode, device, sequences)
+    if args.compile:
+        compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(context)
     total = sequences * context
@@ -241,7 +253,9 @@ def markdown(report: dict) -> str:
         "",
         f"GPT: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {cfg['n_head']} query / "
         f"{cfg['n_kv_head']} KV heads, d = {cfg['head_dim']}, vocab {cfg['vocab_size']}; "
-        f"{'bf16 autocast' if report['bf16'] else 'fp32'}; one document per sequence, "
+        f"{'bf16 autocast' if report['bf16'] else 'fp32'}"
+        f"{', blocks compiled (fullgraph)' if report.get('compile') else ''}; "
+        f"one document per sequence, "
         f"{_per_step(report)}; "
         f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW)."
         + kernel_sentence(env) + fused_sentence(cfg),
@@ -332,6 +346,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation_checkpointing", choices=["off", "on", "auto"], default="auto")
     p.add_argument("--kernel_backend", choices=["auto", "reference", "triton"], default="auto")
     add_fused_ops_argument(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compile each block (torch.compile, fullgraph=True; warmup compiles)")
     p.add_argument("--device", default="cuda", help="cpu: the smoke mode (wall-clock timing)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on the CPU)")
@@ -390,7 +406,8 @@ def write_report(record: Record, args: argparse.Namespace, env: dict, peak: floa
                  rows: list[dict], final: bool) -> dict:
     """Write JSON and Markdown (and, when ``final``, the plot) for the rows so far."""
     report = {
-        "environment": env, "peak_flops": peak, "bf16": args.bf16, "steps": args.steps,
+        "environment": env, "peak_flops": peak, "bf16": args.bf16, "compile": args.compile,
+        "steps": args.steps,
         "warmup": args.warmup, "model": dataclasses.asdict(model_config(args, "dense", False)),
         "nsa": dataclasses.asdict(NSAConfig()), "args": vars(args), "rows": rows,
         "autotune": autotune_choices(),

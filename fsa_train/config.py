@@ -123,9 +123,9 @@ class GPTConfig:
         fused_ops: who computes RMSNorm, SwiGLU's activation and the head + cross-entropy:
             ``"torch"`` (default: ``nn.RMSNorm``, ``silu(a) * b``, our chunked checkpointed
             cross-entropy), ``"liger"`` (liger-kernel's fused Triton ops; needs CUDA and
-            ``pip install 'fsa-train[liger]'``) or ``"auto"`` (liger where it imports and the
-            tensors are on CUDA, torch elsewhere). Parameters and state-dict keys are the same
-            in every mode (:mod:`fsa_train.model.fused`). Not ``"auto"`` by default: which
+            ``pip install 'fsa-train[liger]'``) or ``"auto"`` (per op, the faster on the GPU:
+            liger's loss and SiLU-mul, torch's RMSNorm; torch off CUDA or without liger). Parameters and
+            state-dict keys are the same in every mode (:mod:`fsa_train.model.fused`). Not ``"auto"`` by default: which
             kernels a run used would then depend on whether a package happens to be installed,
             and the GPU benchmark (``benchmarks/fused_ops.py``) has the last word.
     """

@@ -122,7 +122,7 @@ class LitGPT(L.LightningModule):
 
             preload_triton_modules()
             for block in self.model.blocks:
-                block.compile()
+                block.compile(fullgraph=True)  # NSA and RoPE kernels are custom ops: no breaks
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from fsa_train.kernels import shapes
 from fsa_train.kernels.ops.compress.naive import compress as _compress
 from fsa_train.kernels.ops.compressed_attention.naive import (
     compressed_attention as _compressed_attention,
@@ -18,12 +19,17 @@ from fsa_train.kernels.registry import REGISTRY, define_op
 
 _OPS_PACKAGE = "fsa_train.kernels.ops"
 
-compress = define_op(_compress, f"{_OPS_PACKAGE}.compress.triton")
+# ``fake``: these naive ops loop over the documents on the host; compiled, each runs opaque.
+compress = define_op(_compress, f"{_OPS_PACKAGE}.compress.triton", shapes.compress)
 compressed_attention = define_op(
-    _compressed_attention, f"{_OPS_PACKAGE}.compressed_attention.triton")
-select_blocks = define_op(_select_blocks, f"{_OPS_PACKAGE}.select_blocks.triton")
-selected_attention = define_op(_selected_attention, f"{_OPS_PACKAGE}.selected_attention.triton")
-window_attention = define_op(_window_attention, f"{_OPS_PACKAGE}.window_attention.triton")
+    _compressed_attention, f"{_OPS_PACKAGE}.compressed_attention.triton",
+    shapes.compressed_attention)
+select_blocks = define_op(_select_blocks, f"{_OPS_PACKAGE}.select_blocks.triton",
+                          shapes.select_blocks)
+selected_attention = define_op(_selected_attention, f"{_OPS_PACKAGE}.selected_attention.triton",
+                               shapes.attention_output)
+window_attention = define_op(_window_attention, f"{_OPS_PACKAGE}.window_attention.triton",
+                             shapes.attention_output)
 gate_mix = define_op(_gate_mix, f"{_OPS_PACKAGE}.gate_mix.triton")
 gated_projection = define_op(_gated_projection, f"{_OPS_PACKAGE}.gate_mix.triton")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 
 @dataclass(frozen=True)
@@ -32,9 +31,33 @@ class VarlenAttention:
     takes_window_size: bool
 
 
-@cache
+_LOADED: dict[str, object] = {}
+"""What :func:`flash_varlen` and :func:`cudnn_sdpa` found, by name: a plain dict, not
+``functools.cache``, so that compiled code reads the result instead of tracing the imports
+(:func:`~fsa_train.kernels.registry.preload_triton_modules` fills it before compiling)."""
+
+
+def _once(name: str, load: Callable[[], object]):
+    if name not in _LOADED:
+        _LOADED[name] = load()
+    return _LOADED[name]
+
+
+def device_capability(device) -> tuple[int, int]:
+    """The CUDA compute capability of ``device``, read once per device."""
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return _once(f"capability {index}", lambda: torch.cuda.get_device_capability(index))
+
+
 def flash_varlen() -> VarlenAttention | None:
     """torch's packed-sequence FlashAttention, or None when this torch has none."""
+    return _once("flash", _load_flash_varlen)
+
+
+def _load_flash_varlen() -> VarlenAttention | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -60,10 +83,13 @@ class CudnnSdpa:
     version: str
 
 
-@cache
 def cudnn_sdpa() -> CudnnSdpa | None:
     """cuDNN's SDPA ops, or None when nvidia-cudnn-frontend is missing or cannot load here
     (no CUDA, no libcudnn): callers then keep another kernel."""
+    return _once("cudnn", _load_cudnn_sdpa)
+
+
+def _load_cudnn_sdpa() -> CudnnSdpa | None:
     try:
         import torch
 

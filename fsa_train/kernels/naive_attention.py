@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -30,6 +31,21 @@ MIN_CHUNK = 16
 MAX_CHUNK = 4096
 
 MaskFn = Callable[[], torch.Tensor]
+
+_CHECKPOINT = [True]
+"""Whether :func:`attention` recomputes its chunks in backward (see :func:`kept_activations`)."""
+
+
+@contextmanager
+def kept_activations() -> Iterator[None]:
+    """Chunks keep their activations instead of being checkpointed: for the backward of the
+    opaque compiled naive op (:mod:`fsa_train.kernels.registry`), which differentiates inside a
+    custom op, where checkpointing's recomputation would run without autograd."""
+    _CHECKPOINT[0] = False
+    try:
+        yield
+    finally:
+        _CHECKPOINT[0] = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +132,8 @@ def attention(
         o = q.new_zeros(q.shape[0], H, dv)
         lse = q.new_full((H, q.shape[0]), float("-inf"), dtype=stat_dtype(q.dtype))
         return o, lse
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if _CHECKPOINT[0] and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad):
         return checkpoint(
             attention_core, q, k, v, mask_fn, scale, use_reentrant=False, preserve_rng_state=False
         )

@@ -11,8 +11,9 @@ a mutable module global at call time.
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache
 
 _MERGES = ("bitonic", "sort")
@@ -111,6 +112,8 @@ class KernelSettings:
                 _BLOCK_SPARSE_KEYS | {"KSPLIT"}:
             raise ValueError(f"block_sparse_config needs the keys {sorted(_BLOCK_SPARSE_KEYS)} "
                              f"(and optionally KSPLIT, for dK/dV), got {sorted(config)}")
+        # not a field: the settings as a string, the form a custom op's schema takes
+        object.__setattr__(self, "token", json.dumps(asdict(self), sort_keys=True))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> KernelSettings:
@@ -140,12 +143,25 @@ class KernelSettings:
         )
 
 
-@cache
+_DEFAULT: dict[str, KernelSettings] = {}
+"""The process default, once read (a plain dict, not ``functools.cache``: compiled code then
+reads the object instead of tracing its construction)."""
+
+
 def default_settings() -> KernelSettings:
     """The process's settings from its environment, read on first use and then kept."""
-    return KernelSettings.from_env()
+    if "env" not in _DEFAULT:
+        _DEFAULT["env"] = KernelSettings.from_env()
+    return _DEFAULT["env"]
 
 
 def resolve_settings(settings: KernelSettings | None) -> KernelSettings:
     """``settings``, or the process default when None."""
     return default_settings() if settings is None else settings
+
+
+@cache
+def settings_from_token(token: str) -> KernelSettings:
+    """The settings whose ``token`` (their fields as JSON) this is: inside the custom ops of
+    :func:`~fsa_train.kernels.registry.kernel_op`, which take settings as a string."""
+    return KernelSettings(**json.loads(token))

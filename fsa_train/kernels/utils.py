@@ -50,10 +50,11 @@ def as_int32(cu: torch.Tensor) -> torch.Tensor:
 
 def longest_document(cu: torch.Tensor, total: int, max_seqlen: int | None) -> int:
     """``max_seqlen`` when the caller knows it, else the longest document read from ``cu`` (one
-    host synchronisation), or ``total`` while a CUDA graph is being captured (no reads then)."""
+    host synchronisation), or ``total`` while compiling or capturing a CUDA graph (no reads
+    then)."""
     if max_seqlen is not None:
         return max(1, min(int(max_seqlen), total))
-    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+    if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
         return max(1, total)
     return max(1, int((cu[1:] - cu[:-1]).max())) if cu.numel() > 1 else 1
 

@@ -159,7 +159,7 @@ class GPT(nn.Module):
         """The summed cross-entropy over targets != -100 and their count (what a mean over
         several shards of one batch needs: :func:`fsa_train.parallel.sequence.shard_loss`)."""
         count = (targets != IGNORE_INDEX).sum()
-        if hidden.shape[0] and use_liger(self.cfg.fused_ops, hidden):
+        if hidden.shape[0] and use_liger(self.cfg.fused_ops, hidden, "linear_cross_entropy"):
             return self.head(hidden, targets), count
         total_loss = hidden.new_zeros((), dtype=torch.float32)
         for h_chunk, t_chunk in zip(

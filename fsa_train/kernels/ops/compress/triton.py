@@ -40,6 +40,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from fsa_train.kernels.ops.compress.windows import check_compress_args, compress_windows
+from fsa_train.kernels.registry import kernel_op
 from fsa_train.kernels.settings import KernelSettings
 from fsa_train.kernels.triton_utils import locate_tile, sum_splits
 from fsa_train.kernels.tuning import KernelTuner
@@ -277,7 +278,13 @@ def _n_iter(cu: torch.Tensor) -> int:
     return search_steps(cu.numel() - 1)
 
 
-def _forward(x, weight, pe, cu, cu_c, kernel: int, stride: int) -> torch.Tensor:
+def _forward_fake(x, weight, pe, cu, cu_c, kernel, stride):
+    return x.new_empty((x.shape[0] // stride, x.shape[1], weight.shape[-1]))
+
+
+@kernel_op("compress_fwd", _forward_fake)
+def _forward(x: torch.Tensor, weight: torch.Tensor, pe: torch.Tensor | None, cu: torch.Tensor,
+             cu_c: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     total = x.shape[0]
     h, d, d_out, D, D_OUT = _dims(x, weight)
     rows_out = total // stride
@@ -300,6 +307,19 @@ def _forward(x, weight, pe, cu, cu_c, kernel: int, stride: int) -> torch.Tensor:
 
 def _grad_weight_pe(dout, x, weight, pe, cu, cu_c, kernel: int, stride: int):
     """``(dW, dpe)`` in weight's and pe's dtypes (dpe None without pe)."""
+    grads = _grad_weight_pe_kernel(dout, x, weight, pe, cu, cu_c, kernel, stride)
+    return grads[0], grads[1] if pe is not None else None
+
+
+def _grad_weight_pe_fake(dout, x, weight, pe, cu, cu_c, kernel, stride):
+    return [torch.empty_like(weight)] + ([torch.empty_like(pe)] if pe is not None else [])
+
+
+@kernel_op("compress_bwd_weight", _grad_weight_pe_fake)
+def _grad_weight_pe_kernel(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                           pe: torch.Tensor | None, cu: torch.Tensor, cu_c: torch.Tensor,
+                           kernel: int, stride: int) -> list[torch.Tensor]:
+    """``[dW]`` or ``[dW, dpe]`` (a custom op)."""
     h, d, d_out, D, D_OUT = _dims(x, weight)
     dw = torch.empty_like(weight)
     dpe = torch.empty_like(pe) if pe is not None else None
@@ -322,10 +342,16 @@ def _grad_weight_pe(dout, x, weight, pe, cu, cu_c, kernel: int, stride: int):
         sum_splits(dw_out, dw)
         if pe is not None:
             sum_splits(dpe_out, dpe)
-    return dw, dpe
+    return [dw] if dpe is None else [dw, dpe]
 
 
-def _grad_x(dout, x, weight, cu, cu_c, kernel: int, stride: int) -> torch.Tensor:
+def _grad_x_fake(dout, x, weight, cu, cu_c, kernel, stride):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@kernel_op("compress_bwd_x", _grad_x_fake)
+def _grad_x(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cu: torch.Tensor,
+            cu_c: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     total = x.shape[0]
     h, d, d_out, D, D_OUT = _dims(x, weight)
     dx = torch.empty((total, h, d), dtype=x.dtype, device=x.device)

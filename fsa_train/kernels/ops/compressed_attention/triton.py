@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from fsa_train.kernels.ops.compressed_attention import cudnn, flex
-from fsa_train.kernels.settings import KernelSettings, resolve_settings
+from fsa_train.kernels.registry import kernel_op
+from fsa_train.kernels.settings import KernelSettings, resolve_settings, settings_from_token
 from fsa_train.kernels.triton_utils import (
     LN2_JIT,
     LOG2E_JIT,
@@ -446,19 +447,46 @@ def dkdv_splits(total_c: int, h: int, interpreted: bool | None = None) -> int:
     return max(1, min(16, 2048 // programs))
 
 
+def _forward_fake(q, k_c, v_c, cu, cuc, kernel, stride, scale, settings):
+    total, H, d = q.shape
+    return q.new_empty((total, H, d)), q.new_empty((H, total), dtype=torch.float32)
+
+
+@kernel_op("compressed_attention_fwd", _forward_fake)
+def _forward_kernel(q: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, cu: torch.Tensor,
+                    cuc: torch.Tensor, kernel: int, stride: int, scale: float,
+                    settings: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_forward` as a custom op (``settings``: a :class:`KernelSettings` token)."""
+    return _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale, settings_from_token(settings))
+
+
+def _backward_fake(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale, settings):
+    return torch.empty_like(q), torch.empty_like(k_c), torch.empty_like(v_c)
+
+
+@kernel_op("compressed_attention_bwd", _backward_fake)
+def _backward_kernel(do: torch.Tensor, q: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor,
+                     o: torch.Tensor, lse: torch.Tensor, cu: torch.Tensor, cuc: torch.Tensor,
+                     kernel: int, stride: int, scale: float, settings: str,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_backward` as a custom op."""
+    return _backward(do, q, k_c, v_c, o, lse, cu, cuc, kernel, stride, scale,
+                     settings_from_token(settings))
+
+
 class _CompressedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_c, v_c, cu, cuc, kernel, stride, scale, settings):
-        o, lse = _forward(q, k_c, v_c, cu, cuc, kernel, stride, scale, settings)
+        o, lse = _forward_kernel(q, k_c, v_c, cu, cuc, kernel, stride, scale, settings.token)
         ctx.save_for_backward(q, k_c, v_c, o, lse, cu, cuc)
-        ctx.params = (kernel, stride, scale, settings)
+        ctx.params = (kernel, stride, scale, settings.token)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k_c, v_c, o, lse, cu, cuc = ctx.saved_tensors
-        dq, dk, dv = _backward(rowmajor(do), q, k_c, v_c, o, lse, cu, cuc, *ctx.params)
+        dq, dk, dv = _backward_kernel(rowmajor(do), q, k_c, v_c, o, lse, cu, cuc, *ctx.params)
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fsa_train.kernels.registry import kernel_op
 from fsa_train.kernels.settings import KernelSettings
 
 __all__ = ["GateMix", "GatedProjection", "gate_mix", "gated_projection"]
@@ -102,6 +103,11 @@ def _check(o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, gates:
         raise ValueError("branch outputs and gates must be floating point")
 
 
+def _mix_fake(o_cmp, o_sel, o_win, gates, dtype=None):
+    return torch.empty(o_cmp.shape, dtype=dtype or o_cmp.dtype, device=o_cmp.device)
+
+
+@kernel_op("gate_mix_fwd", _mix_fake)
 def _mix(o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor, gates: torch.Tensor,
          dtype: torch.dtype | None = None) -> torch.Tensor:
     """The forward kernel: the gated sum ``[total, H, d]``, contiguous, in ``dtype`` (default
@@ -122,10 +128,29 @@ def _mix_backward(do: torch.Tensor, branches: list, gates: torch.Tensor,
                   dtypes: tuple, need: tuple) -> tuple:
     """The backward kernel: the branch gradients (in ``dtypes``) and the gate gradient, None
     where ``need`` says so; ``branches`` may be None when the gate gradient is not needed."""
+    grads = _mix_backward_kernel(do, *branches, gates, *dtypes, [bool(n) for n in need[:4]])
+    return tuple(g if n else None for g, n in zip(grads, need[:4], strict=True))
+
+
+def _mix_backward_fake(do, o_cmp, o_sel, o_win, gates, dtype_cmp, dtype_sel, dtype_win, need):
+    shapes = [do.shape] * 3 + [gates.shape]
+    dtypes = (dtype_cmp, dtype_sel, dtype_win, gates.dtype)
+    return [torch.empty(shape if n else (0,), dtype=dtype, device=do.device)
+            for shape, dtype, n in zip(shapes, dtypes, need, strict=True)]
+
+
+@kernel_op("gate_mix_bwd", _mix_backward_fake)
+def _mix_backward_kernel(
+    do: torch.Tensor, o_cmp: torch.Tensor | None, o_sel: torch.Tensor | None,
+    o_win: torch.Tensor | None, gates: torch.Tensor, dtype_cmp: torch.dtype,
+    dtype_sel: torch.dtype, dtype_win: torch.dtype, need: list[bool],
+) -> list[torch.Tensor]:
+    """:func:`_mix_backward` as a custom op: the four gradients, empty where not needed."""
+    branches = (o_cmp, o_sel, o_win)
     total, H, d = do.shape
     grads = [
         torch.empty(do.shape, dtype=dtype, device=do.device) if n else None
-        for dtype, n in zip(dtypes, need[:3], strict=True)
+        for dtype, n in zip((dtype_cmp, dtype_sel, dtype_win), need[:3], strict=True)
     ]
     d_g = torch.empty(gates.shape, dtype=gates.dtype, device=do.device) if need[3] else None
     rows, br = total * H, _TILE // d
@@ -138,7 +163,9 @@ def _mix_backward(do: torch.Tensor, branches: list, gates: torch.Tensor,
             D=d, BR=br, NEED_C=need[0], NEED_S=need[1], NEED_W=need[2], NEED_G=need[3],
             num_warps=8,
         )
-    return (*grads, d_g)
+    return [x if x is not None else do.new_empty(0, dtype=dtype)
+            for x, dtype in zip((*grads, d_g), (dtype_cmp, dtype_sel, dtype_win, gates.dtype),
+                                strict=True)]
 
 
 class GateMix(torch.autograd.Function):

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from fsa_train.kernels.registry import kernel_op
 from fsa_train.kernels.utils import KERNEL_DTYPES, interpreting
 
 __all__ = ["KERNEL_DTYPES", "RopeFunction", "rope", "rope_table"]
@@ -108,21 +109,32 @@ def _rotate(
     return out
 
 
+def _rotation_fake(x, positions, head_dim, base, max_position, sign):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@kernel_op("rope", _rotation_fake)
+def _rotation(x: torch.Tensor, positions: torch.Tensor, head_dim: int, base: float,
+              max_position: int, sign: int) -> torch.Tensor:
+    """``x`` rotated by ``sign``·angle (the cached table inside: a constant, not an input)."""
+    cos, sin = rope_table(x.device, head_dim, base, max_position)
+    return _rotate(x, positions, cos, sin, sign)
+
+
 class RopeFunction(torch.autograd.Function):
     """Differentiable in x; the backward rotates the gradient back (orthogonal rotation)."""
 
     @staticmethod
     def forward(ctx, x, positions, head_dim, base, max_position):
-        cos, sin = rope_table(x.device, head_dim, base, max_position)
         ctx.save_for_backward(positions)
-        ctx.table = (cos, sin)  # a cached constant, not saved: it needs no version check
-        return _rotate(x, positions, cos, sin, 1)
+        ctx.params = (head_dim, base, max_position)
+        return _rotation(x, positions, head_dim, base, max_position, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         (positions,) = ctx.saved_tensors
-        return _rotate(dy, positions, *ctx.table, -1), None, None, None, None
+        return _rotation(dy, positions, *ctx.params, -1), None, None, None, None
 
 
 def rope(
@@ -148,4 +160,4 @@ def rope(
                          f"got {positions.dtype} {tuple(positions.shape)}")
     if positions.device != x.device:
         raise ValueError(f"positions on {positions.device}, x on {x.device}")
-    return RopeFunction.apply(x, positions, head_dim, base, max_position)
+    return RopeFunction.apply(x, positions, int(head_dim), float(base), int(max_position))

@@ -39,7 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fsa_train.kernels.settings import KernelSettings, resolve_settings
+from fsa_train.kernels import shapes
+from fsa_train.kernels.registry import kernel_op
+from fsa_train.kernels.settings import KernelSettings, resolve_settings, settings_from_token
 from fsa_train.kernels.triton_utils import LOG2E_JIT, head_tile_of_program, n_visible_compressed
 from fsa_train.kernels.tuning import KernelTuner
 from fsa_train.kernels.utils import (
@@ -295,6 +297,27 @@ def select_blocks(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel: int, stride: in
     settings = resolve_settings(settings)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     check_selection(selection)
+    return _select(q, k_c, lse, cu_seqlens, cu_seqlens_c, int(kernel), int(stride), int(block),
+                   int(topk), int(init_blocks), int(local_blocks), scale, selection,
+                   settings.token)
+
+
+def _select_fake(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block, topk,
+                 init_blocks, local_blocks, scale, selection, settings):
+    return shapes.select_blocks(q, k_c, lse, cu_seqlens, cu_seqlens_c, kernel, stride, block,
+                                topk, init_blocks, local_blocks, scale, selection)
+
+
+@kernel_op("select_blocks", _select_fake)
+def _select(q: torch.Tensor, k_c: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
+            cu_seqlens_c: torch.Tensor, kernel: int, stride: int, block: int, topk: int,
+            init_blocks: int, local_blocks: int, scale: float, selection: str,
+            settings: str) -> torch.Tensor:
+    """The launch of :func:`select_blocks` on checked arguments, a custom op (``settings``: a
+    :class:`KernelSettings` token)."""
+    settings = settings_from_token(settings)
+    total, H, d = q.shape
+    h = k_c.shape[1]
     by_block = selection == "block"
     n_docs = cu_seqlens.numel() - 1
     if by_block:  # rows no block owns stay -1

@@ -32,7 +32,8 @@ from fsa_train.kernels.ops.selected_attention.block_plan import (
     build_block_csr,
     clean_block_selection,
 )
-from fsa_train.kernels.settings import KernelSettings
+from fsa_train.kernels.registry import kernel_op
+from fsa_train.kernels.settings import KernelSettings, settings_from_token
 from fsa_train.kernels.triton_utils import (
     LN2_JIT,
     LOG2E_JIT,
@@ -427,12 +428,42 @@ def _backward(q, k, v, o, lse, do, cu, idx_c, keys, block, scale, settings: Kern
     return dq, dk, dv
 
 
+def _forward_fake(q, k, v, idx, cu, block, scale, settings):
+    total, H, _ = q.shape
+    h, n_rows, topk = idx.shape
+    i32 = {"dtype": torch.int32, "device": q.device}
+    return (torch.empty_like(q), q.new_empty((H, total), dtype=torch.float32),
+            torch.empty(idx.shape, **i32), torch.empty(h * n_rows * topk, **i32))
+
+
+@kernel_op("block_selected_attention_fwd", _forward_fake)
+def _forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                    cu: torch.Tensor, block: int, scale: float, settings: str,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_forward` as a custom op (``settings``: a :class:`KernelSettings` token)."""
+    return _forward(q, k, v, idx, cu, block, scale, settings_from_token(settings))
+
+
+def _backward_fake(q, k, v, o, lse, do, cu, idx_c, keys, block, scale, settings):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@kernel_op("block_selected_attention_bwd", _backward_fake)
+def _backward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor, do: torch.Tensor, cu: torch.Tensor, idx_c: torch.Tensor,
+                     keys: torch.Tensor, block: int, scale: float, settings: str,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_backward` as a custom op."""
+    return _backward(q, k, v, o, lse, do, cu, idx_c, keys, block, scale,
+                     settings_from_token(settings))
+
+
 class _BlockSelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, cu, block, scale, settings):
-        o, lse, idx_c, keys = _forward(q, k, v, idx, cu, block, scale, settings)
+        o, lse, idx_c, keys = _forward_kernel(q, k, v, idx, cu, block, scale, settings.token)
         ctx.save_for_backward(q, k, v, o, lse, cu, idx_c, keys)
-        ctx.block, ctx.scale, ctx.settings = block, scale, settings
+        ctx.block, ctx.scale, ctx.settings = block, scale, settings.token
         return o
 
     @staticmethod
@@ -440,8 +471,8 @@ class _BlockSelectedAttention(torch.autograd.Function):
         q, k, v, o, lse, cu, idx_c, keys = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
-        dq, dk, dv = _backward(q, k, v, o, lse, do, cu, idx_c, keys, ctx.block, ctx.scale,
-                               ctx.settings)
+        dq, dk, dv = _backward_kernel(q, k, v, o, lse, do, cu, idx_c, keys, ctx.block,
+                                      ctx.scale, ctx.settings)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -125,17 +125,40 @@ class SelectionPlan:
         return cls(**dict(zip(names, tensors, strict=True)), **sizes)
 
 
+def plan_sizes(h: int, total: int, topk: int, n_docs: int, block: int,
+               segq: int | None = None) -> dict[str, int]:
+    """The static sizes of a :class:`SelectionPlan` (:meth:`SelectionPlan.sizes`): shapes
+    alone fix them."""
+    segq = segment_queries(topk, block) if segq is None else segq
+    nbmax = total // block + n_docs + 1
+    nkeys = h * nbmax
+    maxseg = -(-h * total * topk // segq) + nkeys
+    return {"nbmax": nbmax, "nkeys": nkeys, "maxseg": maxseg, "segq": segq}
+
+
+def plan_fakes(idx: torch.Tensor, n_docs: int, total: int, block: int) -> list[torch.Tensor]:
+    """Empty tensors shaped as :meth:`SelectionPlan.tensors` of ``idx`` (fake implementations)."""
+    h, _, topk = idx.shape
+    sizes = plan_sizes(h, total, topk, n_docs, block)
+
+    def i32(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.int32, device=idx.device)
+
+    nkeys, nbmax = sizes["nkeys"], sizes["nbmax"]
+    return [i32(h, total, topk), i32(h * total * topk), i32(nkeys + 1), i32(sizes["maxseg"]),
+            i32(nkeys + 1), i32(nbmax), i32(nbmax)]
+
+
 def build_plan(idx: torch.Tensor, cu_seqlens: torch.Tensor, total: int, block: int,
                segq: int | None = None) -> SelectionPlan:
     """The :class:`SelectionPlan` of selections ``idx [h, total, T]`` (no host synchronisation);
     ``segq`` defaults to :func:`segment_queries`."""
     h, _, topk = idx.shape
-    segq = segment_queries(topk, block) if segq is None else segq
     dev = idx.device
     cu = cu_seqlens.to(device=dev, dtype=torch.int32)
     n_docs = cu.numel() - 1
-    nbmax = total // block + n_docs + 1
-    nkeys = h * nbmax
+    sizes = plan_sizes(h, total, topk, n_docs, block, segq)
+    segq, nbmax, nkeys, maxseg = sizes["segq"], sizes["nbmax"], sizes["nkeys"], sizes["maxseg"]
     i32 = torch.int32
 
     nblk = torch.div(cu[1:] - cu[:-1] + (block - 1), block, rounding_mode="floor")
@@ -157,7 +180,6 @@ def build_plan(idx: torch.Tensor, cu_seqlens: torch.Tensor, total: int, block: i
     nseg = torch.div(blk_start[1:] - blk_start[:-1] + (segq - 1), segq, rounding_mode="floor")
     seg_off = torch.zeros(nkeys + 1, dtype=i32, device=dev)
     seg_off[1:] = torch.cumsum(nseg, 0)
-    maxseg = -(-h * total * topk // segq) + nkeys
     seg_key = torch.searchsorted(
         seg_off[1:].contiguous(), torch.arange(maxseg, dtype=i32, device=dev), right=True,
         out_int32=True,

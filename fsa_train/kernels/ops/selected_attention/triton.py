@@ -36,8 +36,14 @@ import triton
 import triton.language as tl
 
 from fsa_train.kernels.ops.selected_attention.block_sparse import selected_attention_block
-from fsa_train.kernels.ops.selected_attention.plan import SelectionPlan, build_plan
-from fsa_train.kernels.settings import KernelSettings, resolve_settings
+from fsa_train.kernels.ops.selected_attention.plan import (
+    SelectionPlan,
+    build_plan,
+    plan_fakes,
+    plan_sizes,
+)
+from fsa_train.kernels.registry import kernel_op
+from fsa_train.kernels.settings import KernelSettings, resolve_settings, settings_from_token
 from fsa_train.kernels.triton_utils import LN2_JIT, LOG2E_JIT, attention_delta, dot
 from fsa_train.kernels.tuning import KernelTuner
 from fsa_train.kernels.utils import (
@@ -438,21 +444,55 @@ def _backward(q, k, v, o, lse, do, plan: SelectionPlan, block, scale, partials,
     return dq, dk, dv
 
 
+def _forward_fake(q, k, v, idx, cu_seqlens, block, scale, partials, settings):
+    total, H, D = q.shape
+    return [q.new_empty((total, H, D)), q.new_empty((H, total), dtype=torch.float32),
+            *plan_fakes(idx, cu_seqlens.shape[0] - 1, total, block)]
+
+
+@kernel_op("selected_attention_fwd", _forward_fake)
+def _forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                    cu_seqlens: torch.Tensor, block: int, scale: float, partials: str,
+                    settings: str) -> list[torch.Tensor]:
+    """:func:`_forward` as a custom op: ``[o, lse, *plan.tensors()]``."""
+    o, lse, plan = _forward(q, k, v, idx, cu_seqlens, block, scale, partials,
+                            settings_from_token(settings))
+    return [o, lse, *plan.tensors()]
+
+
+def _backward_fake(q, k, v, o, lse, do, plan, n_docs, block, scale, partials, settings):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+@kernel_op("selected_attention_bwd", _backward_fake)
+def _backward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor, do: torch.Tensor, plan: list[torch.Tensor], n_docs: int,
+                     block: int, scale: float, partials: str, settings: str,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_backward` as a custom op, on the plan's tensors (its sizes from the shapes)."""
+    h, total, topk = plan[0].shape
+    sizes = plan_sizes(h, total, topk, n_docs, block)
+    return _backward(q, k, v, o, lse, do, SelectionPlan.rebuild(tuple(plan), sizes), block,
+                     scale, partials, settings_from_token(settings))
+
+
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, cu_seqlens, block, scale, partials, settings):
-        o, lse, plan = _forward(q, k, v, idx, cu_seqlens, block, scale, partials, settings)
-        ctx.save_for_backward(q, k, v, o, lse, *plan.tensors())
-        ctx.plan_sizes = plan.sizes()
-        ctx.block, ctx.scale, ctx.partials, ctx.settings = block, scale, partials, settings
+        o, lse, *plan = _forward_kernel(q, k, v, idx, cu_seqlens, block, scale, partials,
+                                        settings.token)
+        ctx.save_for_backward(q, k, v, o, lse, *plan)
+        ctx.n_docs = cu_seqlens.shape[0] - 1
+        ctx.block, ctx.scale, ctx.partials, ctx.settings = block, scale, partials, settings.token
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, *tensors = ctx.saved_tensors
-        plan = SelectionPlan.rebuild(tuple(tensors), ctx.plan_sizes)
-        dq, dk, dv = _backward(q, k, v, o, lse, do, plan, ctx.block, ctx.scale, ctx.partials,
-                               ctx.settings)
+        q, k, v, o, lse, *plan = ctx.saved_tensors
+        dq, dk, dv = _backward_kernel(q, k, v, o, lse, do, plan, ctx.n_docs, ctx.block,
+                                      ctx.scale, ctx.partials, ctx.settings)
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -26,7 +26,13 @@ import math
 
 import torch
 
-from fsa_train.kernels.libraries import CUDNN_SDPA_MISSING, cudnn_sdpa, unsupported_inputs
+from fsa_train.kernels.libraries import (
+    CUDNN_SDPA_MISSING,
+    cudnn_sdpa,
+    device_capability,
+    unsupported_inputs,
+)
+from fsa_train.kernels.registry import kernel_op
 from fsa_train.kernels.utils import as_int32, longest_document, rowmajor
 
 
@@ -35,7 +41,7 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, window: int | None) -> str | N
     if cudnn_sdpa() is None:
         return CUDNN_SDPA_MISSING
     reason = unsupported_inputs("cudnn", q, k, max_head_dim=128)
-    if reason is None and torch.cuda.get_device_capability(q.device) < (8, 0):
+    if reason is None and device_capability(q.device) < (8, 0):
         reason = "window_kernel='cudnn' needs an Ampere or newer GPU (fused attention)"
     return reason
 
@@ -58,24 +64,41 @@ def plan_shape(cu_seqlens: torch.Tensor, total: int,
     return cu, max(1, min(power_of_two_at_least(longest), total))
 
 
-def attention_forward(q, k, v, cu, scale: float, window_left: int,
+def _forward_fake(q, k, v, cu, scale, window_left, longest):
+    total, H, _ = q.shape
+    return (q.new_empty((total, H, v.shape[-1])),
+            q.new_empty((total, H, 1), dtype=torch.float32))
+
+
+@kernel_op("cudnn_window_fwd", _forward_fake)
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                      scale: float, window_left: int,
                       longest: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cuDNN's causal forward on packed rows (``cu`` and ``longest`` from :func:`plan_shape`,
     ``window_left`` -1 for none): ``o`` like q and the natural-log ``lse [total, H, 1]`` fp32."""
-    return cudnn_sdpa().fwd(q, k, v, scale, is_causal=True, window_left=window_left,
-                            cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                            max_seqlen_kv=longest, return_lse=True)
+    o, lse = cudnn_sdpa().fwd(q, k, v, scale, is_causal=True, window_left=window_left,
+                              cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                              max_seqlen_kv=longest, return_lse=True)
+    return o.contiguous(), lse.contiguous()  # the layouts the fake implementation declares
 
 
-def attention_backward(do, q, k, v, o, lse, cu, scale: float, window_left: int, longest: int,
-                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_fake(do, q, k, v, o, lse, cu, scale, window_left, longest, deterministic):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+
+
+@kernel_op("cudnn_window_bwd", _backward_fake)
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       o: torch.Tensor, lse: torch.Tensor, cu: torch.Tensor, scale: float,
+                       window_left: int, longest: int, deterministic: bool,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`attention_forward` (``lse`` as it returned it)."""
     library = cudnn_sdpa()
     padded = library.padded_lse(lse[:, :, 0], cu, longest)
-    return library.bwd(rowmajor(do), q, k, v, o, padded, scale, is_causal=True,
-                       window_left=window_left, cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                       max_seqlen_q=longest, max_seqlen_kv=longest,
-                       is_deterministic=deterministic)
+    grads = library.bwd(rowmajor(do), q, k, v, o, padded, scale, is_causal=True,
+                        window_left=window_left, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                        max_seqlen_q=longest, max_seqlen_kv=longest,
+                        is_deterministic=deterministic)
+    return tuple(g.contiguous() for g in grads)
 
 
 class _CudnnWindowAttention(torch.autograd.Function):

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from fsa_train.kernels.ops.window_attention import cudnn, flash
 from fsa_train.kernels.ops.window_attention.backends import kernel_for
-from fsa_train.kernels.settings import KernelSettings, resolve_settings
+from fsa_train.kernels.registry import kernel_op
+from fsa_train.kernels.settings import KernelSettings, resolve_settings, settings_from_token
 from fsa_train.kernels.triton_utils import (
     LN2_JIT,
     LOG2E_JIT,
@@ -573,20 +574,47 @@ def _backward(do, q, k, v, o, lse, cu, window, scale, settings: KernelSettings):
     return dq, dk, dv
 
 
+def _forward_fake(q, k, v, cu, window, scale, settings):
+    total, H, d = q.shape
+    return q.new_empty((total, H, d)), q.new_empty((H, total), dtype=torch.float32)
+
+
+@kernel_op("window_attention_fwd", _forward_fake)
+def _forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                    window: int | None, scale: float,
+                    settings: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_forward` as a custom op (``settings``: a :class:`KernelSettings` token)."""
+    return _forward(q, k, v, cu, window, scale, settings_from_token(settings))
+
+
+def _backward_fake(do, q, k, v, o, lse, cu, window, scale, settings):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty_like(k),
+            torch.empty_like(v))
+
+
+@kernel_op("window_attention_bwd", _backward_fake)
+def _backward_kernel(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     o: torch.Tensor, lse: torch.Tensor, cu: torch.Tensor, window: int | None,
+                     scale: float, settings: str,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_backward` as a custom op."""
+    return _backward(do, q, k, v, o, lse, cu, window, scale, settings_from_token(settings))
+
+
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu, window, scale, settings):
-        o, lse = _forward(q, k, v, cu, window, scale, settings)
+        o, lse = _forward_kernel(q, k, v, cu, window, scale, settings.token)
         ctx.save_for_backward(q, k, v, o, lse, cu)
-        ctx.window, ctx.scale, ctx.settings = window, scale, settings
+        ctx.window, ctx.scale, ctx.settings = window, scale, settings.token
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, cu = ctx.saved_tensors
-        dq, dk, dv = _backward(rowmajor(do), q, k, v, o, lse, cu, ctx.window, ctx.scale,
-                               ctx.settings)
+        dq, dk, dv = _backward_kernel(rowmajor(do), q, k, v, o, lse, cu, ctx.window, ctx.scale,
+                                      ctx.settings)
         return dq, dk, dv, None, None, None, None
 
 

@@ -1,0 +1,117 @@
+"""Compiling a transformer block with ``torch.compile(fullgraph=True)``: no graph breaks, and the
+same output and gradients as eager, for dense and NSA (token and block selection) blocks.
+
+On the CPU the reference path runs (each naive op one opaque custom op) and, under
+``TRITON_INTERPRET=1``, the Triton path (each kernel launch one custom op); the GPU test
+compiles with Inductor on CUDA in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from fsa_testing import assert_close
+
+from fsa_train.config import GPTConfig, NSAConfig
+from fsa_train.kernels.nsa import nsa_varlen
+from fsa_train.kernels.registry import preload_triton_modules
+from fsa_train.kernels.utils import interpreting
+from fsa_train.kernels.varlen import document_positions
+from fsa_train.model.gpt import Block
+
+TINY_NSA = dict(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, init_blocks=1,
+                local_blocks=1, window=8)
+CASES = [("dense", "token"), ("nsa", "token"), ("nsa", "block")]
+
+
+def make_block(attention: str, selection: str, backend: str, lengths: list[int], d_model: int,
+               n_head: int, n_kv_head: int, head_dim: int, device: str = "cpu",
+               nsa: dict | None = None, seed: int = 0):
+    """A block of a GPT and its inputs ``(x, cu_seqlens, positions, varlen, max_seqlen)``."""
+    nsa_cfg = NSAConfig(**(nsa or TINY_NSA), selection=selection)
+    cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=n_head, n_kv_head=n_kv_head,
+                    d_model=d_model, head_dim=head_dim, attention=attention, nsa=nsa_cfg,
+                    kernel_backend=backend)
+    torch.manual_seed(seed)
+    block = Block(cfg).to(device)
+    if attention == "nsa":
+        block.attn.reset_compression()
+    # RoPE on the kernel too when the Triton path runs on the CPU (interpreter)
+    block.attn.rope.interpret = backend == "triton"
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                      device=device)
+    total = sum(lengths)
+    positions = document_positions(cu, total)
+    varlen = nsa_varlen(cu, total, nsa_cfg, positions) if attention == "nsa" else None
+    x = torch.randn(total, d_model, device=device)
+    return block, (x, cu, positions, varlen, max(lengths))
+
+
+def graph_breaks(fn, *args) -> list[str]:
+    """The reasons ``torch._dynamo.explain`` gives for each graph break of ``fn(*args)``."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*args)
+    assert explained.graph_break_count == len(explained.break_reasons)
+    return [str(reason.reason).splitlines()[0][:200] for reason in explained.break_reasons]
+
+
+def run_block(block, inputs, do: torch.Tensor, autocast: torch.dtype | None = None):
+    """The block's output and the gradients of ``x`` and every parameter for output grad
+    ``do``."""
+    x, *rest = inputs
+    x = x.detach().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        y = block(x, *rest)
+    y.backward(do)
+    grads = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    return y.detach(), grads
+
+
+def check_compiled(block, inputs, backend: str, tol: float,
+                   autocast: torch.dtype | None = None) -> None:
+    """Zero graph breaks, and the compiled block's output and gradients within ``tol``
+    (relative L2) of eager's."""
+    preload_triton_modules()
+
+    def forward(x):
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            return block(x, *inputs[1:])
+
+    x = inputs[0].detach().requires_grad_()
+    assert graph_breaks(forward, x) == []
+    do = torch.randn_like(inputs[0])
+    want, want_grads = run_block(block, inputs, do, autocast)
+    torch._dynamo.reset()
+    block.compile(fullgraph=True, backend=backend)  # as LitGPT.configure_model does
+    got, got_grads = run_block(block, inputs, do, autocast)
+    assert_close(got, want, tol, "output")
+    for name, grad in want_grads.items():
+        assert got_grads[name] is not None, name
+        assert_close(got_grads[name], grad, tol, name, rms_floor=True)
+
+
+@pytest.mark.parametrize(("attention", "selection"), CASES)
+def test_block_compiles_whole_on_the_reference_path(attention, selection):
+    """The naive ops read document boundaries on the host: compiled, each is one opaque op."""
+    block, inputs = make_block(attention, selection, "reference", [37, 20, 7], 64, 4, 2, 16)
+    check_compiled(block, inputs, "aot_eager", 1e-5)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the CPU run of the Triton path")
+@pytest.mark.parametrize(("attention", "selection"), CASES)
+def test_block_compiles_whole_on_the_triton_path(attention, selection):
+    """Every kernel launch is a custom op: Dynamo traces no Triton launcher or autotuner."""
+    block, inputs = make_block(attention, selection, "triton", [37, 20], 64, 4, 2, 16)
+    check_compiled(block, inputs, "aot_eager", 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("attention", "selection"), CASES)
+def test_gpu_block_compiles_whole_with_inductor(attention, selection):
+    """An NSA (or dense) block at a modest size compiled with Inductor (fullgraph, CUDA, bf16
+    autocast): zero graph breaks, output and gradients close to eager's."""
+    block, inputs = make_block(attention, selection, "auto", [2500, 1596], 1024, 8, 2, 128,
+                               device="cuda", nsa={})
+    check_compiled(block, inputs, "inductor", 2e-2, autocast=torch.bfloat16)
