@@ -5,7 +5,7 @@
 #   bash benchmarks/device.sh wheels
 #     Install the carried wheels in .whl/ (no index, no deps) into /tmp/site; the other
 #     subcommands do it themselves and put /tmp/site and the repo on PYTHONPATH.
-#   WORKERS=8 bash benchmarks/device.sh gpu-tests [pytest args, default tests]
+#   WORKERS=4 bash benchmarks/device.sh gpu-tests [pytest args, default tests]
 #     The GPU-only tests (`-m gpu`: kernels at real sizes, bf16/fp16, determinism, CUDA graphs), in
 #     parallel over WORKERS processes when pytest-xdist is there (the suite is mostly Triton
 #     compilation and autotuning, which is CPU work: one process took > 330 s for 40 of its 60
@@ -79,7 +79,12 @@ gpu_tests() {
   # loadgroup: tests marked xdist_group("gpu_memory") (references at real sizes, tens of GiB
   # each) share one worker, so they do not run side by side: two of them at once ran the 140 GiB
   # H200 out of memory on 2026-12-02 (results/gpu_tests_h200_2026-12-02_core_selected.log).
-  if "$PY" -c 'import xdist' 2>/dev/null; then parallel=(-n "${WORKERS:-8}" --dist loadgroup); fi
+  # 4 workers, not 8: with 8 the suite of 2026-12-03 ran the GPU out of memory in 10 tests, and
+  # an out-of-memory error inside torch's non-reentrant checkpoint leaves its saved-tensor hooks
+  # installed in that worker, failing its later tests with CheckpointError
+  # (results/gpu_tests_h200_2026-12-03_custom_ops.log)
+  if "$PY" -c 'import xdist' 2>/dev/null; then parallel=(-n "${WORKERS:-4}" --dist loadgroup); fi
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   local log=${OUT:-.}/gpu_tests.log
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
   "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider --durations=25 "${parallel[@]}" \

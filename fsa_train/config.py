@@ -124,10 +124,11 @@ class GPTConfig:
             ``"torch"`` (default: ``nn.RMSNorm``, ``silu(a) * b``, our chunked checkpointed
             cross-entropy), ``"liger"`` (liger-kernel's fused Triton ops; needs CUDA and
             ``pip install 'fsa-train[liger]'``) or ``"auto"`` (per op, the faster on the GPU:
-            liger's loss and SiLU-mul, torch's RMSNorm; torch off CUDA or without liger). Parameters and
-            state-dict keys are the same in every mode (:mod:`fsa_train.model.fused`). Not ``"auto"`` by default: which
-            kernels a run used would then depend on whether a package happens to be installed,
-            and the GPU benchmark (``benchmarks/fused_ops.py``) has the last word.
+            liger's loss and SiLU-mul, torch's RMSNorm; torch off CUDA or without liger).
+            Parameters and state-dict keys are the same in every mode
+            (:mod:`fsa_train.model.fused`). Not ``"auto"`` by default: which kernels a run used
+            would then depend on whether a package happens to be installed, and the GPU
+            benchmark (``benchmarks/fused_ops.py``) has the last word.
     """
 
     vocab_size: int = 32000
