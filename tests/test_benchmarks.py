@@ -178,6 +178,7 @@ RENDERED = [
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02_block_selection"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02_block_selection_32k"),
+    ("loss_parity", "markdown", "loss_parity_h200_2026-12-03_seed1"),
     ("trainer_check", "markdown", "trainer_check_h200x2_2026-11-22"),
 ]
 """The committed tables the current code writes (older runs' tables have older layouts)."""
