@@ -21,8 +21,10 @@ tokens and the same schedule. Then:
   device and last day of the runs' jobs; the plot: validation loss against tokens and against
   training time): final validation loss per mode (mean and spread over seeds), NSA minus dense,
   the training time NSA needs to reach the dense run's final validation loss, the position
-  buckets and passkey accuracy when evaluated. The committed run records sit beside the report
-  as ``loss_parity_<device>_<date>/``.
+  buckets and passkey accuracy when evaluated; NSA block minus NSA token per seed at the last
+  step both runs reached. A run that stopped before its config's ``trainer.max_steps`` is
+  listed as "stopped at step N of M" and left out of the final-loss aggregates. The committed
+  run records sit beside the report as ``loss_parity_<device>_<date>/``.
 
 Typical use (``python -m benchmarks run parity_corpus`` builds the corpus, ``fsa-train
 prepare-data`` the dataset; ``bash benchmarks/device.sh loss-parity`` runs the steps on a GPU
@@ -152,6 +154,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def finished(where: Path, steps: int) -> bool:
+    """Whether the run in ``where`` has validated at step ``steps`` (or later)."""
     val = read_jsonl(where / "val.jsonl")
     return bool(val) and val[-1]["step"] >= steps
 
@@ -287,12 +290,24 @@ def _one_off_at(cumulative: dict[int, float], step: int) -> float:
     return cumulative[max(earlier)] if earlier else 0.0
 
 
+def saved_config(where: Path) -> dict | None:
+    """The full config a run's job saved (``config.yaml``), or None when there is none."""
+    path = where / "config.yaml"
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def max_steps(where: Path) -> int | None:
+    """The steps a run was set to train (``trainer.max_steps`` of its saved config); None when
+    its config is not there (then its last validation is taken as its end)."""
+    config = saved_config(where)
+    return (config.get("trainer") or {}).get("max_steps") if config else None
+
+
 def model_setup(where: Path) -> dict | None:
     """Architecture, data and parameter counts of a run, from the config its job saved."""
-    path = where / "config.yaml"
-    if not path.is_file():
+    config = saved_config(where)
+    if config is None:
         return None
-    config = yaml.safe_load(path.read_text(encoding="utf-8"))
     import torch
 
     from fsa_train.config import GPTConfig, NSAConfig
@@ -339,8 +354,10 @@ def summarize(out: Path) -> dict:
         one_off = one_off_seconds(train)
         for row in val:
             row["steady_time_s"] = row["train_time_s"] - _one_off_at(one_off, row["step"])
+        steps = max_steps(where)
         runs[where.name] = {
             "mode": mode, "seed": int(seed), "val": val,
+            "max_steps": steps, "finished": steps is None or finished(where, steps),
             "final_val_loss": val[-1]["val/loss"], "tokens": val[-1]["tokens_seen"],
             "train_time_s": val[-1]["train_time_s"],
             "steady_time_s": val[-1]["steady_time_s"],
@@ -351,16 +368,17 @@ def summarize(out: Path) -> dict:
             "retrieval": _maybe_json(where / "retrieval.json"),
             "selection_overlap": _maybe_json(where / "selection_overlap.json"),
         }
+    final = {name: r for name, r in runs.items() if r["finished"]}
     modes = {}
     for mode in MODES:
-        finals = [r["final_val_loss"] for r in runs.values() if r["mode"] == mode]
+        finals = [r["final_val_loss"] for r in final.values() if r["mode"] == mode]
         if finals:
             modes[mode] = {"seeds": len(finals), "mean": statistics.fmean(finals),
                            "spread": max(finals) - min(finals)}
     pairs = []
     for seed, sparse in ((s, m) for s in sorted({r["seed"] for r in runs.values()})
                          for m in SPARSE_MODES):
-        dense, nsa = runs.get(f"dense-s{seed}"), runs.get(f"{sparse}-s{seed}")
+        dense, nsa = final.get(f"dense-s{seed}"), final.get(f"{sparse}-s{seed}")
         if dense and nsa:
             reach = time_to_reach(nsa["val"], dense["final_val_loss"])
             steady = [dict(row, train_time_s=row["steady_time_s"]) for row in nsa["val"]]
@@ -377,12 +395,39 @@ def summarize(out: Path) -> dict:
                 "dense_tokens_per_s": dense["tokens_per_s"],
                 "nsa_tokens_per_s": nsa["tokens_per_s"],
             })
-    block_vs_token = [
-        {"seed": seed, "block_minus_token":
-            runs[f"nsa_block-s{seed}"]["final_val_loss"] - runs[f"nsa-s{seed}"]["final_val_loss"]}
-        for seed in sorted({r["seed"] for r in runs.values()})
-        if f"nsa_block-s{seed}" in runs and f"nsa-s{seed}" in runs]
-    return {"runs": runs, "modes": modes, "pairs": pairs, "block_vs_token": block_vs_token}
+    return {"runs": runs, "modes": modes, "pairs": pairs,
+            "block_vs_token": block_vs_token(runs)}
+
+
+def block_vs_token(runs: dict[str, dict]) -> list[dict]:
+    """NSA block minus NSA token validation loss per seed, at the last step both runs reached
+    (a stopped run is compared where it stopped, not with the other's final loss); and, where
+    that step differs between seeds, also at the last step every seed's pair reached, so the
+    seeds can be compared at one step."""
+    pairs = {r["seed"]: (runs[f"nsa_block-s{r['seed']}"], r) for r in runs.values()
+             if r["mode"] == "nsa" and f"nsa_block-s{r['seed']}" in runs}
+    common = {seed: _common_steps(block, token) for seed, (block, token) in pairs.items()}
+    common = {seed: steps for seed, steps in common.items() if steps}
+    if not common:
+        return []
+    shared = min(steps[-1] for steps in common.values())
+    rows = []
+    for seed, steps in sorted(common.items()):
+        block, token = (_loss_by_step(run) for run in pairs[seed])
+        for step in sorted({steps[-1], shared} & set(steps)):
+            rows.append({"seed": seed, "at_step": step, "block_val_loss": block[step],
+                         "token_val_loss": token[step],
+                         "block_minus_token": block[step] - token[step]})
+    return rows
+
+
+def _loss_by_step(run: dict) -> dict[int, float]:
+    return {row["step"]: row["val/loss"] for row in run["val"]}
+
+
+def _common_steps(a: dict, b: dict) -> list[int]:
+    """The validation steps two runs share, in order."""
+    return sorted(_loss_by_step(a).keys() & _loss_by_step(b).keys())
 
 
 def _maybe_json(path: Path) -> dict | None:
@@ -423,8 +468,9 @@ def markdown(summary: dict, title: str) -> str:
              "|---|---|---|---|---|---|"]
     for name, r in summary["runs"].items():
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "–"
-        loss = r["final_val_loss"]
-        lines.append(f"| {name} | {r['tokens']:,} | {loss:.4f} | "
+        loss = f"{r['final_val_loss']:.4f}" + ("" if r.get("finished", True) else
+                                              f" ({stopped_at(r)})")
+        lines.append(f"| {name} | {r['tokens']:,} | {loss} | "
                      f"{r['train_time_s']:.1f} | {r['steady_time_s']:.1f} | {rate} |")
     lines += ["", "Steady time: training time less the one-off excess of steps slower than 3× "
               "the median (compilation, autotuning)."]
@@ -432,6 +478,11 @@ def markdown(summary: dict, title: str) -> str:
               "|---|---|---|---|"]
     for mode, m in summary["modes"].items():
         lines.append(f"| {mode} | {m['seeds']} | {m['mean']:.4f} | {m['spread']:.4f} |")
+    stopped = [f"{name} ({stopped_at(r)})" for name, r in summary["runs"].items()
+               if not r.get("finished", True)]
+    if stopped:
+        lines += ["", f"Left out of the means, the NSA − dense pairs and the times to reach "
+                  f"dense's loss, as unfinished: {', '.join(stopped)}."]
     by_mode = any(p.get("mode", "nsa") != "nsa" for p in summary["pairs"])  # older: NSA only
     lines += ["", ("| mode " if by_mode else "") + "| seed | NSA − dense (nats) | dense time s | "
               "NSA time to dense's final loss s | speed-up | same, steady times |",
@@ -446,10 +497,7 @@ def markdown(summary: dict, title: str) -> str:
         mode = f"| {p.get('mode', 'nsa')} " if by_mode else ""
         lines.append(f"{mode}| {p['seed']} | {p['nsa_minus_dense']:+.4f} | "
                      f"{p['dense_time_s']:.1f} | {reach} | {speed} | {steady} |")
-    if summary.get("block_vs_token"):
-        lines += ["", "| seed | NSA block − NSA token (nats) |", "|---|---|"]
-        lines += [f"| {row['seed']} | {row['block_minus_token']:+.4f} |"
-                  for row in summary["block_vs_token"]]
+    lines += _block_vs_token_lines(summary.get("block_vs_token") or [])
     buckets = {n: r["position_loss"]["buckets"] for n, r in summary["runs"].items()
                if r["position_loss"]}
     if buckets:
@@ -495,6 +543,28 @@ def markdown(summary: dict, title: str) -> str:
                       f"{v['union']:.1f} / {v['inflation']:.2f}"
                       for v in result["overall"].values()) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def stopped_at(run: dict) -> str:
+    """How far an unfinished run got: "stopped at step N of M"."""
+    return f"stopped at step {run['val'][-1]['step']} of {run['max_steps']}"
+
+
+def _block_vs_token_lines(rows: list[dict]) -> list[str]:
+    """The block − token table, with the step of each comparison (older reports: final losses,
+    no step)."""
+    if not rows:
+        return []
+    if "at_step" not in rows[0]:
+        return ["", "| seed | NSA block − NSA token (nats) |", "|---|---|",
+                *(f"| {row['seed']} | {row['block_minus_token']:+.4f} |" for row in rows)]
+    return ["", "NSA block against NSA token at the last validation step both runs of a seed "
+            "reached (and at the last one all seeds reached, where that is earlier):", "",
+            "| seed | at step | NSA block val loss | NSA token val loss | "
+            "NSA block − NSA token (nats) |", "|---|---|---|---|---|",
+            *(f"| {row['seed']} | {row['at_step']} | {row['block_val_loss']:.4f} | "
+              f"{row['token_val_loss']:.4f} | {row['block_minus_token']:+.4f} |"
+              for row in rows)]
 
 
 def _retrieval_lines(summary: dict) -> list[str]:

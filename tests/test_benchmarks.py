@@ -178,6 +178,7 @@ RENDERED = [
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02_block_selection"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02_block_selection_32k"),
+    ("loss_parity", "markdown", "loss_parity_h200_2026-12-03_seed1"),
     ("trainer_check", "markdown", "trainer_check_h200x2_2026-11-22"),
 ]
 """The committed tables the current code writes (older runs' tables have older layouts)."""
@@ -502,6 +503,23 @@ def test_the_kernel_entry_points_the_benchmarks_call():
     assert isinstance(window.tuner_choices(), dict)
 
 
+def write_parity_run(where: Path, losses: list[float], every: int = 100,
+                     max_steps: int | None = None) -> None:
+    """A run directory of ``loss_parity``: a validation every ``every`` steps (5 s apart) with
+    these losses and, given ``max_steps``, the committed 8K config set to train that long."""
+    where.mkdir()
+    rows = [{"step": every * (i + 1), "train_time_s": 5.0 * (i + 1),
+             "tokens_seen": 1000 * (i + 1), "val/loss": loss} for i, loss in enumerate(losses)]
+    (where / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if max_steps is not None:
+        import yaml
+
+        config = yaml.safe_load((RESULTS / "loss_parity_h200_2026-12-01/nsa-s0/config.yaml")
+                                .read_text())
+        config["trainer"]["max_steps"] = max_steps
+        (where / "config.yaml").write_text(yaml.safe_dump(config))
+
+
 def test_loss_parity_block_mode_is_a_third_run_compared_with_dense(tmp_path):
     """``nsa_block`` (NSA with ``nsa.selection: block``) trains with the mode's options and is
     paired with dense per seed; the report then names the mode of every pair."""
@@ -509,11 +527,7 @@ def test_loss_parity_block_mode_is_a_third_run_compared_with_dense(tmp_path):
 
     assert loss_parity.MODE_OPTIONS["nsa_block"][-2:] == ["--model.config.nsa.selection", "block"]
     for mode, final in (("dense", 2.0), ("nsa", 1.9), ("nsa_block", 1.95)):
-        rows = [{"step": 100, "train_time_s": 5.0, "tokens_seen": 1000, "val/loss": 3.0},
-                {"step": 200, "train_time_s": 10.0, "tokens_seen": 2000, "val/loss": final}]
-        (tmp_path / f"{mode}-s0").mkdir()
-        (tmp_path / f"{mode}-s0" / "val.jsonl").write_text(
-            "".join(json.dumps(row) + "\n" for row in rows))
+        write_parity_run(tmp_path / f"{mode}-s0", [3.0, final])
     summary = loss_parity.summarize(tmp_path)
     pairs = {p["mode"]: p for p in summary["pairs"]}
     assert set(pairs) == {"nsa", "nsa_block"}
@@ -521,8 +535,40 @@ def test_loss_parity_block_mode_is_a_third_run_compared_with_dense(tmp_path):
     assert summary["modes"]["nsa_block"]["mean"] == 1.95
     table = loss_parity.markdown(summary, "t")
     assert "| mode | seed | NSA − dense (nats)" in table and "| nsa_block | 0 | -0.0500 |" in table
-    assert summary["block_vs_token"] == [{"seed": 0, "block_minus_token": pytest.approx(0.05)}]
-    assert "| 0 | +0.0500 |" in table
+    assert summary["block_vs_token"] == [
+        {"seed": 0, "at_step": 200, "block_val_loss": 1.95, "token_val_loss": 1.9,
+         "block_minus_token": pytest.approx(0.05)}]
+    assert "| 0 | 200 | 1.9500 | 1.9000 | +0.0500 |" in table
+
+
+def test_loss_parity_stopped_runs_are_labelled_and_compared_where_they_stopped(tmp_path):
+    """A run whose last validation is short of its config's max_steps is listed as stopped,
+    stays out of the mode means and the NSA − dense pairs, and is compared with NSA token at
+    the step it reached; the finished seed is compared at that step too."""
+    from benchmarks import loss_parity
+
+    for name, losses in (("dense-s0", [3.5, 3.2]), ("nsa-s0", [3.4, 3.0]),
+                         ("nsa_block-s0", [3.52, 3.1]), ("dense-s1", [3.55]),
+                         ("nsa-s1", [3.45, 3.05]), ("nsa_block-s1", [3.6])):
+        write_parity_run(tmp_path / name, losses, every=800, max_steps=1600)
+    summary = loss_parity.summarize(tmp_path)
+    runs = summary["runs"]
+    assert [n for n, r in runs.items() if not r["finished"]] == ["dense-s1", "nsa_block-s1"]
+    assert runs["nsa_block-s1"]["max_steps"] == 1600
+    assert summary["modes"]["nsa_block"] == {"seeds": 1, "mean": 3.1, "spread": 0.0}
+    assert summary["modes"]["dense"]["seeds"] == 1
+    assert summary["modes"]["nsa"] == {"seeds": 2, "mean": pytest.approx(3.025),
+                                       "spread": pytest.approx(0.05)}
+    assert {(p["seed"], p["mode"]) for p in summary["pairs"]} == {(0, "nsa"), (0, "nsa_block")}
+    compared = [(r["seed"], r["at_step"], round(r["block_minus_token"], 6))
+                for r in summary["block_vs_token"]]
+    assert compared == [(0, 800, 0.12), (0, 1600, 0.1), (1, 800, 0.15)]
+    table = loss_parity.markdown(summary, "t")
+    assert "| nsa_block-s1 | 1,000 | 3.6000 (stopped at step 800 of 1600) |" in table
+    assert "unfinished: dense-s1 (stopped at step 800 of 1600), nsa_block-s1 (stopped" in table
+    assert "| 1 | 800 | 3.6000 | 3.4500 | +0.1500 |" in table
+    # a run without a saved config is taken as finished at its last validation
+    assert loss_parity.max_steps(tmp_path / "missing") is None
 
 
 def test_loss_parity_window_ablation_is_dense_with_a_window():
