@@ -130,6 +130,10 @@ def compile_blocks(model: GPT) -> None:
     from fsa_train.kernels.registry import preload_triton_modules
 
     preload_triton_modules()
+    # a fresh Dynamo per row: the rows of one process (modes x contexts) would otherwise add up
+    # to the recompile limit (8 per code object), which fullgraph turns into an error
+    # (results/throughput_h200_2026-12-03_compile_fused_auto.md lost its 64K NSA rows to it)
+    torch._dynamo.reset()
     for block in model.blocks:
         block.compile(fullgraph=True)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +56,19 @@ class Liger:
     version: str
 
 
-@cache
+_LOADED: dict[str, Liger | str] = {}
+"""``_load_liger``'s one result. A plain dict, not ``functools.cache``: Dynamo traces through a
+cached function's body (``importlib.metadata`` included), but reads a global dict."""
+
+
 def _load_liger() -> Liger | str:
-    """liger-kernel's ops, or why they cannot be imported here (one line)."""
+    """liger-kernel's ops, or why they cannot be imported here (one line); imported once."""
+    if "liger" not in _LOADED:
+        _LOADED["liger"] = _import_liger()
+    return _LOADED["liger"]
+
+
+def _import_liger() -> Liger | str:
     try:
         from importlib import metadata
 
@@ -97,8 +106,11 @@ def liger_unavailable() -> str | None:
 
 def check_mode(mode: str) -> None:
     """Raise the one-line :class:`ConfigError` when ``mode`` is ``"liger"`` and liger-kernel
-    cannot be imported (called when the model is built, before any tensor exists)."""
-    reason = liger_unavailable() if mode == "liger" else None
+    cannot be imported (called when the model is built, before any tensor exists, and so before
+    ``torch.compile`` traces a forward: the import happens here, eagerly, for "auto" too)."""
+    reason = liger_unavailable() if mode != "torch" else None
+    if mode == "auto":
+        return
     if reason is not None:
         raise ConfigError(LIGER_MISSING if reason == "not installed"
                           else f"model.config.fused_ops='liger': liger-kernel {reason}")
