@@ -6,7 +6,9 @@ numerics belong to the model config instead (``model.config.nsa.selected_partial
 field has an ``FSA_*`` environment variable, read once per process by :func:`default_settings`;
 benchmarks and tests build their own with :func:`dataclasses.replace` and pass
 ``settings=`` to an op or to ``nsa_attention``. Nothing in the kernels reads the environment or
-a mutable module global at call time.
+a mutable module global at call time. The one variable outside the settings object,
+``FSA_TUNING_CACHE`` (where autotune choices are kept on disk), is likewise read once per
+process, by :func:`tuning_cache_dir`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from functools import cache
+from pathlib import Path
 
 _MERGES = ("bitonic", "sort")
 _TOPK_CONFIGS = ("tuned", "safe")
 _WINDOW_BWD = ("fused", "split", "atomic")
 WINDOW_KERNELS = ("auto", "triton", "cudnn", "flash")
 COMPRESSED_KERNELS = ("auto", "triton", "flex", "cudnn")
+_CACHE_OFF = ("", "0", "off")
 _LAUNCH_KEYS = {"BLOCK_M", "num_warps", "num_stages", "PREFETCH"}
 _BLOCK_SPARSE_KEYS = {"SPLIT", "PACK", "num_warps", "num_stages"}
 
@@ -165,3 +169,16 @@ def settings_from_token(token: str) -> KernelSettings:
     """The settings whose ``token`` (their fields as JSON) this is: inside the custom ops of
     :func:`~fsa_train.kernels.registry.kernel_op`, which take settings as a string."""
     return KernelSettings(**json.loads(token))
+
+
+@cache
+def tuning_cache_dir() -> Path | None:
+    """The directory of the on-disk autotune choices (:mod:`fsa_train.kernels.tuning_cache`):
+    ``FSA_TUNING_CACHE``, default ``~/.cache/fsa-train/tuning``; ``0``, ``off`` or an empty value
+    turn the store off (None). Read on first use and then kept (tests call ``cache_clear()``)."""
+    value = os.environ.get("FSA_TUNING_CACHE")
+    if value is None:
+        return Path.home() / ".cache" / "fsa-train" / "tuning"
+    if value.strip().lower() in _CACHE_OFF:
+        return None
+    return Path(value).expanduser()

@@ -14,7 +14,8 @@ A :class:`KernelTuner` wraps one ``@triton.jit`` kernel with all of its launch c
 Callers may pass ``config=`` (a benchmark sweep's or a settings override) or ``autotune=False``
 (only the first configuration of the list: ``KernelSettings.*_autotune``). Every tuner is
 registered by name, and :func:`autotune_choices` reports what each chose, so that benchmark
-results can say what they measured.
+results can say what they measured. Autotuned choices are also kept on disk and reused by later
+processes (:mod:`fsa_train.kernels.tuning_cache`, ``FSA_TUNING_CACHE``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 
+from fsa_train.kernels import tuning_cache
+from fsa_train.kernels.settings import tuning_cache_dir
 from fsa_train.kernels.utils import interpreting
 
 Config = dict[str, object]
@@ -115,6 +118,10 @@ class KernelTuner:
                 configs=[as_triton_config(c) for c in configs], key=self.key,
                 reset_to_zero=self.reset_to_zero,
             )(self.kernel)
+            if autotune:
+                tuning_cache.attach(tuner, tuning_cache_dir(), self.name, size_class=bucket[0],
+                                    autotune=True, kernel=self.kernel,
+                                    reset_to_zero=self.reset_to_zero)
             self.tuners[bucket] = tuner
         return tuner
 
