@@ -136,7 +136,6 @@ def test_liger_refuses_cpu_tensors_in_one_line():
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.gpu
 def graph_functions(grad_fn) -> str:
     """The names of every autograd function behind ``grad_fn``, space-separated."""
     names, seen, stack = [], set(), [grad_fn]
@@ -150,6 +149,7 @@ def graph_functions(grad_fn) -> str:
     return " ".join(names)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["liger", "auto"])
 def test_gpu_liger_matches_torch(mode, autocast):
