@@ -167,8 +167,9 @@ def markdown(name: str, cfg: GPTConfig, degrees: tuple[int, ...] = (1, 2, 4, 8))
     parallelism (autocast, fp32 AdamW) and on P H200s under the sequence-parallel preset
     (ZeRO-2, bf16); ``*``: P does not divide ``cfg.n_kv_head``."""
     lines = [
-        f"| {name} | bytes/token/layer, autocast · bf16 | 1 GPU, plain | "
-        + " | ".join(f"P = {p}" + ("*" if cfg.n_kv_head % p else "") for p in degrees) + " |",
+        f"| {name} | bytes/token/layer, autocast · bf16 | 1 GPU, bf16-mixed | "
+        + " | ".join(f"ulysses, P = {p}" + ("*" if cfg.n_kv_head % p else "") for p in degrees)
+        + " |",
         "|---|---|---|" + "---|" * len(degrees),
     ]
     for attention in ("dense", "nsa"):
