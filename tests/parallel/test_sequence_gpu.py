@@ -48,13 +48,6 @@ trainer:
   callbacks:
     - class_path: fsa_train.callbacks.MetricsFile
       init_args: {{path: {root / "metrics.jsonl"}}}
-data:
-  corpus: {corpus}
-  cache_dir: {root.parent / "cache"}
-  vocab_size: 320
-  seq_len: 256
-  batch_size: 2
-  val_documents: 2
 """,
         encoding="utf-8",
     )
@@ -65,7 +58,10 @@ data:
     env.pop("MASTER_PORT", None)
     command = [sys.executable, "-m", "fsa_train.cli", "fit", "--config", "configs/demo.yaml",
                "--config", str(overlay), *extra, "--model.config.n_layer", "2",
-               "--model.warmup_steps", "2", "--model.sample_tokens", "4"]
+               "--model.warmup_steps", "2", "--model.sample_tokens", "4",
+               "--data.corpus", str(corpus), "--data.cache_dir", str(root.parent / "cache"),
+               "--data.vocab_size", "320", "--data.seq_len", "256", "--data.batch_size", "2",
+               "--data.val_documents", "2"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
