@@ -39,7 +39,7 @@ def test_list_names_every_benchmark_module():
     assert listed == benchmarks.module_names() == sorted(benchmarks.load_all())
     assert {"block_selection", "selected", "compressed", "window", "nsa", "throughput",
             "kernel_resources", "loss_parity", "selection_overlap", "profile_nsa",
-            "trainer_check", "parity_corpus", "memory", "fused_ops"} == set(listed)
+            "trainer_check", "parity_corpus", "memory", "memory_model", "fused_ops"} == set(listed)
     for name, bench in benchmarks.load_all().items():
         assert bench.name == name and bench.summary and bench.main.__module__ == \
             f"benchmarks.{name}"
