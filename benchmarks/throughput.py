@@ -161,7 +161,14 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
+    import time
+
+    first_start = time.perf_counter()
+    step()  # the first step: compilation and autotuning (the tuning cache may skip the latter)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - first_start
+    for _ in range(args.warmup - 1):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -173,7 +180,7 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
     seconds = timer.stop() / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"cfg": cfg, "params": model.num_parameters(exclude_embeddings=False),
-            "step_s": seconds, "peak_gib": peak}
+            "step_s": seconds, "peak_gib": peak, "first_step_s": first_step_s}
 
 
 def free_memory(device: torch.device) -> None:
@@ -202,7 +209,7 @@ def run_row(args: argparse.Namespace, mode: str, context: int, device: torch.dev
         row.update(
             status="ok", activation_checkpointing=checkpointing, params=timing["params"],
             step_ms=step_s * 1e3, tokens_per_s=sequences * context / step_s,
-            peak_gib=timing["peak_gib"],
+            peak_gib=timing["peak_gib"], first_step_s=timing["first_step_s"],
             tflops_actual=flops.actual / step_s / 1e12,
             mfu=flops.actual / step_s / peak_flops if peak_flops else None,
             mfu_dense_equiv=flops.dense_equivalent / step_s / peak_flops if peak_flops else None,
@@ -251,6 +258,7 @@ def fused_sentence(cfg: dict) -> str:
 def markdown(report: dict) -> str:
     """The report as Markdown: settings, one row per (mode, context), NSA speed-ups."""
     env, cfg = report["environment"], report["model"]
+    first = any("first_step_s" in r for r in report["rows"])  # older reports did not time it
     lines = [
         f"# Training throughput ({env['device']}, torch {env['torch']}, "
         f"Triton {env['triton']}, {env['date'][:10]})",
@@ -261,20 +269,26 @@ def markdown(report: dict) -> str:
         f"{', blocks compiled (fullgraph)' if report.get('compile') else ''}; "
         f"one document per sequence, "
         f"{_per_step(report)}; "
-        f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW)."
+        f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW"
+        f"{'; the first warm-up step also timed alone' if first else ''})."
         + kernel_sentence(env) + fused_sentence(cfg),
         "",
-        "| mode | context | tokens/s | step ms | MFU | MFU dense-equiv | peak GiB | ckpt |",
-        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        "| mode | context | tokens/s | step ms | MFU | MFU dense-equiv | peak GiB | ckpt |"
+        + (" first step s |" if first else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if first else ""),
     ]
     for r in report["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['mode']} | {r['context']} | {r['status']} | | | | | |")
+            lines.append(f"| {r['mode']} | {r['context']} | {r['status']} | | | | | |"
+                         + (" |" if first else ""))
             continue
         lines.append(
             f"| {r['mode']} | {r['context']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
             f"{_fmt(r['mfu'], '.1%')} | {_fmt(r['mfu_dense_equiv'], '.1%')} | "
             f"{_fmt(r['peak_gib'], '.1f')} | {'yes' if r['activation_checkpointing'] else 'no'} |"
+            + (f" {_fmt(r.get('first_step_s'), '.1f')} |" if first else "")
         )
     speedups = speedup_rows(report["rows"])
     if speedups:

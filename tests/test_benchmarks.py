@@ -188,6 +188,11 @@ RENDERED = [
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02_block_selection"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-02_block_selection_32k"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-03_seed1"),
+    ("loss_parity", "markdown", "loss_parity_h200_2026-12-04_8k_two_seeds"),
+    ("throughput", "markdown", "throughput_h200_2026-12-04_first_step_cold"),
+    ("throughput", "markdown", "throughput_h200_2026-12-04_first_step_cached"),
+    ("throughput", "markdown", "throughput_h200_2026-12-04_first_step_350m_cold"),
+    ("throughput", "markdown", "throughput_h200_2026-12-04_first_step_350m_cached"),
     ("trainer_check", "markdown", "trainer_check_h200x2_2026-11-22"),
 ]
 """The committed tables the current code writes (older runs' tables have older layouts)."""
