@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ from benchmarks import REGISTRY, register
 from benchmarks.common import Record, StepTimer, add_output_arguments, require_cuda, run_meta
 from fsa_train.config import GPTConfig, NSAConfig
 from fsa_train.flops import batch_flops, device_peak_flops
+from fsa_train.kernels.nsa import nsa_varlen
 from fsa_train.kernels.tuning import autotune_choices, choices_markdown
+from fsa_train.kernels.varlen import document_positions
 from fsa_train.model import GPT
 from fsa_train.model.attention import Attention
 
@@ -124,7 +127,7 @@ def build_model(cfg: GPTConfig, mode: str, device: torch.device, sequences: int 
     return model.to(device)
 
 
-def compile_blocks(model: GPT) -> None:
+def compile_blocks(model: GPT, mode: str = "default") -> None:
     """Each block compiled whole (``fullgraph=True``, Inductor), as ``model.compile: true``
     does: the NSA and RoPE kernels are custom ops, so nothing breaks the graph."""
     from fsa_train.kernels.registry import preload_triton_modules
@@ -135,7 +138,46 @@ def compile_blocks(model: GPT) -> None:
     # (results/throughput_h200_2026-12-03_compile_fused_auto.md lost its 64K NSA rows to it)
     torch._dynamo.reset()
     for block in model.blocks:
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=True, mode=None if mode == "default" else mode)
+
+
+class BlockStack(nn.Module):
+    """The GPT's blocks as one module of the hidden states alone, the batch layout (documents,
+    positions, NSA's compressed indices) fixed: what ``torch.cuda.make_graphed_callables``
+    captures (it takes tensor arguments only, and a static shape)."""
+
+    def __init__(self, model: GPT, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+        super().__init__()
+        total = int(cu_seqlens[-1])
+        self.blocks = model.blocks
+        self.cu_seqlens, self.max_seqlen = cu_seqlens, max_seqlen
+        self.positions = document_positions(cu_seqlens, total)
+        self.varlen = (nsa_varlen(cu_seqlens, total, model.cfg.nsa, self.positions)
+                       if model.cfg.attention == "nsa" else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, self.cu_seqlens, self.positions, self.varlen, self.max_seqlen, None)
+        return x
+
+
+def graph_blocks(model: GPT, ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 autocast) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The forward + loss of one step with every block's forward and backward replayed from
+    CUDA graphs (``torch.cuda.make_graphed_callables`` over :class:`BlockStack`; its warm-up
+    iterations autotune before the capture). Embedding, final norm, loss and optimizer stay
+    eager: liger's fused loss reads a count on the host, which a graph cannot hold."""
+    if model.cfg.activation_checkpointing:
+        raise ValueError("--cuda_graph captures the blocks without activation checkpointing")
+    stack = BlockStack(model, cu_seqlens, max_seqlen)
+    with autocast:
+        sample = model.embed(ids).detach().requires_grad_(True)
+        graphed = torch.cuda.make_graphed_callables(stack, (sample,), num_warmup_iters=3)
+
+    def loss(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return model.loss(model.norm(graphed(model.embed(ids))), targets)
+
+    return loss
 
 
 def time_training(args: argparse.Namespace, mode: str, context: int, checkpointing: bool,
@@ -145,18 +187,27 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
     sequences = sequences_per_step(args, context)
     model = build_model(cfg, mode, device, sequences)
     if args.compile:
-        compile_blocks(model)
+        compile_blocks(model, args.compile_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(context)
     total = sequences * context
     tokens = torch.randint(0, cfg.vocab_size, (total + 1,), generator=generator).to(device)
     ids, targets = tokens[:-1], tokens[1:]
     cu_seqlens = torch.arange(0, total + 1, context, dtype=torch.int32, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    # CUDA graphs need autocast's weight-cast cache off (a cached cast would outlive capture)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16,
+                              cache_enabled=False if args.cuda_graph else None)
+    if args.cuda_graph:
+        graphed_loss = graph_blocks(model, ids, cu_seqlens, context, autocast)
 
     def step() -> None:
+        if args.compile and args.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration of Inductor's graphs
         with autocast:
-            loss = model.loss(model(ids, cu_seqlens, context), targets)
+            if args.cuda_graph:
+                loss = graphed_loss(ids, targets)
+            else:
+                loss = model.loss(model(ids, cu_seqlens, context), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -195,6 +246,8 @@ def run_row(args: argparse.Namespace, mode: str, context: int, device: torch.dev
     sequences = sequences_per_step(args, context)
     row: dict = {"mode": mode, "context": context, "sequences": sequences}
     plans = {"off": [False], "on": [True], "auto": [False, True]}[args.activation_checkpointing]
+    if args.cuda_graph:
+        plans = [False]  # the graphs hold every block's activations (no checkpointing)
     for checkpointing in plans:
         try:
             timing = time_training(args, mode, context, checkpointing, device)
@@ -227,6 +280,14 @@ def environment(device: torch.device) -> dict:
 
     info["window_kernel"] = default_settings().window_kernel  # FSA_WINDOW_KERNEL
     return info
+
+
+def compiled(report: dict) -> str:
+    """How the blocks were compiled, for the report's settings line."""
+    if not report.get("compile"):
+        return ""
+    mode = report["args"].get("compile_mode", "default")
+    return ", blocks compiled (fullgraph" + ("" if mode == "default" else f", {mode}") + ")"
 
 
 def _per_step(report: dict) -> str:
@@ -266,7 +327,8 @@ def markdown(report: dict) -> str:
         f"GPT: {cfg['n_layer']} layers, d_model {cfg['d_model']}, {cfg['n_head']} query / "
         f"{cfg['n_kv_head']} KV heads, d = {cfg['head_dim']}, vocab {cfg['vocab_size']}; "
         f"{'bf16 autocast' if report['bf16'] else 'fp32'}"
-        f"{', blocks compiled (fullgraph)' if report.get('compile') else ''}; "
+        f"{compiled(report)}"
+        f"{', blocks replayed from CUDA graphs' if report.get('cuda_graph') else ''}; "
         f"one document per sequence, "
         f"{_per_step(report)}; "
         f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW"
@@ -366,6 +428,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_fused_ops_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="compile each block (torch.compile, fullgraph=True; warmup compiles)")
+    p.add_argument("--compile_mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode with --compile (reduce-overhead: Inductor's CUDA "
+                        "graphs per block)")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="replay every block's forward and backward from CUDA graphs "
+                        "(torch.cuda.make_graphed_callables; CUDA only, no checkpointing)")
     p.add_argument("--device", default="cuda", help="cpu: the smoke mode (wall-clock timing)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on the CPU)")
@@ -401,6 +470,8 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         require_cuda("throughput")
+    elif args.cuda_graph:
+        raise ValueError("--cuda_graph needs --device cuda (CUDA graphs)")
     env = environment(device)
     record = Record("throughput", env, args.out, args.tag)
     peak = device_peak_flops(env["device"], "bf16-mixed" if args.bf16 else "32-true")
@@ -425,6 +496,7 @@ def write_report(record: Record, args: argparse.Namespace, env: dict, peak: floa
     """Write JSON and Markdown (and, when ``final``, the plot) for the rows so far."""
     report = {
         "environment": env, "peak_flops": peak, "bf16": args.bf16, "compile": args.compile,
+        "cuda_graph": args.cuda_graph,
         "steps": args.steps,
         "warmup": args.warmup, "model": dataclasses.asdict(model_config(args, "dense", False)),
         "nsa": dataclasses.asdict(NSAConfig()), "args": vars(args), "rows": rows,

@@ -108,3 +108,57 @@ def test_out_of_memory_retries_with_checkpointing(bench, monkeypatch):
     args = bench.parse_args([*TINY, "--activation_checkpointing", "off"])
     row = bench.run_row(args, "nsa", 128, torch.device("cpu"), None)
     assert row["status"] == "OOM"
+
+
+@pytest.mark.parametrize("mode", ["dense", "nsa"])
+def test_block_stack_is_the_models_forward(bench, mode):
+    """What ``--cuda_graph`` captures (the blocks over a fixed batch layout) computes the model's
+    hidden states: positions and NSA's compressed indices are those ``GPT.forward`` builds."""
+    args = bench.parse_args([*TINY, "--contexts", "128", "--kernel_backend", "reference"])
+    cfg = bench.model_config(args, mode, False)
+    model = bench.build_model(cfg, mode, torch.device("cpu"))
+    ids = torch.randint(0, cfg.vocab_size, (256,), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 128, 256], dtype=torch.int32)
+    stack = bench.BlockStack(model, cu, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model.norm(stack(model.embed(ids))), model(ids, cu, 128),
+                                   rtol=0, atol=0)
+
+
+def test_cuda_graph_needs_cuda(bench, tmp_path):
+    with pytest.raises(ValueError, match=r"--cuda_graph needs --device cuda") as info:
+        bench.main([*TINY, "--contexts", "64", "--cuda_graph", "--out", str(tmp_path)])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["dense", "nsa"])
+def test_gpu_cuda_graph_step_matches_eager(bench, mode):
+    """Blocks replayed from CUDA graphs give the eager loss and gradients, step after step
+    (the graphs' static buffers are refilled each replay)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    args = bench.parse_args(["--n_layer", "2", "--d_model", "256", "--head_dim", "64",
+                             "--vocab", "512", "--contexts", "2048"])
+    cfg = bench.model_config(args, mode, False)
+    cuda = torch.device("cuda")
+    eager, graphed = bench.build_model(cfg, mode, cuda), bench.build_model(cfg, mode, cuda)
+    graphed.load_state_dict(eager.state_dict())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    cu = torch.tensor([0, 700, 2048], dtype=torch.int32, device=cuda)
+    loss_of = bench.graph_blocks(graphed, torch.zeros(2048, dtype=torch.long, device=cuda), cu,
+                                 1348, autocast)
+    for seed in range(3):
+        tokens = torch.randint(0, cfg.vocab_size, (2049,), device=cuda,
+                               generator=torch.Generator(cuda).manual_seed(seed))
+        ids, targets = tokens[:-1], tokens[1:]
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+        with autocast:
+            expected = eager.loss(eager(ids, cu, 1348), targets)
+            got = loss_of(ids, targets)
+        expected.backward()
+        got.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+        for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, rtol=2e-2, atol=2e-3, msg=name)
