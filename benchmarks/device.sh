@@ -168,7 +168,8 @@ loss_parity() {
       local out=${OUT:-$RUNS}
       mkdir -p "$out"
       save() {  # the small run records, so a call that loses the machine still returns its curves
-        find "$RUNS" \( -name '*.jsonl' -o -name '*.yaml' -o -name '*.json' \) -print0 \
+        find "$RUNS" \( -name '*.jsonl' -o -name '*.yaml' -o -name '*.json' \
+          -o -name 'key_tokens.npz' \) -print0 \
           2>/dev/null | tar czf "$out/runs_jsonl.tgz" --null -T - 2>/dev/null || true
       }
       # step LOG STEP...: one step of this script within the time left; 124 when it ran out

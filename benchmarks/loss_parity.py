@@ -202,17 +202,29 @@ def evaluated(where: Path, names: Sequence[str]) -> bool:
             or min(path.stat().st_mtime for path in results) > checkpoint.stat().st_mtime)
 
 
+KEY_TOKENS = "key_tokens.npz"
+"""The reference run's key-token mask (``position-loss --key_tokens_out``): small enough to
+commit with the run records, so that runs of later device sessions are scored on the same
+tokens after the reference's checkpoint is gone."""
+
+
 def key_reference(args: argparse.Namespace, where: Path) -> list[str]:
-    """``--reference`` of position-loss: the export of ``--key_reference``'s run of the same
-    seed, when there is one (else each model chooses its own key tokens)."""
+    """position-loss's key-token options for the run in ``where``: the reference run itself
+    writes its key tokens (``--key_tokens_out``); the others read them (``--key_tokens``), or
+    take the reference's export (``--reference``) while its file is missing; with neither, each
+    model chooses its own key tokens."""
     if not (args.short_context and args.key_reference):
         return []
     seed = where.name.rsplit("-s", 1)[1]
-    reference = where.parent / f"{args.key_reference}-s{seed}" / "model.pt"
-    if reference.is_file() and reference.parent != where:
-        return ["--reference", str(reference)]
-    if reference.parent != where:
-        print(f"{where}: no {reference}, key tokens chosen by the model itself", flush=True)
+    run = where.parent / f"{args.key_reference}-s{seed}"
+    if run == where:
+        return ["--key_tokens_out", str(where / KEY_TOKENS)]
+    if (run / KEY_TOKENS).is_file():
+        return ["--key_tokens", str(run / KEY_TOKENS)]
+    if (run / "model.pt").is_file():
+        return ["--reference", str(run / "model.pt")]
+    print(f"{where}: neither {run / KEY_TOKENS} nor {run / 'model.pt'}, key tokens chosen by "
+          "the model itself", flush=True)
     return []
 
 
@@ -576,8 +588,9 @@ def _retrieval_lines(summary: dict) -> list[str]:
         first = next(iter(keyed.values()))
         lines += ["", f"Key tokens (`position-loss --short_context {first['short_context']}`): "
                   f"tokens past position {first['short_context']} whose loss drops by more than "
-                  f"{first['threshold']:g} nats with the full context; chosen by the run itself "
-                  "or by a reference run (`chosen by`):", "",
+                  f"{first['threshold']:g} nats with the full context; chosen by the run itself, "
+                  "by a reference run, or by the reference run's key-token file (`file`, "
+                  "from an earlier evaluation):", "",
                   "| run | chosen by | key tokens | of | loss, full context | loss, short |",
                   "|---|---|---|---|---|---|"]
         for name, k in keyed.items():

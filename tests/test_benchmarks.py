@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -391,8 +392,12 @@ def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_pat
     assert dense["tokens"] == nsa["tokens"] == 4 * 2 * 128
     assert dense["position_loss"]["buckets"] and nsa["passkey"]["cells"]
     assert nsa["retrieval"]["keys"] == 1 and nsa["retrieval"]["cells"]
-    assert nsa["position_loss"]["key_tokens"]["chosen_by"] == "reference"
+    # the reference run (dense) is evaluated first and writes its key tokens; the others read
+    # them, and the file travels with the run records
+    assert nsa["position_loss"]["key_tokens"]["chosen_by"] == "file"
     assert dense["position_loss"]["key_tokens"]["chosen_by"] == "itself"
+    assert nsa["position_loss"]["key_tokens"]["tokens"] <= nsa["position_loss"]["tokens"]
+    assert (runs / "dense-s0" / "key_tokens.npz").is_file()
     assert nsa["selection_overlap"]["layers"] and dense["selection_overlap"] is None
     pair = summary["pairs"][0]
     assert pair["nsa_minus_dense"] == nsa["final_val_loss"] - dense["final_val_loss"]
@@ -402,6 +407,8 @@ def test_loss_parity_end_to_end_through_the_device_command(small_corpus, tmp_pat
     assert dense["setup"]["seq_len"] == 128 and nsa["setup"]["attention"] == "nsa"
     assert 0 < dense["steady_time_s"] <= dense["train_time_s"]
     assert (out / "runs_jsonl.tgz").stat().st_size > 0
+    with tarfile.open(out / "runs_jsonl.tgz") as records:
+        assert any(name.endswith("dense-s0/key_tokens.npz") for name in records.getnames())
     # a finished run is not trained again
     for mode in ("dense", "nsa"):
         assert "finished, skipped" in device_step("run", mode, "0")

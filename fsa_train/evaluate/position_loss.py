@@ -17,7 +17,10 @@ model (for example the dense run) so that every model is scored on the same toke
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,20 +82,28 @@ def short_context_losses(model: torch.nn.Module, input_ids: torch.Tensor,
 
 
 class KeyTokens:
-    """Counts and loss sums of the key tokens (beyond ``context``, gain > ``threshold``)."""
+    """Counts and loss sums of the key tokens (beyond ``context``, gain > ``threshold``), and the
+    mask of which tokens they were (``masks``, one boolean array per batch, for a key-token
+    file)."""
 
     def __init__(self, context: int, threshold: float) -> None:
         self.context, self.threshold = context, threshold
         self.candidates = self.tokens = 0
         self.loss = self.short_loss = 0.0
+        self.masks: list[np.ndarray] = []
 
-    def update(self, full: torch.Tensor, short: torch.Tensor, chooser_full: torch.Tensor,
-               chooser_short: torch.Tensor, positions: torch.Tensor,
-               targets: torch.Tensor) -> None:
+    def update(self, full: torch.Tensor, short: torch.Tensor, chooser_full: torch.Tensor | None,
+               chooser_short: torch.Tensor | None, positions: torch.Tensor,
+               targets: torch.Tensor, chosen: torch.Tensor | None = None) -> None:
         """Add one batch: ``full``/``short`` losses of the scored model; the key tokens are
-        chosen from the ``chooser``'s (the same model, or a reference)."""
+        chosen from the ``chooser``'s losses (the same model, or a reference), or given as the
+        mask ``chosen`` (a key-token file's)."""
         candidate = (targets != IGNORE_INDEX) & (positions >= self.context)
-        key = candidate & (chooser_short - chooser_full > self.threshold)
+        if chosen is None:
+            key = candidate & (chooser_short - chooser_full > self.threshold)
+        else:
+            key = candidate & chosen.to(candidate.device)
+        self.masks.append(key.cpu().numpy())
         self.candidates += int(candidate.sum())
         self.tokens += int(key.sum())
         self.loss += float(full[key].double().sum())
@@ -105,6 +116,40 @@ class KeyTokens:
                 "fraction": n / self.candidates if self.candidates else None,
                 "loss": self.loss / n if n else None,
                 "short_loss": self.short_loss / n if n else None}
+
+
+KEY_FILE_FIELDS = ("split", "seq_len", "batch_size", "batches", "short_context", "threshold",
+                   "document_mask")
+"""What a key-token file must share with the evaluation that reads it (and its token count)."""
+
+
+def write_key_tokens(path: str | Path, masks: Sequence[np.ndarray], meta: dict) -> None:
+    """The key-token mask of every evaluated token, in batch order, as a compressed ``.npz``
+    (packed bits; ``meta``: the :data:`KEY_FILE_FIELDS` and where it came from), written to a
+    temporary name and renamed, so that a cut run leaves no half-written file."""
+    mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, bits=np.packbits(mask), tokens=np.int64(mask.size),
+                        meta=np.array(json.dumps(meta, sort_keys=True)))
+    os.replace(tmp, path)
+
+
+def read_key_tokens(path: str | Path, expected: dict) -> np.ndarray:
+    """The boolean mask of a key-token file, after checking that it was written for the same
+    evaluation (:data:`KEY_FILE_FIELDS`); a mismatch or an unreadable file is one line."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            tokens = int(data["tokens"])
+            mask = np.unpackbits(data["bits"])[:tokens].astype(bool)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a key-token file ({error})") from None
+    differ = [f"{k}={meta.get(k)!r} (here {expected[k]!r})" for k in KEY_FILE_FIELDS
+              if meta.get(k) != expected[k]]
+    if differ:
+        raise ValueError(f"{path}: key tokens of another evaluation: {', '.join(differ)}")
+    return mask
 
 
 def bucket_edges(spec: str | Sequence[int], seq_len: int) -> list[int]:
@@ -170,13 +215,20 @@ def position_loss(
     short_context: int | None = None,
     key_threshold: float = 2.0,
     reference: torch.nn.Module | None = None,
+    key_mask: np.ndarray | None = None,
+    key_masks_out: list[np.ndarray] | None = None,
 ) -> dict:
     """Mean loss per position bucket over ``batches`` (dicts with ``input_ids``, ``targets``,
     ``cu_seqlens``, as ``TextDataModule`` yields them); with ``short_context``, also the key
-    tokens (module docstring), chosen by ``reference`` when given."""
+    tokens (module docstring), chosen by ``reference`` when given, or given as ``key_mask``
+    (one flag per evaluated token in batch order: a key-token file's); ``key_masks_out``
+    receives the key tokens used, one boolean array per batch (for :func:`write_key_tokens`)."""
     device = device or next(model.parameters()).device
+    if key_mask is not None and reference is not None:
+        raise ValueError("key tokens come from a reference model or from a file, not both")
     totals = PositionLoss(edges)
     keys = KeyTokens(short_context, key_threshold) if short_context else None
+    offset = 0
     for batch in batches:
         ids = batch["input_ids"].to(device)
         targets = batch["targets"].to(device)
@@ -187,16 +239,32 @@ def position_loss(
                                   max_seqlen=batch.get("max_seqlen"))
             if keys is not None:
                 short = short_context_losses(model, ids, targets, cu_seqlens, short_context)
-                chooser = (losses, short) if reference is None else (
-                    token_losses(reference, ids, targets, cu_seqlens,
-                                 max_seqlen=batch.get("max_seqlen")),
-                    short_context_losses(reference, ids, targets, cu_seqlens, short_context))
-                keys.update(losses, short, *chooser, positions, targets)
+                if key_mask is not None:
+                    chosen = key_mask[offset:offset + ids.numel()]
+                    if chosen.size != ids.numel():
+                        raise ValueError(f"the key-token mask holds {key_mask.size} tokens, "
+                                         f"fewer than this evaluation's")
+                    keys.update(losses, short, None, None, positions, targets,
+                                torch.from_numpy(chosen))
+                else:
+                    chooser = (losses, short) if reference is None else (
+                        token_losses(reference, ids, targets, cu_seqlens,
+                                     max_seqlen=batch.get("max_seqlen")),
+                        short_context_losses(reference, ids, targets, cu_seqlens,
+                                             short_context))
+                    keys.update(losses, short, *chooser, positions, targets)
+        offset += ids.numel()
         totals.update(losses, positions, targets)
+    if key_mask is not None and offset != key_mask.size:
+        raise ValueError(f"the key-token mask holds {key_mask.size} tokens, this evaluation "
+                         f"{offset}")
     result = totals.result()
+    if key_masks_out is not None and keys is not None:
+        key_masks_out.extend(keys.masks)
     if keys is not None:
-        result["key_tokens"] = {**keys.result(),
-                                "chosen_by": "reference" if reference is not None else "itself"}
+        chosen_by = ("file" if key_mask is not None
+                     else "reference" if reference is not None else "itself")
+        result["key_tokens"] = {**keys.result(), "chosen_by": chosen_by}
     return result
 
 
@@ -245,9 +313,19 @@ def position_loss_main(argv: list[str]) -> None:
     parser.add_argument("--reference", default=None,
                         help="an exported model that chooses the key tokens (default: the model "
                              "itself), so that several models are scored on the same tokens")
+    parser.add_argument("--key_tokens", default=None,
+                        help="a key-token file (--key_tokens_out of an earlier evaluation of "
+                             "the same split, windows and --short_context) naming the key "
+                             "tokens, instead of --reference")
+    parser.add_argument("--key_tokens_out", default=None,
+                        help="write the key tokens used to this .npz, for later --key_tokens")
     args = parser.parse_args(argv)
     if args.short_context is not None and args.short_context < 2:
         parser.error("--short_context must be >= 2")
+    if (args.key_tokens or args.key_tokens_out) and args.short_context is None:
+        parser.error("--key_tokens and --key_tokens_out need --short_context")
+    if args.key_tokens and args.reference:
+        parser.error("give --reference or --key_tokens, not both")
     from fsa_train.data.packing import PackedWindows, check_seq_len, collate_packed
     from fsa_train.data.shards import check_tokenizer, load_split, read_meta
     device, model, tokenizer = load_model(args, needs_tokenizer=False)
@@ -275,9 +353,21 @@ def position_loss_main(argv: list[str]) -> None:
         from fsa_train.export import load_exported
 
         reference, _ = load_exported(args.reference, device)
+    key_meta = {"split": args.split, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                "batches": n_batches, "short_context": args.short_context,
+                "threshold": args.key_threshold, "document_mask": args.document_mask}
+    key_mask = read_key_tokens(args.key_tokens, key_meta) if args.key_tokens else None
+    masks: list[np.ndarray] = []
     result = position_loss(model, batches, bucket_edges(args.buckets, args.seq_len), device,
-                           args.precision, args.short_context, args.key_threshold, reference)
+                           args.precision, args.short_context, args.key_threshold, reference,
+                           key_mask, masks)
     result.update(exported=str(args.exported), dataset=str(args.dataset), split=args.split,
                   seq_len=args.seq_len, batches=n_batches, batch_size=args.batch_size)
+    if args.key_tokens:
+        result["key_tokens"]["file"] = str(args.key_tokens)
     print(format_buckets(result))
+    if args.key_tokens_out:
+        write_key_tokens(args.key_tokens_out, masks,
+                         {**key_meta, "chosen_by": result["key_tokens"]["chosen_by"],
+                          "exported": str(args.exported)})
     write_result(result, args.out)

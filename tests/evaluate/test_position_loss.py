@@ -176,3 +176,55 @@ def test_cli_key_tokens(exported, tokenizer, texts, tmp_path):
     keys = json.loads(out.read_text())["key_tokens"]
     assert keys["short_context"] == 16 and keys["chosen_by"] == "reference"
     assert keys["candidates"] > 0
+
+
+def test_key_tokens_from_a_file_score_like_the_reference(tmp_path):
+    """A key-token mask written from one evaluation scores another model on the same tokens as
+    passing the reference model would; a file of another evaluation is one line."""
+    from fsa_train.evaluate.position_loss import read_key_tokens, write_key_tokens
+
+    vocab, n = 50, 512
+    edges = bucket_edges("pow2", n)
+    masks: list = []
+    chooser = position_loss(LagCopier(vocab, 100), [_periodic(vocab, n, 100)], edges,
+                            torch.device("cpu"), short_context=32, key_masks_out=masks)
+    meta = {"split": "val", "seq_len": n, "batch_size": 1, "batches": 1, "short_context": 32,
+            "threshold": 2.0, "document_mask": True}
+    path = tmp_path / "keys.npz"
+    write_key_tokens(path, masks, {**meta, "chosen_by": "itself"})
+    mask = read_key_tokens(path, meta)
+    assert mask.dtype == bool and mask.size == n
+    assert int(mask.sum()) == chooser["key_tokens"]["tokens"] > 0
+    judged_by_reference = position_loss(LagCopier(vocab, 10), [_periodic(vocab, n, 100)], edges,
+                                        torch.device("cpu"), short_context=32,
+                                        reference=LagCopier(vocab, 100))
+    judged_by_file = position_loss(LagCopier(vocab, 10), [_periodic(vocab, n, 100)], edges,
+                                   torch.device("cpu"), short_context=32, key_mask=mask)
+    assert judged_by_file["key_tokens"]["chosen_by"] == "file"
+    for field in ("tokens", "candidates", "loss", "short_loss"):
+        assert judged_by_file["key_tokens"][field] == judged_by_reference["key_tokens"][field]
+    with pytest.raises(ValueError, match=r"another evaluation: seq_len=512 \(here 256\)") as info:
+        read_key_tokens(path, {**meta, "seq_len": 256})
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="holds 512 tokens, this evaluation 256"):
+        position_loss(LagCopier(vocab, 10), [_periodic(vocab, 256, 100)], bucket_edges("pow2", 256),
+                      torch.device("cpu"), short_context=32, key_mask=mask)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a key-token file"):
+        read_key_tokens(tmp_path / "bad.npz", meta)
+
+
+def test_cli_key_tokens_out_then_in(exported, tokenizer, texts, tmp_path):
+    dataset = prepare_dataset(texts, tokenizer, tmp_path / "ds", val_documents=2)
+    common = [str(exported), str(dataset), "--seq_len", "64", "--batches", "2",
+              "--short_context", "16"]
+    position_loss_main([*common, "--key_tokens_out", str(tmp_path / "k.npz"),
+                        "--out", str(tmp_path / "a.json")])
+    position_loss_main([*common, "--key_tokens", str(tmp_path / "k.npz"),
+                        "--out", str(tmp_path / "b.json")])
+    a, b = (json.loads((tmp_path / f).read_text())["key_tokens"] for f in ("a.json", "b.json"))
+    assert b["chosen_by"] == "file" and b["tokens"] == a["tokens"] and b["loss"] == a["loss"]
+    assert not list(tmp_path.glob("*.tmp.npz"))
+    with pytest.raises(ValueError, match="another evaluation: batches=2"):
+        position_loss_main([*common[:5], "1", *common[6:], "--key_tokens",
+                            str(tmp_path / "k.npz"), "--out", str(tmp_path / "c.json")])
