@@ -7,8 +7,13 @@ because ``tests/conftest.py`` lives there). GPU-only tests use the ``gpu`` marke
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -119,3 +124,47 @@ def check_compressed_kernel(kernel: str, dtype: torch.dtype, G: int, d: int,
     for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref, strict=True):
         assert rel_error(a, b, rms_floor=True) <= 1e-2, name
     assert_same_lse(lse, lse_ref, lse_tol)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_fit(root: Path, corpus: Path, *extra: str, steps: int = 6) -> list[dict]:
+    """``fsa-train fit`` of the demo's NSA GPT cut to 2 layers and 256-token windows, in a
+    process of its own (DeepSpeed's process group must not outlive the run); each step's
+    metrics."""
+    root.mkdir(parents=True)
+    overlay = root / "overlay.yaml"
+    overlay.write_text(
+        f"""
+trainer:
+  accelerator: gpu
+  devices: 1
+  precision: bf16-mixed
+  max_steps: {steps}
+  val_check_interval: null
+  limit_val_batches: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {root}
+  logger: false
+  callbacks:
+    - class_path: fsa_train.callbacks.MetricsFile
+      init_args: {{path: {root / "metrics.jsonl"}}}
+""",
+        encoding="utf-8",
+    )
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    # later runs reuse the first one's autotuning from the tuning cache (FSA_TUNING_CACHE)
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=os.pathsep.join(paths))
+    env.pop("MASTER_PORT", None)
+    command = [sys.executable, "-m", "fsa_train.cli", "fit", "--config", "configs/demo.yaml",
+               "--config", str(overlay), *extra, "--model.config.n_layer", "2",
+               "--model.warmup_steps", "2", "--model.sample_tokens", "4",
+               "--data.corpus", str(corpus), "--data.cache_dir", str(root.parent / "cache"),
+               "--data.vocab_size", "320", "--data.seq_len", "256", "--data.batch_size", "2",
+               "--data.val_documents", "2"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]

@@ -52,3 +52,23 @@ def test_bad_schedule_values_are_rejected():
         LitGPT(config, min_lr_ratio=2.0)
     with pytest.raises(ValueError, match="model.on_nonfinite"):
         LitGPT(config, on_nonfinite="ignore")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+def test_gpu_compiled_fit_trains_like_eager(small_corpus, tmp_path, attention):
+    """``model.compile: true`` through the real ``fsa-train fit`` on one GPU: every block
+    compiled whole (the NSA and RoPE kernels as custom ops) trains step for step like the eager
+    run, to bf16 rounding (Inductor fuses the norms and the MLP differently)."""
+    from fsa_testing import gpu_fit
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    options = ("--model.config.attention", attention)
+    eager = gpu_fit(tmp_path / "eager", small_corpus, *options)
+    compiled = gpu_fit(tmp_path / "compiled", small_corpus, *options, "--model.compile", "true")
+    assert [r["step"] for r in eager] == [r["step"] for r in compiled]
+    losses = [(a["train/loss"], b["train/loss"]) for a, b in zip(eager, compiled, strict=True)]
+    print(f"{attention} eager / compiled losses:", losses)
+    assert abs(losses[0][0] - losses[0][1]) < 0.01, losses
+    assert all(abs(a - b) < 0.05 for a, b in losses), losses

@@ -12,67 +12,19 @@ autocast. Run with ``pytest -m gpu tests/parallel``.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from fsa_testing import gpu_fit
 
 pytestmark = pytest.mark.gpu
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
-
-
-def _fit(root: Path, corpus: Path, *extra: str) -> list[dict]:
-    """``fsa-train fit`` of the demo's NSA GPT cut to 2 layers and 256-token windows, in a
-    process of its own (DeepSpeed's process group must not outlive the run); each step's
-    metrics."""
-    root.mkdir(parents=True)
-    overlay = root / "overlay.yaml"
-    overlay.write_text(
-        f"""
-trainer:
-  accelerator: gpu
-  devices: 1
-  precision: bf16-mixed
-  max_steps: {STEPS}
-  val_check_interval: null
-  limit_val_batches: 0
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: {root}
-  logger: false
-  callbacks:
-    - class_path: fsa_train.callbacks.MetricsFile
-      init_args: {{path: {root / "metrics.jsonl"}}}
-""",
-        encoding="utf-8",
-    )
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    # the second run reuses the first one's autotuning from Triton's disk cache
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=os.pathsep.join(paths),
-               TRITON_CACHE_AUTOTUNING="1")
-    env.pop("MASTER_PORT", None)
-    command = [sys.executable, "-m", "fsa_train.cli", "fit", "--config", "configs/demo.yaml",
-               "--config", str(overlay), *extra, "--model.config.n_layer", "2",
-               "--model.warmup_steps", "2", "--model.sample_tokens", "4",
-               "--data.corpus", str(corpus), "--data.cache_dir", str(root.parent / "cache"),
-               "--data.vocab_size", "320", "--data.seq_len", "256", "--data.batch_size", "2",
-               "--data.val_documents", "2"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_ulysses_preset_with_one_rank_trains_like_a_plain_run(small_corpus, tmp_path):
     pytest.importorskip("deepspeed")
-    plain = _fit(tmp_path / "plain", small_corpus)
-    preset = _fit(tmp_path / "ulysses", small_corpus, "--config",
-                  "configs/strategy/ulysses.yaml", "--model.sequence_parallel", "1")
+    plain = gpu_fit(tmp_path / "plain", small_corpus, steps=STEPS)
+    preset = gpu_fit(tmp_path / "ulysses", small_corpus, "--config",
+                  "configs/strategy/ulysses.yaml", "--model.sequence_parallel", "1", steps=STEPS)
     assert [r["step"] for r in plain] == [r["step"] for r in preset] == list(range(1, STEPS + 1))
     for a, b in zip(plain, preset, strict=True):
         assert a["train/tokens_seen"] == b["train/tokens_seen"]
