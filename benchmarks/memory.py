@@ -264,7 +264,7 @@ def markdown(report: dict) -> str:
     fmt = lambda v: "–" if v is None else f"{v:,.0f}"  # noqa: E731
     for row in rows:
         found = sum(row["saved_by_node"].values())
-        lines.append(f"| {label(row)} | {fmt(row['saved_per_token'])} | "
+        lines.append(f"| {row_label(row)} | {fmt(row['saved_per_token'])} | "
                      f"{row.get('packed_bytes', 0) / 2**20:.1f} | {found / 2**20:.1f} | "
                      f"{fmt(row.get('held_per_token'))} | "
                      f"{fmt(row.get('forward_peak_per_token'))} | "
@@ -272,7 +272,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Saved bytes per token by the autograd node that keeps them:", ""]
     names = list(dict.fromkeys(n for row in rows for n in row["saved_by_node"]
                                if n != WEIGHT_CASTS))
-    lines += ["| node | " + " | ".join(label(row) for row in rows) + " |",
+    lines += ["| node | " + " | ".join(row_label(row) for row in rows) + " |",
               "|---|" + "---|" * len(rows)]
     for name in names:
         cells = [fmt(row["saved_by_node"].get(name, 0) / row["tokens"]) for row in rows]
@@ -280,7 +280,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def label(row: dict) -> str:
+def row_label(row: dict) -> str:
     """A row's name in the tables: its mode, and what it checkpoints (runs before
     ``--checkpointing`` checkpointed nothing)."""
     checkpointing = row.get("checkpointing", "none")
@@ -323,7 +323,7 @@ def main(args: argparse.Namespace) -> dict:
             if mode != "sdpa" or device.type == "cuda"]  # the SDPA baseline is a CUDA measurement
     for mode, checkpointing in runs:
         rows.append(measure(args, mode, device, checkpointing))
-        print(label(rows[-1]), {k: v for k, v in rows[-1].items() if k != "saved_by_node"},
+        print(row_label(rows[-1]), {k: v for k, v in rows[-1].items() if k != "saved_by_node"},
               flush=True)
         report = {"environment": env, "context": args.context, "bf16": args.bf16,
                   "model": dataclasses.asdict(model_config(args, "dense", False)),
