@@ -18,6 +18,14 @@ autocast on one sequence of ``--context`` tokens. Then:
   output kept, i.e. everything the forward left allocated, whoever holds it; and the forward's
   peak above the start.
 
+``--checkpointing`` measures the block with activation checkpointing too (a row per mode and
+choice): ``attention`` or ``mlp`` recomputes that sub-layer in backward
+(``GPTConfig.activation_checkpointing``), ``block`` the whole block (what ``true`` does in the
+GPT). What a checkpoint keeps to recompute from (its tensor inputs: the sub-layer's or block's
+input, the positions) is packed but held by the checkpoint rather than a node: it is listed
+under the block input, under the recomputed node that saves it again (the walk's unpacking
+recomputes each checkpointed region once), or else as ``checkpoint inputs``.
+
 Bytes are reported per token of the sequence, so a row times the step's tokens and the layer
 count is that part of the training step's activation memory. Writes
 ``memory_<device>_<date>[_<tag>].{json,md}`` to ``--out``.
@@ -29,10 +37,12 @@ GPU: ``python -m benchmarks run memory``; CPU smoke test (reference kernels, fp3
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from collections import Counter
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from benchmarks import REGISTRY, register
 from benchmarks.common import Record, require_cuda, run_meta
@@ -43,6 +53,10 @@ from fsa_train.model.gpt import Block
 
 BLOCK_INPUT = "block input"
 WEIGHT_CASTS = "weight casts"
+CHECKPOINT_INPUTS = "checkpoint inputs"
+CHECKPOINTING = {"none": False, "attention": "attention", "mlp": "mlp", "block": True}
+"""``--checkpointing`` choices → ``GPTConfig.activation_checkpointing`` (``block``: the
+benchmark wraps the block in a checkpoint, as the GPT does for ``true``)."""
 
 
 def _tensors(value: object) -> list[torch.Tensor]:
@@ -105,12 +119,27 @@ class PackedStorages:
         self._hooks.__exit__(*exc)
 
 
+def _one_recomputation() -> contextlib.AbstractContextManager:
+    """Unpacking a checkpointed node's saved tensor outside a backward recomputes the region,
+    once per access; inside one ``GraphExecGroup`` (torch ≥ 2.10) once per region."""
+    group = getattr(torch.utils.checkpoint, "GraphExecGroup", None)
+    return group() if group is not None else contextlib.nullcontext()
+
+
 def saved_bytes(output: torch.Tensor, block_input: torch.Tensor,
                 parameters: list[torch.Tensor],
                 packed: PackedStorages | None = None) -> dict[str, int]:
     """Bytes kept for the backward of ``output``'s graph, by node name (each storage once).
     ``packed``: count only saved tensors autograd packed while the forward ran (plus custom
-    functions' context attributes, which are not packed)."""
+    functions' context attributes, which are not packed), and list the packed storages no node
+    holds, a checkpoint's inputs, as :data:`BLOCK_INPUT` or :data:`CHECKPOINT_INPUTS`."""
+    with _one_recomputation():
+        return _saved_bytes(output, block_input, parameters, packed)
+
+
+def _saved_bytes(output: torch.Tensor, block_input: torch.Tensor,
+                 parameters: list[torch.Tensor],
+                 packed: PackedStorages | None) -> dict[str, int]:
     params = {_storage(p) for p in parameters}
     param_shapes = {tuple(p.shape) for p in parameters}
     seen: set[int] = set()
@@ -140,11 +169,21 @@ def saved_bytes(output: torch.Tensor, block_input: torch.Tensor,
             else:
                 label = type(node).__name__
             by_node[label] += key[1]
+    if packed is not None:  # held by a checkpoint to recompute from, not by a node
+        param_pointers = {key[0] for key in params if key is not None}
+        for pointer, nbytes in packed.pointers.items():
+            if pointer in seen or pointer in param_pointers or nbytes == 0:
+                continue
+            seen.add(pointer)
+            is_input = skip_input is not None and pointer == skip_input[0]
+            by_node[BLOCK_INPUT if is_input else CHECKPOINT_INPUTS] += nbytes
     return dict(by_node)
 
 
-def build_block(args: argparse.Namespace, mode: str, device: torch.device) -> Block:
-    cfg = model_config(args, mode, False)
+def build_block(args: argparse.Namespace, mode: str, device: torch.device,
+                checkpointing: str = "none") -> Block:
+    cfg = dataclasses.replace(model_config(args, mode, False),
+                              activation_checkpointing=CHECKPOINTING[checkpointing])
     torch.manual_seed(0)
     block = Block(cfg)
     if mode == "sdpa":
@@ -152,9 +191,10 @@ def build_block(args: argparse.Namespace, mode: str, device: torch.device) -> Bl
     return block.to(device)
 
 
-def measure(args: argparse.Namespace, mode: str, device: torch.device) -> dict:
+def measure(args: argparse.Namespace, mode: str, device: torch.device,
+            checkpointing: str = "none") -> dict:
     """One block's forward on one sequence: saved bytes by node, and (CUDA) held bytes."""
-    block = build_block(args, mode, device)
+    block = build_block(args, mode, device, checkpointing)
     cfg = block.attn.cfg if mode != "sdpa" else block.attn.inner.cfg
     tokens = args.context
     cu_seqlens = torch.tensor([0, tokens], dtype=torch.int32, device=device)
@@ -169,6 +209,9 @@ def measure(args: argparse.Namespace, mode: str, device: torch.device) -> dict:
 
     def forward() -> torch.Tensor:
         with autocast:
+            if checkpointing == "block":
+                return checkpoint(block, x, cu_seqlens, positions, varlen, tokens,
+                                  use_reentrant=False)
             return block(x, cu_seqlens, positions, varlen, tokens)
 
     out = forward()  # warm-up: compilation, autotuning, library plans
@@ -183,7 +226,7 @@ def measure(args: argparse.Namespace, mode: str, device: torch.device) -> dict:
         start = torch.cuda.memory_allocated()
     with PackedStorages() as packed:
         out = forward()
-    row: dict = {"mode": mode, "tokens": tokens}
+    row: dict = {"mode": mode, "checkpointing": checkpointing, "tokens": tokens}
     if cuda:
         torch.cuda.synchronize()
         row["held_per_token"] = (torch.cuda.memory_allocated() - start) / tokens
@@ -221,7 +264,7 @@ def markdown(report: dict) -> str:
     fmt = lambda v: "–" if v is None else f"{v:,.0f}"  # noqa: E731
     for row in rows:
         found = sum(row["saved_by_node"].values())
-        lines.append(f"| {row['mode']} | {fmt(row['saved_per_token'])} | "
+        lines.append(f"| {row_label(row)} | {fmt(row['saved_per_token'])} | "
                      f"{row.get('packed_bytes', 0) / 2**20:.1f} | {found / 2**20:.1f} | "
                      f"{fmt(row.get('held_per_token'))} | "
                      f"{fmt(row.get('forward_peak_per_token'))} | "
@@ -229,12 +272,19 @@ def markdown(report: dict) -> str:
     lines += ["", "Saved bytes per token by the autograd node that keeps them:", ""]
     names = list(dict.fromkeys(n for row in rows for n in row["saved_by_node"]
                                if n != WEIGHT_CASTS))
-    lines += ["| node | " + " | ".join(row["mode"] for row in rows) + " |",
+    lines += ["| node | " + " | ".join(row_label(row) for row in rows) + " |",
               "|---|" + "---|" * len(rows)]
     for name in names:
         cells = [fmt(row["saved_by_node"].get(name, 0) / row["tokens"]) for row in rows]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def row_label(row: dict) -> str:
+    """A row's name in the tables: its mode, and what it checkpoints (runs before
+    ``--checkpointing`` checkpointed nothing)."""
+    checkpointing = row.get("checkpointing", "none")
+    return row["mode"] if checkpointing == "none" else f"{row['mode']}, {checkpointing} ckpt"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -249,6 +299,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--kernel_backend", choices=["auto", "reference", "triton"], default="auto")
+    p.add_argument("--checkpointing", nargs="+", choices=list(CHECKPOINTING), default=["none"],
+                   help="activation checkpointing of the block, a row per choice and mode: "
+                        "none, attention or mlp (that sub-layer recomputed), block (all of it)")
     add_fused_ops_argument(p)
     p.add_argument("--device", default="cuda", help="cpu: the smoke mode (saved bytes only)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -266,11 +319,12 @@ def main(args: argparse.Namespace) -> dict:
     env = run_meta(device.type)
     record = Record("memory", env, args.out, args.tag)
     rows = []
-    for mode in args.modes:
-        if mode == "sdpa" and device.type != "cuda":
-            continue  # the SDPA baseline is a CUDA measurement
-        rows.append(measure(args, mode, device))
-        print(mode, {k: v for k, v in rows[-1].items() if k != "saved_by_node"}, flush=True)
+    runs = [(mode, checkpointing) for mode in args.modes for checkpointing in args.checkpointing
+            if mode != "sdpa" or device.type == "cuda"]  # the SDPA baseline is a CUDA measurement
+    for mode, checkpointing in runs:
+        rows.append(measure(args, mode, device, checkpointing))
+        print(row_label(rows[-1]), {k: v for k, v in rows[-1].items() if k != "saved_by_node"},
+              flush=True)
         report = {"environment": env, "context": args.context, "bf16": args.bf16,
                   "model": dataclasses.asdict(model_config(args, "dense", False)),
                   "args": vars(args), "rows": rows}

@@ -23,22 +23,31 @@ and so every activation to bf16):
   with ``selection: block``: 4·H + 8·h·T / B).
 
 With activation checkpointing a block keeps only its input (r·D); its activations exist again
-while its backward runs, one block at a time.
+while its backward runs, one block at a time. Checkpointing one sub-layer
+(``activation_checkpointing: attention`` or ``mlp``, :func:`kept_bytes`) keeps the other
+sub-layer's tensors and the checkpointed one's input (r·D): with the attention recomputed, the
+block input and the MLP's part (the second norm's input and 1/rms, w1 and w3's inputs, w2's,
+SwiGLU's); with the MLP recomputed, everything else and the MLP's input. These two are
+predictions from the same terms that no GPU has measured yet (the layer bytes without
+checkpointing are the H200's counts, ``benchmarks/results/memory_h200_2026-12-03.md``; what
+each checkpointing keeps is checked on the CPU's reference path only).
 
 **The step's peak on one rank** holding ``N / P`` tokens of an N-token sequence
 (:func:`peak_bytes`)::
 
     static + N/P · (L·a + t + 2·r·D)            without checkpointing
-    static + N/P · (L·r·D + a + t + 2·r·D)      with checkpointing
+    static + N/P · (L·k + a + t + 2·r·D)        with checkpointing
 
-a: the layer bytes above; t: what a block's forward allocates above what it keeps (measured on
-the H200, :data:`TRANSIENT`), plus, under sequence parallelism, the all-to-all's send and receive
-buffers of q, k, v (4·(H + 2h)·d); 2·r·D: the last block's output and the final norm's, kept for
-the loss. ``static``: 16 bytes per parameter for fp32 weights, gradients and AdamW's two moments
-on one GPU; under DeepSpeed ZeRO-2 with bf16 over P ranks, 2 (bf16 weights) + 16 / P (fp32
-master copy, moments and gradient partition) bytes per parameter plus its two 2·10⁸-element
-bf16 buckets. Every rank also holds the whole sequence's positions and NSA indices (tens of
-bytes per token of N, left out).
+a: the layer bytes above; k: what a checkpointed block keeps (r·D for whole blocks, the above
+for one sub-layer), with one block's whole ``a`` again while its backward recomputes (a bound
+for a sub-layer, whose kept part is already among the L·k); t: what a block's forward allocates
+above what it keeps (measured on the H200, :data:`TRANSIENT`), plus, under sequence parallelism,
+the all-to-all's send and receive buffers of q, k, v (4·(H + 2h)·d); 2·r·D: the last block's
+output and the final norm's, kept for the loss. ``static``: 16 bytes per parameter for fp32
+weights, gradients and AdamW's two moments on one GPU; under DeepSpeed ZeRO-2 with bf16 over P
+ranks, 2 (bf16 weights) + 16 / P (fp32 master copy, moments and gradient partition) bytes per
+parameter plus its two 2·10⁸-element bf16 buckets. Every rank also holds the whole sequence's
+positions and NSA indices (tens of bytes per token of N, left out).
 """
 
 from __future__ import annotations
@@ -103,6 +112,40 @@ def layer_bytes(cfg: GPTConfig, precision: str = "autocast") -> dict[str, float]
     return parts
 
 
+CHECKPOINTING = (False, "attention", "mlp", True)
+"""The values of ``GPTConfig.activation_checkpointing``, from keeping everything to keeping the
+least."""
+
+
+def mlp_bytes(cfg: GPTConfig, precision: str = "autocast") -> float:
+    """The part of :func:`layer_bytes` that the MLP sub-layer keeps: its norm's input and 1/rms,
+    the inputs of w1 and w3 (their bf16 copies under autocast, the norm's one bf16 output under
+    bf16) and of w2, and SwiGLU's."""
+    D, F = cfg.d_model, cfg.ffn_hidden
+    r = 4 if precision == "autocast" else 2
+    casts = 2 if precision == "autocast" else 1
+    return r * D + 4 + 2 * D * casts + 2 * F + layer_bytes(cfg, precision)["SwiGLU"]
+
+
+def kept_bytes(cfg: GPTConfig, precision: str = "autocast",
+               checkpointing: bool | str = False) -> float:
+    """Bytes per token one block keeps from its forward to its backward under
+    ``activation_checkpointing`` ``checkpointing`` (:data:`CHECKPOINTING`): all of
+    :func:`layer_bytes`; the input alone (whole block, ``True``); or, with one sub-layer
+    recomputed, its input and the other sub-layer's tensors (a prediction: not measured)."""
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    layer = sum(layer_bytes(cfg, precision).values())
+    r = 4 if precision == "autocast" else 2
+    if checkpointing is True:
+        return r * cfg.d_model
+    if checkpointing == "attention":
+        return r * cfg.d_model + mlp_bytes(cfg, precision)
+    if checkpointing == "mlp":
+        return layer - mlp_bytes(cfg, precision) + r * cfg.d_model
+    return layer
+
+
 def parameters(cfg: GPTConfig) -> int:
     """The model's parameter count (built on the meta device)."""
     from fsa_train.model import GPT
@@ -121,17 +164,22 @@ def static_bytes(n_params: int, ranks: int, strategy: str) -> float:
     raise ValueError(f"strategy must be 'single' or 'zero2', got {strategy!r}")
 
 
-def token_bytes(cfg: GPTConfig, precision: str, checkpointing: bool, degree: int = 1) -> float:
-    """Activation bytes per token held on a rank at the step's peak (see :func:`peak_bytes`)."""
+def token_bytes(cfg: GPTConfig, precision: str, checkpointing: bool | str,
+                degree: int = 1) -> float:
+    """Activation bytes per token held on a rank at the step's peak (see :func:`peak_bytes`);
+    ``checkpointing``: one of :data:`CHECKPOINTING`."""
     a = sum(layer_bytes(cfg, precision).values())
     r = 4 if precision == "autocast" else 2
     D, H, h, d = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
     transient = TRANSIENT[_mode(cfg)] + (4 * (H + 2 * h) * d if degree > 1 else 0)
-    kept = cfg.n_layer * r * D + a if checkpointing else cfg.n_layer * a
+    kept = cfg.n_layer * kept_bytes(cfg, precision, checkpointing)
+    if checkpointing is not False:
+        kept += a  # the block whose backward runs, recomputed
     return kept + transient + 2 * r * D
 
 
-def peak_bytes(cfg: GPTConfig, tokens: int, degree: int = 1, *, checkpointing: bool = False,
+def peak_bytes(cfg: GPTConfig, tokens: int, degree: int = 1, *,
+               checkpointing: bool | str = False,
                precision: str = "autocast", strategy: str = "single",
                n_params: int | None = None) -> float:
     """Predicted peak of torch's allocations on one of ``degree`` sequence-parallel ranks
@@ -141,7 +189,7 @@ def peak_bytes(cfg: GPTConfig, tokens: int, degree: int = 1, *, checkpointing: b
             + tokens / degree * token_bytes(cfg, precision, checkpointing, degree))
 
 
-def longest_sequence(cfg: GPTConfig, degree: int, *, checkpointing: bool,
+def longest_sequence(cfg: GPTConfig, degree: int, *, checkpointing: bool | str,
                      precision: str = "bf16", strategy: str = "zero2",
                      gpu_bytes: float = H200_BYTES, reserve: float = RESERVE_BYTES,
                      n_params: int | None = None, multiple: int = 1024) -> int:
@@ -162,10 +210,11 @@ def preset(name: str) -> GPTConfig:
 
 
 def markdown(name: str, cfg: GPTConfig, degrees: tuple[int, ...] = (1, 2, 4, 8)) -> str:
-    """The README's table for ``cfg`` dense and NSA, with and without checkpointing: bytes per
-    token per layer (autocast · bf16), and the longest sequence on one H200 without sequence
-    parallelism (autocast, fp32 AdamW) and on P H200s under the sequence-parallel preset
-    (ZeRO-2, bf16); ``*``: P does not divide ``cfg.n_kv_head``."""
+    """The README's table for ``cfg`` dense and NSA, without checkpointing, with the attention or
+    the MLP of each block checkpointed (predictions not yet measured) and with whole blocks
+    checkpointed: bytes per token per layer (autocast · bf16), and the longest sequence on one
+    H200 without sequence parallelism (autocast, fp32 AdamW) and on P H200s under the
+    sequence-parallel preset (ZeRO-2, bf16); ``*``: P does not divide ``cfg.n_kv_head``."""
     lines = [
         f"| {name} | bytes/token/layer, autocast · bf16 | 1 GPU, bf16-mixed | "
         + " | ".join(f"ulysses, P = {p}" + ("*" if cfg.n_kv_head % p else "") for p in degrees)
@@ -175,16 +224,14 @@ def markdown(name: str, cfg: GPTConfig, degrees: tuple[int, ...] = (1, 2, 4, 8))
     for attention in ("dense", "nsa"):
         model = dataclasses.replace(cfg, attention=attention)
         n_params = parameters(model)
-        for checkpointing in (False, True):
-            if checkpointing:
-                a = {"autocast": 4 * model.d_model, "bf16": 2 * model.d_model}
-            else:
-                a = {p: sum(layer_bytes(model, p).values()) for p in ("autocast", "bf16")}
+        for checkpointing in CHECKPOINTING:
+            a = {p: kept_bytes(model, p, checkpointing) for p in ("autocast", "bf16")}
             plain = longest_sequence(model, 1, checkpointing=checkpointing, precision="autocast",
                                      strategy="single", n_params=n_params)
             cells = [longest_sequence(model, p, checkpointing=checkpointing, n_params=n_params)
                      for p in degrees]
-            label = f"{attention}{', checkpointed' if checkpointing else ''}"
+            label = attention + {False: "", True: ", checkpointed"}.get(
+                checkpointing, f", {checkpointing} checkpointed")
             lines.append(f"| {label} | {a['autocast']:,.0f} · {a['bf16']:,.0f} | "
                          + " | ".join(f"{n // 1024:,}K" for n in [plain, *cells]) + " |")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+CHECKPOINTED_SUBLAYERS = ("attention", "mlp")
+"""The string values of ``GPTConfig.activation_checkpointing``: the sub-layer of each block that
+is recomputed in backward."""
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -118,8 +122,11 @@ class GPTConfig:
         loss_chunk: tokens per chunk of the chunked cross-entropy (bounds logits memory).
         kernel_backend: ``"auto"`` (Triton on CUDA, reference otherwise), ``"reference"`` or
             ``"triton"``.
-        activation_checkpointing: recompute each block in backward instead of storing its
-            activations (less memory, about a third more compute).
+        activation_checkpointing: recompute activations in backward instead of storing them:
+            ``true`` each whole block (it keeps only its input; about a third more compute),
+            ``"attention"`` each block's attention sub-layer (its norm to the output
+            projection; the MLP's activations are kept), ``"mlp"`` each block's MLP sub-layer
+            (its norm to ``w2``), ``false`` nothing.
         fused_ops: who computes RMSNorm, SwiGLU's activation and the head + cross-entropy:
             ``"torch"`` (default: ``nn.RMSNorm``, ``silu(a) * b``, our chunked checkpointed
             cross-entropy), ``"liger"`` (liger-kernel's fused Triton ops; needs CUDA and
@@ -147,7 +154,7 @@ class GPTConfig:
     init_std: float = 0.02
     loss_chunk: int = 4096
     kernel_backend: Literal["auto", "reference", "triton"] = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | Literal["attention", "mlp"] = False
     fused_ops: Literal["auto", "liger", "torch"] = "torch"
 
     def __post_init__(self) -> None:
@@ -207,6 +214,12 @@ class GPTConfig:
             self.kernel_backend in ("auto", "reference", "triton"),
             f"model.config.kernel_backend must be 'auto', 'reference' or 'triton', "
             f"got {self.kernel_backend!r}",
+        )
+        _require(
+            isinstance(self.activation_checkpointing, bool)
+            or self.activation_checkpointing in CHECKPOINTED_SUBLAYERS,
+            f"model.config.activation_checkpointing must be false, true, 'attention' or 'mlp', "
+            f"got {self.activation_checkpointing!r}",
         )
         _require(
             self.fused_ops in ("auto", "liger", "torch"),

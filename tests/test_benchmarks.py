@@ -312,14 +312,25 @@ def test_memory_walk_finds_what_autograd_saves():
 
 def test_memory_benchmark_smoke(tmp_path):
     result = runner("run", "memory", "--device", "cpu", "--context", "128", "--d_model", "128",
-                    "--head_dim", "32", "--modes", "dense", "nsa", "--out", str(tmp_path))
+                    "--head_dim", "32", "--modes", "dense", "nsa", "--checkpointing", "none",
+                    "attention", "block", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     (json_file,) = tmp_path.glob("memory_cpu_*.json")
-    rows = {row["mode"]: row for row in json.loads(json_file.read_text())["rows"]}
+    rows = {(row["mode"], row["checkpointing"]): row
+            for row in json.loads(json_file.read_text())["rows"]}
+    saved = {key: row["saved_per_token"] for key, row in rows.items()}
     # the block input (fp32, d_model 128) is kept by both; NSA keeps more than dense
-    assert rows["dense"]["saved_by_node"]["block input"] == 128 * 128 * 4
-    assert rows["nsa"]["saved_per_token"] > rows["dense"]["saved_per_token"] > 0
-    assert "| block input |" in json_file.with_suffix(".md").read_text()
+    for key, row in rows.items():
+        assert row["saved_by_node"]["block input"] == 128 * 128 * 4, key
+    assert saved["nsa", "none"] > saved["dense", "none"] > 0
+    # checkpointing: the attention keeps less than nothing recomputed and more than the whole
+    # block; with its attention recomputed, an NSA block keeps what a dense one keeps
+    for mode in ("dense", "nsa"):
+        assert saved[mode, "none"] > saved[mode, "attention"] > saved[mode, "block"], mode
+        assert saved[mode, "block"] < 128 * 4 + 16  # its input, the positions and cu_seqlens
+    assert saved["nsa", "attention"] == saved["dense", "attention"]
+    table = json_file.with_suffix(".md").read_text()
+    assert "| block input |" in table and "| nsa, attention ckpt |" in table
 
 
 def test_nsa_layouts():

@@ -44,6 +44,8 @@ def test_nsa_violations_name_the_field(kwargs, field):
         ({"fused_ops": "triton"}, "fused_ops"),
         ({"attention": "dense", "window": 0}, "window"),
         ({"attention": "nsa", "window": 512}, "window"),
+        ({"activation_checkpointing": "block"}, "activation_checkpointing"),
+        ({"activation_checkpointing": 1}, "activation_checkpointing"),
     ],
 )
 def test_gpt_violations_name_the_field(kwargs, field):
@@ -57,3 +59,8 @@ def test_nsa_given_as_mapping_is_validated():
     assert isinstance(cfg.nsa, NSAConfig) and cfg.nsa.sel_block == 32
     with pytest.raises(ConfigError, match="model.config.nsa.sel_topk"):
         GPTConfig(nsa={"sel_topk": 1})
+
+
+@pytest.mark.parametrize("value", [False, True, "attention", "mlp"])
+def test_activation_checkpointing_is_a_bool_or_a_sublayer(value):
+    assert GPTConfig(activation_checkpointing=value).activation_checkpointing is value

@@ -42,6 +42,26 @@ def test_demo_config_parses(capsys):
     assert "attention: nsa" in printed
 
 
+def check_edited_preset(old: str, new: str, key: str, printed_value: str, ok: bool, capsys,
+                        tmp_path: Path) -> None:
+    """The NSA model preset with ``old`` replaced by ``new`` parses and prints
+    ``key: printed_value``, or (not ``ok``) is refused with a message naming ``key``."""
+    preset = (ROOT / "configs" / "model" / "gpt-150m-nsa.yaml").read_text()
+    edited = preset.replace(old, new)
+    assert edited != preset
+    config = tmp_path / "model.yaml"
+    config.write_text(edited)
+    if ok:
+        printed = parse(capsys, ROOT / "configs" / "base.yaml", config)
+        assert f"{key}: {printed_value}" in printed
+        return
+    with pytest.raises((SystemExit, ValueError)) as info:
+        build_cli(["fit", "--config", str(ROOT / "configs" / "base.yaml"), "--config", str(config),
+                   "--print_config"])
+    captured = capsys.readouterr()
+    assert key in captured.err + captured.out + str(info.value)
+
+
 @pytest.mark.parametrize("key,value,ok", [
     ("selected_partials", "half", True), ("selected_partials", "fp32", True),
     ("selected_partials", "bf16", False),
@@ -50,17 +70,17 @@ def test_demo_config_parses(capsys):
 def test_nsa_run_options_are_config_keys(key, value, ok, capsys, tmp_path):
     """``model.config.nsa.selected_partials`` and ``.selection`` come from YAML; a bad value is
     refused by name."""
-    preset = (ROOT / "configs" / "model" / "gpt-150m-nsa.yaml").read_text()
-    edited = preset.replace("window: 512}", f"window: 512, {key}: {value}}}")
-    assert edited != preset
-    config = tmp_path / "model.yaml"
-    config.write_text(edited)
-    if ok:
-        printed = parse(capsys, ROOT / "configs" / "base.yaml", config)
-        assert f"{key}: {value}" in printed
-        return
-    with pytest.raises((SystemExit, ValueError)) as info:
-        build_cli(["fit", "--config", str(ROOT / "configs" / "base.yaml"), "--config", str(config),
-                   "--print_config"])
-    captured = capsys.readouterr()
-    assert key in captured.err + captured.out + str(info.value)
+    check_edited_preset("window: 512}", f"window: 512, {key}: {value}}}", key, value, ok, capsys,
+                        tmp_path)
+
+
+@pytest.mark.parametrize("value,printed,ok", [
+    ("true", "true", True), ("false", "false", True), ("attention", "attention", True),
+    ("block", None, False),
+])
+def test_activation_checkpointing_takes_a_bool_or_a_sublayer(value, printed, ok, capsys,
+                                                             tmp_path):
+    """``model.config.activation_checkpointing`` from YAML: ``true`` / ``false`` as before (a
+    bool, not a string), or the sub-layer to recompute; anything else is refused by name."""
+    check_edited_preset("attention: nsa\n", f"attention: nsa\n    activation_checkpointing: "
+                        f"{value}\n", "activation_checkpointing", printed, ok, capsys, tmp_path)

@@ -45,7 +45,12 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block.
+
+    ``cfg.activation_checkpointing`` ``"attention"`` or ``"mlp"``: that sub-layer (its norm
+    onward to its output, before the residual add) is recomputed in backward, so the block keeps
+    its input instead of the sub-layer's activations. Whole-block checkpointing (``true``) is
+    :class:`GPT`'s, around the block."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -53,14 +58,32 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_ops)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.fused_ops)
+        mode = cfg.activation_checkpointing
+        self.recompute = mode if isinstance(mode, str) else None
+        """The sub-layer recomputed in backward: ``"attention"``, ``"mlp"`` or None."""
 
     def forward(
         self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
         varlen: NSAVarlen | None = None, max_seqlen: int | None = None,
         shard: SequenceShard | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cu_seqlens, positions, varlen, max_seqlen, shard)
-        return x + self.mlp(self.mlp_norm(x))
+        recompute = self.recompute if torch.is_grad_enabled() else None
+        if recompute == "attention":
+            x = x + checkpoint(self._attention, x, cu_seqlens, positions, varlen, max_seqlen,
+                               shard, use_reentrant=False)
+        else:
+            x = x + self._attention(x, cu_seqlens, positions, varlen, max_seqlen, shard)
+        if recompute == "mlp":
+            return x + checkpoint(self._mlp, x, use_reentrant=False)
+        return x + self._mlp(x)
+
+    def _attention(self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
+                   varlen: NSAVarlen | None, max_seqlen: int | None,
+                   shard: SequenceShard | None) -> torch.Tensor:
+        return self.attn(self.attn_norm(x), cu_seqlens, positions, varlen, max_seqlen, shard)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp_norm(x))
 
 
 class GPT(nn.Module):
@@ -135,7 +158,8 @@ class GPT(nn.Module):
         varlen = (nsa_varlen(cu_seqlens, total, self.cfg.nsa, positions)
                   if self.cfg.attention == "nsa" else None)
         x = self.embed(input_ids)
-        recompute = self.cfg.activation_checkpointing and torch.is_grad_enabled()
+        # whole blocks; a checkpointed sub-layer ("attention", "mlp") is the block's own
+        recompute = self.cfg.activation_checkpointing is True and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
                 x = checkpoint(block, x, cu_seqlens, positions, varlen, max_seqlen, shard,

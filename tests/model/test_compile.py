@@ -1,5 +1,6 @@
 """Compiling a transformer block with ``torch.compile(fullgraph=True)``: no graph breaks, and the
-same output and gradients as eager, for dense and NSA (token and block selection) blocks.
+same output and gradients as eager, for dense and NSA (token and block selection) blocks, and for
+blocks with a checkpointed sub-layer.
 
 On the CPU the reference path runs (each naive op one opaque custom op) and, under
 ``TRITON_INTERPRET=1``, the Triton path (each kernel launch one custom op); the GPU test
@@ -13,6 +14,7 @@ import torch
 import torch._dynamo
 from fsa_testing import assert_close
 
+from benchmarks.memory import PackedStorages
 from fsa_train.config import GPTConfig, NSAConfig
 from fsa_train.kernels.nsa import nsa_varlen
 from fsa_train.kernels.registry import preload_triton_modules
@@ -27,12 +29,12 @@ CASES = [("dense", "token"), ("nsa", "token"), ("nsa", "block")]
 
 def make_block(attention: str, selection: str, backend: str, lengths: list[int], d_model: int,
                n_head: int, n_kv_head: int, head_dim: int, device: str = "cpu",
-               nsa: dict | None = None, seed: int = 0):
+               nsa: dict | None = None, seed: int = 0, checkpointing: bool | str = False):
     """A block of a GPT and its inputs ``(x, cu_seqlens, positions, varlen, max_seqlen)``."""
     nsa_cfg = NSAConfig(**(nsa or TINY_NSA), selection=selection)
     cfg = GPTConfig(vocab_size=64, n_layer=1, n_head=n_head, n_kv_head=n_kv_head,
                     d_model=d_model, head_dim=head_dim, attention=attention, nsa=nsa_cfg,
-                    kernel_backend=backend)
+                    kernel_backend=backend, activation_checkpointing=checkpointing)
     torch.manual_seed(seed)
     block = Block(cfg).to(device)
     if attention == "nsa":
@@ -97,6 +99,30 @@ def test_block_compiles_whole_on_the_reference_path(attention, selection):
     """The naive ops read document boundaries on the host: compiled, each is one opaque op."""
     block, inputs = make_block(attention, selection, "reference", [37, 20, 7], 64, 4, 2, 16)
     check_compiled(block, inputs, "aot_eager", 1e-5)
+
+
+def packed_bytes(block, inputs) -> int:
+    """Bytes autograd packs for the backward in one forward of ``block`` (parameters left
+    out)."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    x = inputs[0].detach().requires_grad_()
+    with PackedStorages() as packed:
+        block(x, *inputs[1:])
+    return sum(n for ptr, n in packed.pointers.items() if ptr not in params)
+
+
+def test_block_with_a_checkpointed_sublayer_compiles_whole():
+    """``activation_checkpointing: attention`` (or ``mlp``, the same code) puts a checkpoint
+    inside the block: Dynamo traces it (a higher-order op) without graph breaks, and the
+    compiled block, with eager's output and gradients, still keeps less for the backward than
+    one without checkpointing."""
+    block, inputs = make_block("nsa", "token", "reference", [37, 20, 7], 64, 4, 2, 16,
+                               checkpointing="attention")
+    block.recompute = None
+    keeps_all = packed_bytes(block, inputs)
+    block.recompute = "attention"
+    check_compiled(block, inputs, "aot_eager", 1e-5)
+    assert packed_bytes(block, inputs) < 0.8 * keeps_all
 
 
 @pytest.mark.skipif(not interpreting(), reason="the CPU run of the Triton path")

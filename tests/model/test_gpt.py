@@ -1,5 +1,6 @@
 """The GPT on packed documents: shapes, document isolation, chunked loss, learning, generation."""
 
+import dataclasses
 import re
 
 import pytest
@@ -171,18 +172,65 @@ def test_packed_input_must_be_flat():
         model(torch.zeros(2, 8, dtype=torch.long), torch.tensor([0, 16], dtype=torch.int32))
 
 
+CHECKPOINTING = [True, "attention", "mlp"]
+"""``activation_checkpointing``: whole blocks, or one sub-layer of each."""
+
+
+@pytest.mark.parametrize("checkpointing", CHECKPOINTING)
 @pytest.mark.parametrize("attention", ["dense", "nsa"])
-def test_activation_checkpointing_gives_the_same_gradients(attention):
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(attention, checkpointing):
     torch.manual_seed(0)
-    plain = GPT(small_config(attention)).double()
-    recomputed = GPT(small_config(attention, activation_checkpointing=True)).double()
+    plain = GPT(small_config(attention, kernel_backend="reference")).double()
+    recomputed = GPT(small_config(attention, kernel_backend="reference",
+                                  activation_checkpointing=checkpointing)).double()
     recomputed.load_state_dict(plain.state_dict())
-    ids, cu = packed_batch([30, 21], 64)
+    ids, cu = packed_batch([29, 3, 19], 64)
     targets = torch.randint(0, 64, (51,))
-    for model in (plain, recomputed):
-        model.loss(model(ids, cu), targets).backward()
+    losses = [model.loss(model(ids, cu), targets) for model in (plain, recomputed)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def packed_bytes(cfg: GPTConfig, lengths: list[int]) -> int:
+    """Bytes autograd packs for the backward in one forward of a one-block GPT (fp64, each
+    storage once, parameters left out): what the step keeps from forward to backward."""
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(cfg, n_layer=1)).double()
+    ids, cu = packed_batch(lengths, cfg.vocab_size)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(ids, cu)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def test_checkpointed_sublayers_keep_less_than_the_block_and_more_than_its_checkpoint():
+    """A checkpointed sub-layer keeps its input instead of its tensors: fewer bytes than no
+    checkpointing, more than the whole block checkpointed. With its attention recomputed an
+    NSA block keeps exactly what a dense one does: none of the three branch outputs and gates
+    that the gated output projection (and each branch) keep without checkpointing."""
+    lengths = [29, 3, 19]
+    kept = {(attention, mode): packed_bytes(small_config(attention, kernel_backend="reference",
+                                                         activation_checkpointing=mode), lengths)
+            for attention in ("dense", "nsa") for mode in [False, *CHECKPOINTING]}
+    for attention in ("dense", "nsa"):
+        for part in ("attention", "mlp"):
+            assert kept[attention, False] > kept[attention, part] > kept[attention, True], \
+                (attention, part, kept)
+    cfg = small_config("nsa")
+    branches = 3 * sum(lengths) * cfg.n_head * cfg.head_dim * 8  # o_cmp, o_sel, o_win in fp64
+    assert kept["nsa", False] - kept["dense", False] >= branches
+    assert kept["nsa", False] - kept["nsa", "attention"] >= branches
+    assert kept["nsa", "attention"] == kept["dense", "attention"]
+    assert kept["nsa", "mlp"] - kept["dense", "mlp"] >= branches  # the attention's are kept
 
 
 def test_dense_and_nsa_start_from_the_same_shared_weights():

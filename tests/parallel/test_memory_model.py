@@ -118,10 +118,12 @@ def _packed_per_token(cfg: GPTConfig, tokens: int) -> float:
 def test_checkpointed_blocks_keep_nothing_but_their_input_on_the_cpu(attention):
     """One block more costs the reference path's activations without checkpointing, and with it
     only the block's input (r·D per token, fp32 here), which the checkpoint keeps to recompute
-    the block from."""
+    the block from. A checkpointed sub-layer keeps its input instead of its tensors, so the
+    attention's and the MLP's checkpointed layers together keep one whole layer and the two
+    sub-layers' inputs: what the model's split of the layer bytes predicts too."""
     nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=8, sel_topk=4, window=16)
     per_layer = {}
-    for checkpointing in (False, True):
+    for checkpointing in mm.CHECKPOINTING:
         sizes = [_packed_per_token(GPTConfig(vocab_size=64, n_layer=n, n_head=4, n_kv_head=2,
                                              d_model=64, attention=attention, nsa=nsa,
                                              activation_checkpointing=checkpointing), 192)
@@ -129,3 +131,13 @@ def test_checkpointed_blocks_keep_nothing_but_their_input_on_the_cpu(attention):
         per_layer[checkpointing] = sizes[1] - sizes[0]
     assert per_layer[True] == 4 * 64
     assert per_layer[False] > 10 * 4 * 64  # tens of r·D (fp32 on the CPU)
+    for part in ("attention", "mlp"):
+        assert per_layer[False] > per_layer[part] > per_layer[True], part
+    assert per_layer["attention"] + per_layer["mlp"] == per_layer[False] + 2 * 4 * 64
+    cfg = _variant(mm.preset("gpt-350m-nsa"), "nsa" if attention == "nsa" else "dense")
+    for precision, r in (("autocast", 4), ("bf16", 2)):
+        kept = {c: mm.kept_bytes(cfg, precision, c) for c in mm.CHECKPOINTING}
+        assert kept["attention"] + kept["mlp"] == kept[False] + 2 * r * cfg.d_model
+        assert kept[False] > max(kept["attention"], kept["mlp"]) > kept[True] == r * cfg.d_model
+    with pytest.raises(ValueError, match="checkpointing"):
+        mm.kept_bytes(cfg, "autocast", "block")
