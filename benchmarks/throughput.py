@@ -93,7 +93,7 @@ def sdpa_backends():
     return sdpa_kernel(order, set_priority=True)
 
 
-def model_config(args: argparse.Namespace, mode: str, checkpointing: bool) -> GPTConfig:
+def model_config(args: argparse.Namespace, mode: str, checkpointing: bool | str) -> GPTConfig:
     """The benchmark GPT: GQA with group ``args.group``, head width ``args.head_dim``."""
     n_head = args.n_head or max(args.group, args.d_model // args.head_dim // args.group
                                 * args.group)
@@ -180,7 +180,7 @@ def graph_blocks(model: GPT, ids: torch.Tensor, cu_seqlens: torch.Tensor, max_se
     return loss
 
 
-def time_training(args: argparse.Namespace, mode: str, context: int, checkpointing: bool,
+def time_training(args: argparse.Namespace, mode: str, context: int, checkpointing: bool | str,
                   device: torch.device) -> dict:
     """Seconds per training step and peak memory of one (mode, context, checkpointing)."""
     cfg = model_config(args, mode, checkpointing)
@@ -245,7 +245,8 @@ def run_row(args: argparse.Namespace, mode: str, context: int, device: torch.dev
     """One benchmark row; ``status`` is ``ok`` or ``OOM``."""
     sequences = sequences_per_step(args, context)
     row: dict = {"mode": mode, "context": context, "sequences": sequences}
-    plans = {"off": [False], "on": [True], "auto": [False, True]}[args.activation_checkpointing]
+    plans = {"off": [False], "on": [True], "auto": [False, True], "attention": ["attention"],
+             "mlp": ["mlp"]}[args.activation_checkpointing]
     if args.cuda_graph:
         plans = [False]  # the graphs hold every block's activations (no checkpointing)
     for checkpointing in plans:
@@ -288,6 +289,11 @@ def compiled(report: dict) -> str:
         return ""
     mode = report["args"].get("compile_mode", "default")
     return ", blocks compiled (fullgraph" + ("" if mode == "default" else f", {mode}") + ")"
+
+
+def checkpointing_cell(value: bool | str) -> str:
+    """``yes``/``no`` for whole blocks or none, else the checkpointed sub-layer."""
+    return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
 
 
 def _per_step(report: dict) -> str:
@@ -349,7 +355,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['mode']} | {r['context']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
             f"{_fmt(r['mfu'], '.1%')} | {_fmt(r['mfu_dense_equiv'], '.1%')} | "
-            f"{_fmt(r['peak_gib'], '.1f')} | {'yes' if r['activation_checkpointing'] else 'no'} |"
+            f"{_fmt(r['peak_gib'], '.1f')} | {checkpointing_cell(r['activation_checkpointing'])} |"
             + (f" {_fmt(r.get('first_step_s'), '.1f')} |" if first else "")
         )
     speedups = speedup_rows(report["rows"])
@@ -423,7 +429,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tokens each (0: one sequence per step)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--activation_checkpointing", choices=["off", "on", "auto"], default="auto")
+    p.add_argument("--activation_checkpointing", default="auto",
+                   choices=["off", "on", "auto", "attention", "mlp"],
+                   help="on: whole blocks; attention / mlp: that sub-layer of each block; auto: "
+                        "off, and on for a row that runs out of memory")
     p.add_argument("--kernel_backend", choices=["auto", "reference", "triton"], default="auto")
     add_fused_ops_argument(p)
     p.add_argument("--compile", action="store_true",
@@ -472,6 +481,9 @@ def run(args: argparse.Namespace) -> dict:
         require_cuda("throughput")
     elif args.cuda_graph:
         raise ValueError("--cuda_graph needs --device cuda (CUDA graphs)")
+    if args.cuda_graph and args.activation_checkpointing not in ("off", "auto"):
+        raise ValueError("--cuda_graph captures the blocks without activation checkpointing: "
+                         "use --activation_checkpointing off")
     env = environment(device)
     record = Record("throughput", env, args.out, args.tag)
     peak = device_peak_flops(env["device"], "bf16-mixed" if args.bf16 else "32-true")

@@ -162,3 +162,14 @@ def test_gpu_cuda_graph_step_matches_eager(bench, mode):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
         for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_sub_layer_checkpointing_rows(bench, tmp_path):
+    """``--activation_checkpointing attention`` runs the model with that sub-layer recomputed
+    and names it in the row and the table."""
+    report = bench.main([*TINY, "--contexts", "64", "--modes", "nsa", "--kernel_backend",
+                         "reference", "--activation_checkpointing", "attention",
+                         "--out", str(tmp_path)])
+    (row,) = report["rows"]
+    assert row["status"] == "ok" and row["activation_checkpointing"] == "attention"
+    assert "| attention |" in written(tmp_path, ".md").read_text()
