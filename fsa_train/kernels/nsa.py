@@ -140,7 +140,7 @@ def nsa_attention(
         )
     o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale,
                                    partials=cfg.selected_partials, selection=cfg.selection,
-                                   **run)
+                                   forced_blocks=(cfg.init_blocks, cfg.local_blocks), **run)
     o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, max_seqlen, **run)
     if not mix:
         return o_cmp, o_sel, o_win

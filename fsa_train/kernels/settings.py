@@ -24,6 +24,7 @@ _TOPK_CONFIGS = ("tuned", "safe")
 _WINDOW_BWD = ("fused", "split", "atomic")
 WINDOW_KERNELS = ("auto", "triton", "cudnn", "flash")
 COMPRESSED_KERNELS = ("auto", "triton", "flex", "cudnn")
+SELECTED_FORCED = ("sparse", "dense")
 _CACHE_OFF = ("", "0", "off")
 _LAUNCH_KEYS = {"BLOCK_M", "num_warps", "num_stages", "PREFETCH"}
 _BLOCK_SPARSE_KEYS = {"SPLIT", "PACK", "num_warps", "num_stages"}
@@ -66,6 +67,11 @@ class KernelSettings:
             environment variable).
         block_sparse_autotune: autotune the block-shared selected kernels
             (``FSA_BLOCK_SPARSE_AUTOTUNE``; off: the first configuration of each list).
+        selected_forced: how token-mode selected attention runs the forced blocks (init and
+            local) when the caller promises them (``FSA_SELECTED_FORCED``): "sparse" (as any
+            other slot, through the per-(token, slot) partials) or "dense" (block-sparse query
+            tiles over each query block's forced blocks, merged by LSE with the token kernels
+            over the free slots; same result up to rounding).
         block_sparse_config: one launch configuration (keys SPLIT, PACK, num_warps, num_stages;
             optionally KSPLIT, key-block halves of the dK/dV kernel) for all the block-shared
             selected kernels, replacing the autotuner; None (default) autotunes. Set by tests
@@ -86,6 +92,7 @@ class KernelSettings:
     selected_bwd_config: dict | None = None
     block_sparse_autotune: bool = True
     block_sparse_config: dict | None = None
+    selected_forced: str = "sparse"
 
     def __post_init__(self) -> None:
         if self.topk_merge not in _MERGES:
@@ -98,6 +105,7 @@ class KernelSettings:
             ("FSA_WINDOW_BWD", self.window_bwd, _WINDOW_BWD),
             ("FSA_WINDOW_KERNEL", self.window_kernel, WINDOW_KERNELS),
             ("FSA_COMPRESSED_KERNEL", self.compressed_kernel, COMPRESSED_KERNELS),
+            ("FSA_SELECTED_FORCED", self.selected_forced, SELECTED_FORCED),
         ):
             if value not in choices:
                 raise ValueError(f"{variable} must be one of {choices}, got {value!r}")
@@ -144,6 +152,7 @@ class KernelSettings:
             window_kernel=env.get("FSA_WINDOW_KERNEL", "auto"),
             compressed_kernel=env.get("FSA_COMPRESSED_KERNEL", "auto"),
             block_sparse_autotune=flag("FSA_BLOCK_SPARSE_AUTOTUNE"),
+            selected_forced=env.get("FSA_SELECTED_FORCED", "sparse"),
         )
 
 

@@ -33,6 +33,14 @@ def check_selection(selection: str) -> None:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
 
 
+def check_forced_blocks(forced_blocks: tuple[int, int] | None) -> None:
+    """One-line error unless ``forced_blocks`` is None or ``(init, local)``, integers >= 0."""
+    if forced_blocks is not None and not (
+            len(forced_blocks) == 2 and all(isinstance(n, int) and n >= 0 for n in forced_blocks)):
+        raise ValueError(f"forced_blocks must be (init, local) with integers >= 0, "
+                         f"got {forced_blocks!r}")
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels on the CPU (``TRITON_INTERPRET=1``, the CPU test suite)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -8,7 +8,7 @@ from functools import partial
 import torch
 
 from fsa_train.kernels import naive_attention as na
-from fsa_train.kernels.utils import check_partials, check_selection
+from fsa_train.kernels.utils import check_forced_blocks, check_partials, check_selection
 from fsa_train.kernels.varlen import block_rows, token_block_rows
 
 
@@ -33,6 +33,7 @@ def selected_attention(
     scale: float | None = None,
     partials: str = "fp32",
     selection: str = "token",
+    forced_blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Attention over the union of the keys of each query's selected blocks, causal per token.
 
@@ -47,8 +48,15 @@ def selected_attention(
     ``partials`` ("fp32" or "half") is the Triton kernels' precision for their per-(token, slot)
     partial outputs and dQ (a run setting, ``model.config.nsa.selected_partials``); the naive op
     has no partials and only checks the value.
+
+    ``forced_blocks=(init, local)`` (token mode): the caller's promise that every token's
+    selection holds the first ``init`` blocks and the ``local`` blocks ending at its own (as
+    :func:`~fsa_train.kernels.api.select_blocks` makes them), so the Triton path may run those
+    as block-sparse tiles (``KernelSettings.selected_forced``); the result is the same, and the
+    naive op only checks the value's form.
     """
     check_partials(partials)
+    check_forced_blocks(forced_blocks)
     check_selection(selection)
     H, h = na.check_heads(q, k, v)
     if selection == "block":

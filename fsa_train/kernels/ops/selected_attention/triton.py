@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fsa_train.kernels.ops.selected_attention import block_sparse, forced
 from fsa_train.kernels.ops.selected_attention.block_sparse import selected_attention_block
 from fsa_train.kernels.ops.selected_attention.plan import (
     SelectionPlan,
@@ -50,6 +51,7 @@ from fsa_train.kernels.utils import (
     LOG2E,
     PARTIALS,
     as_int32,
+    check_forced_blocks,
     check_partials,
     check_selection,
     interpreting,
@@ -496,14 +498,59 @@ class _SelectedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+class _ForcedSplitAttention(torch.autograd.Function):
+    """Token-mode selected attention as the block-sparse kernels over every query block's forced
+    blocks plus the token kernels over the free slots, merged by LSE (:mod:`.forced`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, free, rows, cu_seqlens, block, scale, partials, settings):
+        o, lse, idx_c, keys = block_sparse._forward_kernel(q, k, v, rows, cu_seqlens, block,
+                                                           scale, settings.token)
+        plan = []
+        if free.shape[2]:
+            o_s, lse_s, *plan = _forward_kernel(q, k, v, free, cu_seqlens, block, scale,
+                                                partials, settings.token)
+            o, lse = forced.merge(o, lse, o_s, lse_s)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, idx_c, keys, *plan)
+        ctx.n_docs = cu_seqlens.shape[0] - 1
+        ctx.block, ctx.scale, ctx.partials, ctx.settings = block, scale, partials, settings.token
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens, idx_c, keys, *plan = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        # both kernels with the merged o and lse: each gives its keys' share of the gradients
+        dq, dk, dv = block_sparse._backward_kernel(q, k, v, o, lse, do, cu_seqlens, idx_c, keys,
+                                                   ctx.block, ctx.scale, ctx.settings)
+        if plan:
+            dq_s, dk_s, dv_s = _backward_kernel(q, k, v, o, lse, do, plan, ctx.n_docs,
+                                                ctx.block, ctx.scale, ctx.partials, ctx.settings)
+            dq, dk, dv = dq + dq_s, dk + dk_s, dv + dv_s
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _forced_split(q, k, v, idx, cu_seqlens, block, scale, partials, settings, init, local):
+    cu = as_int32(cu_seqlens)
+    free = forced.free_selection(idx, cu, block, init, local)
+    rows = forced.forced_rows(cu, q.shape[0], block, k.shape[1], init, local)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return _ForcedSplitAttention.apply(q, k, v, free, rows, cu, block, scale, partials, settings)
+
+
 def selected_attention(q, k, v, idx, cu_seqlens, block: int, scale: float | None = None,
-                       partials: str = "fp32", selection: str = "token", *,
+                       partials: str = "fp32", selection: str = "token",
+                       forced_blocks: tuple[int, int] | None = None, *,
                        settings: KernelSettings | None = None) -> torch.Tensor:
     """The naive op's contract (:mod:`.naive`) in Triton, for head dims and block sizes that are
     powers of two >= 16; ``idx`` as :func:`~fsa_train.kernels.api.select_blocks` returns it
     (valid ids ascending). ``partials``: the token mode's O/dQ partials' precision
     (:data:`~fsa_train.kernels.utils.PARTIALS`; block mode has no partials); ``selection="block"``
-    runs the block-sparse kernels of :mod:`.block_sparse`; ``settings``: launch overrides."""
+    runs the block-sparse kernels of :mod:`.block_sparse`; ``forced_blocks=(init, local)``: the
+    caller's promise that every token's selection holds those forced blocks, which lets
+    ``settings.selected_forced == "dense"`` run them as block-sparse query tiles
+    (:mod:`.forced`); ``settings``: launch overrides."""
     total, H, D = q.shape
     h = k.shape[1]
     if H % h or v.shape[1] != h or k.shape[0] != total or v.shape[0] != total:
@@ -515,10 +562,14 @@ def selected_attention(q, k, v, idx, cu_seqlens, block: int, scale: float | None
         raise ValueError(f"head dim ({D}) and block ({block}) must be powers of two >= 16")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     check_partials(partials)  # a bad value fails here, before any launch
+    check_forced_blocks(forced_blocks)
     settings = resolve_settings(settings)
     if total == 0:
         return q.new_zeros(0, H, D)
     if selection == "block":
         return selected_attention_block(q, k, v, idx, as_int32(cu_seqlens), block, scale,
                                         settings)
+    if forced_blocks is not None and settings.selected_forced == "dense" and sum(forced_blocks):
+        return _forced_split(q, k, v, idx, cu_seqlens, block, scale, partials, settings,
+                             *forced_blocks)
     return _SelectedAttention.apply(q, k, v, idx, cu_seqlens, block, scale, partials, settings)
