@@ -95,15 +95,6 @@ def test_forced_split_is_off_by_default_and_needs_the_promise():
         sa.selected_attention(q, k, v, idx, cu, 16, forced_blocks=(1,))
 
 
-def test_merge_of_an_empty_set_is_the_other():
-    o = torch.randn(5, 2, 4)
-    lse = torch.randn(2, 5)
-    empty_o, empty_lse = torch.zeros_like(o), torch.full_like(lse, float("-inf"))
-    merged, merged_lse = forced.merge(o, lse, empty_o, empty_lse)
-    torch.testing.assert_close(merged, o)
-    torch.testing.assert_close(merged_lse, lse)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("G", [1, 4, 16])

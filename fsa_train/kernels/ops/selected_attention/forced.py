@@ -5,7 +5,8 @@ the ``local`` blocks ending at ``j`` (``select_blocks`` gives them an infinite s
 over a union of key sets is the LSE-weighted merge of attention over each set, so the forced
 part can run as block-sparse FlashAttention over query tiles (:mod:`.block_sparse`, no
 per-(token, slot) partials) and only the free slots go through the token kernels, whose
-partial-output traffic grows with the slots. The backward passes both kernels the merged
+partial-output traffic grows with the slots; their merge kernel starts from the forced part's
+``(o, lse)``. The backward passes both kernels the merged
 output and LSE, which makes each compute its share of the union softmax's gradients exactly.
 
 The split is valid only when every token's selection holds its forced blocks, which
@@ -62,16 +63,3 @@ def free_selection(idx: torch.Tensor, cu_seqlens: torch.Tensor, block: int, init
     keep = (idx >= 0) & (idx <= own) & ~forced
     width = max(0, idx.shape[2] - forced_count(init_blocks, local_blocks))
     return _sorted_with_padding(idx, keep, width)
-
-
-def merge(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
-          lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the union of two disjoint key sets from each set's ``o [total, H, d]`` and
-    natural-log ``lse [H, total]`` (an empty set: ``o = 0``, ``lse = -inf``), in fp32; ``o`` in
-    ``o_a``'s dtype."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    finite = torch.where(torch.isfinite(lse), lse, 0.0)
-    w_a = torch.exp(lse_a - finite).t().unsqueeze(-1)
-    w_b = torch.exp(lse_b - finite).t().unsqueeze(-1)
-    o = o_a.float() * w_a + o_b.float() * w_b
-    return o.to(o_a.dtype), lse

@@ -159,11 +159,14 @@ def _fwd_block_kernel(
 
 @triton.jit
 def _merge_kernel(
-    OP, LP, IDX, O, LSE,
+    OP, LP, IDX, O, LSE, OI, LI,
     sot, soh, sod, total,
     T: tl.constexpr, G: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+    HAS_INIT: tl.constexpr,
 ):
-    """o, lse of BR // G tokens x one KV head's G heads (rows) from the per-slot fp32 partials."""
+    """o, lse of BR // G tokens x one KV head's G heads (rows) from the per-slot fp32 partials;
+    ``HAS_INIT``: starting from another key set's attention ``OI`` (strides of O) and ``LI``
+    (the forced blocks', :mod:`.forced`), so the result covers the union."""
     TB = BR // G
     r = tl.arange(0, BR)
     tt = tl.program_id(0) * TB + r // G
@@ -172,9 +175,15 @@ def _merge_kernel(
     rv = (r < TB * G) & (tt < total)
     offs_d = tl.arange(0, D)
     ibase = (hh * total + tt).to(tl.int64) * T
-    m = tl.full([BR], float("-inf"), tl.float32)
-    wsum = tl.zeros([BR], tl.float32)
-    acc = tl.zeros([BR, D], tl.float32)
+    if HAS_INIT:
+        m = tl.load(LI + head * total + tt, mask=rv, other=float("-inf"))
+        wsum = tl.where(m > float("-inf"), 1.0, 0.0)
+        acc = tl.load(OI + tt[:, None] * sot + head[:, None] * soh + offs_d[None, :] * sod,
+                      mask=rv[:, None], other=0.0).to(tl.float32)
+    else:
+        m = tl.full([BR], float("-inf"), tl.float32)
+        wsum = tl.zeros([BR], tl.float32)
+        acc = tl.zeros([BR, D], tl.float32)
     for j in range(T):
         valid = rv & (tl.load(IDX + ibase + j, mask=rv, other=-1) >= 0)
         row = (tt.to(tl.int64) * T + j) * H + head
@@ -386,7 +395,10 @@ def partial_dtype(dtype: torch.dtype, partials: str) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, idx, cu_seqlens, block, scale, partials, settings: KernelSettings):
+def _forward(q, k, v, idx, cu_seqlens, block, scale, partials, settings: KernelSettings,
+             init: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """o, lse and the plan; ``init``: (o, lse) of attention over other keys of the same
+    queries (contiguous, as ``o``), merged in (the forced blocks' part, :mod:`.forced`)."""
     total, H, D = q.shape
     G = H // k.shape[1]
     T = idx.shape[2]
@@ -404,9 +416,10 @@ def _forward(q, k, v, idx, cu_seqlens, block, scale, partials, settings: KernelS
     o = torch.empty(total, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(H, total, dtype=torch.float32, device=q.device)
     br = _row_tile(G)
+    o_init, lse_init = init if init is not None else (o, lse)  # unread without init
     _merge_kernel[(triton.cdiv(total, br // G), H // G)](
-        op, lp, plan.idx_c, o, lse, *o.stride(), total,
-        T=T, G=G, H=H, D=D, BR=br, num_warps=4,
+        op, lp, plan.idx_c, o, lse, o_init, lse_init, *o.stride(), total,
+        T=T, G=G, H=H, D=D, BR=br, HAS_INIT=init is not None, num_warps=4,
     )
     return o, lse, plan
 
@@ -462,6 +475,22 @@ def _forward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torc
     return [o, lse, *plan.tensors()]
 
 
+def _forward_merged_fake(q, k, v, idx, cu_seqlens, block, scale, partials, settings, o_init,
+                         lse_init):
+    return _forward_fake(q, k, v, idx, cu_seqlens, block, scale, partials, settings)
+
+
+@kernel_op("selected_attention_fwd_merged", _forward_merged_fake)
+def _forward_merged_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                           cu_seqlens: torch.Tensor, block: int, scale: float, partials: str,
+                           settings: str, o_init: torch.Tensor, lse_init: torch.Tensor,
+                           ) -> list[torch.Tensor]:
+    """:func:`_forward` merged with ``(o_init, lse_init)`` as a custom op."""
+    o, lse, plan = _forward(q, k, v, idx, cu_seqlens, block, scale, partials,
+                            settings_from_token(settings), (o_init.contiguous(), lse_init))
+    return [o, lse, *plan.tensors()]
+
+
 def _backward_fake(q, k, v, o, lse, do, plan, n_docs, block, scale, partials, settings):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -507,10 +536,9 @@ class _ForcedSplitAttention(torch.autograd.Function):
         o, lse, idx_c, keys = block_sparse._forward_kernel(q, k, v, rows, cu_seqlens, block,
                                                            scale, settings.token)
         plan = []
-        if free.shape[2]:
-            o_s, lse_s, *plan = _forward_kernel(q, k, v, free, cu_seqlens, block, scale,
-                                                partials, settings.token)
-            o, lse = forced.merge(o, lse, o_s, lse_s)
+        if free.shape[2]:  # the token kernels' merge starts from the forced blocks' (o, lse)
+            o, lse, *plan = _forward_merged_kernel(q, k, v, free, cu_seqlens, block, scale,
+                                                   partials, settings.token, o, lse)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, idx_c, keys, *plan)
         ctx.n_docs = cu_seqlens.shape[0] - 1
         ctx.block, ctx.scale, ctx.partials, ctx.settings = block, scale, partials, settings.token
