@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import time
@@ -155,16 +156,22 @@ def run_ours(args, results):
                     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()],
                                       dtype=torch.int32, device="cuda")
                     gen = torch.Generator(device="cuda").manual_seed(n + G + block)
-                    for kind, idx in selections(args, cu, topk, block, gen):
+                    for (kind, idx), way in itertools.product(
+                            selections(args, cu, topk, block, gen), args.forced):
                         label = MODES if kind == "random" else f"{MODES} @{kind}"
+                        if way == "dense":
+                            label += ", forced dense"
                         key = dict(tokens=n, G=G, block=block, topk=topk, layout=lname,
                                    impl="ours", modes=label)
                         if elapsed() > args.deadline:
                             results.append({**key, "error": "skipped: time"})
                             continue
+                        # the selections hold the forced (1, 2) blocks (random_selection's)
+                        options = dict(forced_blocks=(1, 2), settings=dataclasses.replace(
+                            base_settings(), selected_forced=way))
 
-                        def fwd(q=q, k=k, v=v, cu=cu, idx=idx, block=block):
-                            return sa.selected_attention(q, k, v, idx, cu, block)
+                        def fwd(q=q, k=k, v=v, cu=cu, idx=idx, block=block, options=options):
+                            return sa.selected_attention(q, k, v, idx, cu, block, **options)
 
                         def fwdbwd(fwd=fwd, do=do):
                             fwd().backward(do)
@@ -540,6 +547,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fwd-cfgs", nargs="+", default=[",".join(map(str, c)) for c in FWD_CFGS],
                    help="tune: forward BLOCK_M,num_warps,num_stages[,prefetch]")
     p.add_argument("--bwd-cfgs", nargs="+", default=[",".join(map(str, c)) for c in BWD_CFGS])
+    p.add_argument("--forced", nargs="+", choices=["sparse", "dense"], default=["sparse"],
+                   help="KernelSettings.selected_forced of our rows: the forced blocks through "
+                        "the token kernels (sparse) or as block-sparse query tiles (dense)")
     p.add_argument("--sweep-partials", action="store_true",
                    help="the fp32 / half partials sweep instead (fixed shapes; tag "
                         "partials_sweep)")
