@@ -2,6 +2,7 @@
 (Triton's interpreter on CPU) against the reference: outputs and all seven gradients."""
 
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from fsa_testing import DEVICE, cu_seqlens
 
 from fsa_train.config import NSAConfig
 from fsa_train.kernels import OPS, CompressionParams, nsa_attention, reference, triton_impl
+from fsa_train.kernels.settings import default_settings
 from fsa_train.model.rope import Rotary
 
 pytest.importorskip("triton")
@@ -59,12 +61,23 @@ def test_compress_gradients_ignore_padding_rows():
     torch.testing.assert_close(weight.grad, w2.grad)
 
 
-@pytest.mark.parametrize("group,selection", [(1, "token"), (4, "token"), (1, "block"),
-                                             (4, "block")])
-def test_nsa_core_on_triton_kernels_matches_reference(group, selection):
+@pytest.mark.parametrize("group,selection,forced", [
+    (1, "token", "sparse"), (4, "token", "sparse"), (1, "block", "sparse"),
+    (4, "block", "sparse"), (2, "token", "dense"),
+])
+def test_nsa_core_on_triton_kernels_matches_reference(group, selection, forced, monkeypatch):
+    """``forced="dense"``: the selected branch with its forced blocks as block-sparse tiles
+    (``KernelSettings.selected_forced``), reached through the core's promise."""
+    selected = importlib.import_module("fsa_train.kernels.ops.selected_attention.triton")
+    splits = []
+    split = selected._forced_split
+    monkeypatch.setattr(selected, "_forced_split",
+                        lambda *args: splits.append(args[-2:]) or split(*args))
     assert all(triton_impl(op) is not None for op in OPS)  # every op runs its GPU-path code
-    nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, init_blocks=1,
+    nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16,
+                    sel_topk=4 if forced == "dense" else 3, init_blocks=1,
                     local_blocks=2, window=24, selection=selection)
+    settings = replace(default_settings(), selected_forced=forced)
     h, d = 2, 16
     lengths = [70, 9, 45]
     dtype = torch.float32
@@ -86,9 +99,10 @@ def test_nsa_core_on_triton_kernels_matches_reference(group, selection):
         for leaf in leaves:
             leaf.grad = None
         out = nsa_attention(q, k, v, gates, CompressionParams(w_k, w_v, pe), cu, nsa, rope,
-                            backend=backend)
+                            backend=backend, settings=settings)
         out.backward(grad_out)
         results[backend] = (out.detach(), [leaf.grad.detach().clone() for leaf in leaves])
+    assert splits == ([(1, 2)] if forced == "dense" and selection == "token" else [])
     out_t, grads_t = results["triton"]
     out_r, grads_r = results["reference"]
     torch.testing.assert_close(out_t, out_r, rtol=1e-4, atol=1e-4)
