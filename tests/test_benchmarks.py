@@ -648,3 +648,29 @@ def test_loss_parity_copied_runs_join_the_report_without_evaluating_again(tmp_pa
     (other / "position_loss.json").write_text(json.dumps(fewer))
     table = loss_parity.markdown(loss_parity.summarize(tmp_path), "t")
     assert "| tokens | 1,933,266 | 1,000 |" in table and "different numbers" in table
+
+
+def test_loss_parity_key_tokens_come_from_the_reference_runs_file(tmp_path, capsys):
+    """The reference run writes its key tokens; the others read that file (a committed run of
+    an earlier session has no checkpoint), fall back to its export, or choose their own."""
+    import argparse
+
+    from benchmarks import loss_parity
+
+    parser = argparse.ArgumentParser()
+    loss_parity.add_arguments(parser)
+    args = parser.parse_args(["evaluate", "--out", str(tmp_path), "--dataset", "unused",
+                              "--short_context", "512", "--key_reference", "dense"])
+    dense, nsa = tmp_path / "dense-s1", tmp_path / "nsa-s1"
+    dense.mkdir()
+    assert loss_parity.key_reference(args, dense) == ["--key_tokens_out",
+                                                      str(dense / "key_tokens.npz")]
+    assert loss_parity.key_reference(args, nsa) == []
+    assert "key tokens chosen by the model itself" in capsys.readouterr().out
+    (dense / "model.pt").write_bytes(b"")
+    assert loss_parity.key_reference(args, nsa) == ["--reference", str(dense / "model.pt")]
+    (dense / "key_tokens.npz").write_bytes(b"")
+    assert loss_parity.key_reference(args, nsa) == ["--key_tokens", str(dense / "key_tokens.npz")]
+    assert loss_parity.key_reference(args, tmp_path / "nsa-s0") == []  # no dense-s0
+    no_keys = parser.parse_args(["evaluate", "--out", str(tmp_path), "--dataset", "unused"])
+    assert loss_parity.key_reference(no_keys, nsa) == []

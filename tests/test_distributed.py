@@ -112,7 +112,10 @@ def losses(root: Path) -> dict[int, float]:
     return {record["step"]: record["train/loss"] for record in map(json.loads, lines)}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero2_sp"])
+# ZeRO-2 runs once, with sequence parallelism: the same DeepSpeed resume path (partitioned
+# optimizer state over the two ranks), plus the sequence-parallel sampler state (the plain
+# ZeRO-2 case took another 22 s of the CPU suite)
+@pytest.mark.parametrize("strategy", ["ddp", "zero2_sp"])
 def test_two_process_resume_equals_uninterrupted(strategy, small_corpus, tmp_path):
     if strategy.startswith("zero2"):
         pytest.importorskip("deepspeed")

@@ -126,7 +126,9 @@ def test_block_with_a_checkpointed_sublayer_compiles_whole():
 
 
 @pytest.mark.skipif(not interpreting(), reason="the CPU run of the Triton path")
-@pytest.mark.parametrize(("attention", "selection"), CASES)
+# block mode's custom ops compile the same way and run on the GPU test; on the CPU the
+# interpreter makes each case 12 s
+@pytest.mark.parametrize(("attention", "selection"), CASES[:2])
 def test_block_compiles_whole_on_the_triton_path(attention, selection):
     """Every kernel launch is a custom op: Dynamo traces no Triton launcher or autotuner."""
     block, inputs = make_block(attention, selection, "triton", [37, 20], 64, 4, 2, 16)

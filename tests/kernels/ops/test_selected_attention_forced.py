@@ -66,9 +66,7 @@ def run_reference(q, k, v, do, idx, cu, block, dtype=torch.float64):
     return o.detach(), q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("G,init,local,topk", [
-    (1, 1, 2, 5), (3, 1, 2, 5), (8, 1, 2, 5), (2, 1, 2, 3), (4, 2, 1, 6),
-])
+@pytest.mark.parametrize("G,init,local,topk", [(3, 1, 2, 5), (2, 1, 2, 3), (4, 2, 1, 6)])
 def test_forced_split_matches_reference_fp32(G, init, local, topk):
     """topk = init + local leaves no free slot (the block-sparse kernels alone)."""
     h = 2 if G <= 4 else 1
