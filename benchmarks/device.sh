@@ -5,6 +5,14 @@
 #   bash benchmarks/device.sh wheels
 #     Install the carried wheels in .whl/ (no index, no deps) into /tmp/site; the other
 #     subcommands do it themselves and put /tmp/site and the repo on PYTHONPATH.
+#   bash benchmarks/device.sh split-wheels DIR...
+#     Here: the wheels of DIR... (e.g. FlashAttention-4 and its 92 MB CuTe DSL runtime, more than
+#     one call's 64 MiB carry) cut into parts of at most 45 MiB, in .wheel-parts-1/, -2/, ...
+#     (git-excluded). Carry one folder per call, in calls back to back (a warm machine keeps the
+#     folders an earlier call carried), then in the last call:
+#   bash benchmarks/device.sh join-wheels
+#     On the device: reassembles every .wheel-parts-*/ into /tmp/joined-wheels (checking each
+#     wheel's sha256) and installs them like the carried .whl/ (no index, no deps).
 #   WORKERS=4 bash benchmarks/device.sh gpu-tests [pytest args, default tests]
 #     The GPU-only tests (`-m gpu`: kernels at real sizes, bf16/fp16, determinism, CUDA graphs), in
 #     parallel over WORKERS processes when pytest-xdist is there (the suite is mostly Triton
@@ -271,16 +279,71 @@ YAML
   python3 -m benchmarks run trainer_check "$RUNS" --out "$OUT"
 }
 
+split_wheels() {
+  set -e
+  rm -rf .wheel-parts-*
+  grep -qx '/.wheel-parts-\*/' .git/info/exclude 2>/dev/null || echo '/.wheel-parts-*/' >> .git/info/exclude
+  local limit=$(( ${WHEEL_PART_MIB:-45} * 1024 * 1024 )) index=1 used=0 wheel name piece size
+  local pieces
+  pieces=$(mktemp -d)
+  for wheel in $(find "$@" -name '*.whl' | sort); do  # big wheels as numbered pieces
+    name=$(basename "$wheel")
+    if [ "$(stat -c %s "$wheel")" -gt "$limit" ]; then
+      sha256sum "$wheel" | cut -d' ' -f1 > "$pieces/$name.sha256"
+      split -b "$limit" -d -a 2 "$wheel" "$pieces/$name.piece."
+    else
+      cp "$wheel" "$pieces/"
+    fi
+  done
+  mkdir -p ".wheel-parts-$index"
+  for piece in "$pieces"/*; do  # first fit into parts of at most the limit
+    size=$(stat -c %s "$piece")
+    if [ $((used + size)) -gt "$limit" ] && [ "$used" -gt 0 ]; then
+      index=$((index + 1)); used=0; mkdir -p ".wheel-parts-$index"
+    fi
+    mv "$piece" ".wheel-parts-$index/"
+    used=$((used + size))
+  done
+  rmdir "$pieces"
+  du -sh .wheel-parts-*
+}
+
+join_wheels() {
+  set -e
+  local out=/tmp/joined-wheels sum name wheel
+  mkdir -p "$out"
+  for wheel in .wheel-parts-*/*.whl; do [ -e "$wheel" ] && cp "$wheel" "$out/"; done
+  for sum in .wheel-parts-*/*.sha256; do
+    [ -e "$sum" ] || continue
+    name=$(basename "$sum" .sha256)
+    # the pieces in their numbered order, whichever part carried them
+    find . -path './.wheel-parts-*' -name "$name.piece.*" | awk -F. '{print $NF, $0}' | sort -n \
+      | cut -d' ' -f2- | xargs cat > "$out/$name"
+    if [ "$(sha256sum "$out/$name" | cut -d' ' -f1)" != "$(cat "$sum")" ]; then
+      echo "join-wheels: $name: the joined pieces do not match its sha256 (a part is missing)" >&2
+      rm -f "$out/$name"
+      exit 1
+    fi
+  done
+  for wheel in "$out"/*.whl; do
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$wheel" 2>/dev/null || echo "skipped $wheel (not for this Python)" >&2
+  done
+  ls "$out"
+}
+
 command=${1:-}
 shift || true
 case "$command" in
   wheels) install_carried_wheels; echo "PYTHONPATH=$PYTHONPATH" ;;
+  split-wheels) split_wheels "$@" ;;
+  join-wheels) join_wheels ;;
   gpu-tests) gpu_tests "$@" ;;
   bench) install_carried_wheels; "$PY" -m benchmarks run "$@" ;;
   loss-parity) loss_parity "$@" ;;
   trainer-check) trainer_check ;;
   *)
-    sed -n '2,52p' "$SELF"
+    sed -n '2,/^set -uo pipefail/p' "$SELF" | sed '$d'  # the whole header comment
     exit 2
     ;;
 esac

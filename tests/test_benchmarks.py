@@ -4,6 +4,7 @@ committed tables rendered from their committed JSON, and the benchmarks' CPU smo
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -429,7 +430,8 @@ def test_device_script_lists_its_subcommands():
     result = subprocess.run(["bash", "benchmarks/device.sh"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2
-    for command in ("wheels", "gpu-tests", "bench NAME", "loss-parity", "trainer-check"):
+    for command in ("wheels", "split-wheels", "join-wheels", "gpu-tests", "bench NAME",
+                    "loss-parity", "trainer-check"):
         assert f"device.sh {command}" in result.stdout, command
 
 
@@ -674,3 +676,37 @@ def test_loss_parity_key_tokens_come_from_the_reference_runs_file(tmp_path, caps
     assert loss_parity.key_reference(args, tmp_path / "nsa-s0") == []  # no dense-s0
     no_keys = parser.parse_args(["evaluate", "--out", str(tmp_path), "--dataset", "unused"])
     assert loss_parity.key_reference(no_keys, nsa) == []
+
+
+def test_device_script_splits_big_wheels_and_joins_them(tmp_path):
+    """Wheels over one call's carry travel as parts (`split-wheels`) and are put back together
+    on the device (`join-wheels`) bit for bit; a missing piece is one line, not a broken wheel."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "device.sh", repo / "benchmarks" / "device.sh")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    big = os.urandom(5 * 2**20 + 123)
+    (wheels / "big-1.0-py3-none-any.whl").write_bytes(big)
+    (wheels / "small-1.0-py3-none-any.whl").write_bytes(os.urandom(1000))
+    env = dict(os.environ, WHEEL_PART_MIB="2", PY=sys.executable)
+
+    def device(*words: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "benchmarks/device.sh", *words], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert device("split-wheels", str(wheels)).returncode == 0
+    parts = sorted(repo.glob(".wheel-parts-*"))
+    assert len(parts) == 3
+    assert all(sum(f.stat().st_size for f in part.iterdir()) <= 2 * 2**20 for part in parts)
+    assert "/.wheel-parts-*/" in (repo / ".git" / "info" / "exclude").read_text()
+    joined = Path("/tmp/joined-wheels")
+    shutil.rmtree(joined, ignore_errors=True)
+    assert device("join-wheels").returncode == 0
+    assert (joined / "big-1.0-py3-none-any.whl").read_bytes() == big
+    shutil.rmtree(joined)
+    next(repo.glob(".wheel-parts-*/big-1.0-py3-none-any.whl.piece.01")).unlink()
+    result = device("join-wheels")
+    assert result.returncode == 1 and "do not match its sha256" in result.stderr
+    assert not (joined / "big-1.0-py3-none-any.whl").exists()
