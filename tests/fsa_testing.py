@@ -126,6 +126,27 @@ def check_compressed_kernel(kernel: str, dtype: torch.dtype, G: int, d: int,
     assert_same_lse(lse, lse_ref, lse_tol)
 
 
+def run_selected(q, k, v, do, idx, cu, block, **options):
+    """The Triton selected attention's ``(o, dq, dk, dv)`` on fresh leaves (``options``: the op's
+    keywords, e.g. ``partials``, ``forced_blocks``, ``settings``)."""
+    from fsa_train.kernels.ops.selected_attention import triton as selected
+
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = selected.selected_attention(q, k, v, idx, cu, block, **options)
+    o.backward(do)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def run_selected_reference(q, k, v, do, idx, cu, block, dtype=torch.float64):
+    """The reference selected attention's ``(o, dq, dk, dv)``, computed in ``dtype``."""
+    from fsa_train.kernels import reference
+
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    o = reference.selected_attention(q, k, v, idx, cu, block)
+    o.backward(do.to(dtype))
+    return o.detach(), q.grad, k.grad, v.grad
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

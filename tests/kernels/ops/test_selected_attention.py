@@ -9,29 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 from fsa_testing import DEVICE as DEV
-from fsa_testing import assert_close, rel_error
+from fsa_testing import assert_close, rel_error, run_selected, run_selected_reference
 from fsa_testing import packed_qkv as make_inputs
 
 import fsa_train.kernels as ops
-from fsa_train.kernels import reference
 from fsa_train.kernels.ops.selected_attention import triton as sa
 from fsa_train.kernels.ops.selected_attention.plan import build_plan, segment_queries
 from fsa_train.kernels.ops.selected_attention.sampling import random_selection
 from fsa_train.kernels.settings import default_settings
-
-
-def run_ours(q, k, v, do, idx, cu, block, **options):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    o = sa.selected_attention(q, k, v, idx, cu, block, **options)
-    o.backward(do)
-    return o.detach(), q.grad, k.grad, v.grad
-
-
-def run_ref(q, k, v, do, idx, cu, block, dtype=torch.float64):
-    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    o = reference.selected_attention(q, k, v, idx, cu, block)
-    o.backward(do.to(dtype))
-    return o.detach(), q.grad, k.grad, v.grad
 
 
 def check(ours, ref, tol, what=""):
@@ -50,8 +35,8 @@ def test_block_major_matches_reference_fp32(G):
     q, k, v, do, cu = make_inputs(LENGTHS, h, G, 16, torch.float32, seed=G)
     idx = random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(G))
     assert (idx == -1).any() and (idx[:, :, -1] >= 0).any()  # padded and full selections
-    ours = run_ours(q, k, v, do, idx, cu, block)
-    check(ours, run_ref(q, k, v, do, idx, cu, block), 2e-5, f"G={G} block")
+    ours = run_selected(q, k, v, do, idx, cu, block)
+    check(ours, run_selected_reference(q, k, v, do, idx, cu, block), 2e-5, f"G={G} block")
 
 
 @pytest.mark.parametrize("G", [2, 16])
@@ -65,8 +50,8 @@ def test_prefetching_variant_matches_reference_fp32(G):
     q, k, v, do, cu = make_inputs([70, 33], h, G, 16, torch.float32, seed=30 + G)
     idx = random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(G))
     assert sa._override(settings.selected_fwd_config)["PREFETCH"]
-    ours = run_ours(q, k, v, do, idx, cu, block, settings=settings)
-    check(ours, run_ref(q, k, v, do, idx, cu, block), 2e-5, f"G={G} prefetch")
+    ours = run_selected(q, k, v, do, idx, cu, block, settings=settings)
+    check(ours, run_selected_reference(q, k, v, do, idx, cu, block), 2e-5, f"G={G} prefetch")
 
 
 @pytest.mark.parametrize("G,d,block", [(1, 32, 32), (4, 16, 16), (16, 32, 16)])
@@ -75,8 +60,8 @@ def test_matches_reference_fp16_large_logits(G, d, block):
     h = 2 if G < 16 else 1
     q, k, v, do, cu = make_inputs([61, 90, 17], h, G, d, torch.float16, seed=10 + G, q_scale=8.0)
     idx = random_selection(cu, h, 4, block, torch.Generator(device=DEV).manual_seed(3))
-    ref = run_ref(q, k, v, do, idx, cu, block)
-    ours = run_ours(q, k, v, do, idx, cu, block)
+    ref = run_selected_reference(q, k, v, do, idx, cu, block)
+    ours = run_selected(q, k, v, do, idx, cu, block)
     assert ours[0].dtype == torch.float16
     check(ours, ref, 5e-3, f"fp16 G={G}")
 
@@ -90,8 +75,8 @@ def test_half_partials_match_reference_fp16(G):
     q, k, v, do, cu = make_inputs([61, 90, 17], 2, G, 32, torch.float16, seed=40 + G,
                                   q_scale=8.0 if G == 4 else 1.0)
     idx = random_selection(cu, 2, 4, 16, torch.Generator(device=DEV).manual_seed(G))
-    ours = run_ours(q, k, v, do, idx, cu, 16, partials="half")
-    check(ours, run_ref(q, k, v, do, idx, cu, 16), 5e-3, f"half partials G={G}")
+    ours = run_selected(q, k, v, do, idx, cu, 16, partials="half")
+    check(ours, run_selected_reference(q, k, v, do, idx, cu, 16), 5e-3, f"half partials G={G}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -119,8 +104,8 @@ def test_popular_block():
     segq = plan.segq
     assert segq < 150 and int(plan.seg_off[1] - plan.seg_off[0]) == -(-150 // segq)
     assert plan.maxseg >= int(plan.seg_off[-1])  # static grid bound holds
-    ref = run_ref(q, k, v, do, idx, cu, block)
-    ours = run_ours(q, k, v, do, idx, cu, block)
+    ref = run_selected_reference(q, k, v, do, idx, cu, block)
+    ours = run_selected(q, k, v, do, idx, cu, block)
     check(ours, ref, 5e-3, "popular")
 
 
@@ -137,7 +122,7 @@ def test_noncontiguous_inputs_and_grad():
     assert not (qn.is_contiguous() or kn.is_contiguous() or don.is_contiguous())
     idx = random_selection(cu, h, 3, block, torch.Generator(device=DEV).manual_seed(1))
     idx_nc = torch.empty(h, 3, total, dtype=torch.int32, device=DEV).transpose(1, 2).copy_(idx)
-    ref = run_ref(q, k, v, do, idx, cu, block)
+    ref = run_selected_reference(q, k, v, do, idx, cu, block)
     qq, kk, vv = (x.detach().requires_grad_() for x in (qn, kn, vn))
     o = sa.selected_attention(qq, kk, vv, idx_nc, cu, block)
     o.backward(don)
@@ -153,9 +138,9 @@ def test_irregular_selections():
     idx[0, 5] = torch.tensor([0, 2, -1])  # block 2 is in the future of local token 5
     idx[0, 20] = torch.tensor([0, 0, 1])  # repeat
     idx[0, 41] = -1  # second document, token 1: nothing selected
-    ref = run_ref(q, k, v, do, idx, cu, block)
+    ref = run_selected_reference(q, k, v, do, idx, cu, block)
     assert float(ref[0][41].abs().max()) == 0.0
-    ours = run_ours(q, k, v, do, idx, cu, block)
+    ours = run_selected(q, k, v, do, idx, cu, block)
     check(ours, ref, 2e-5, "irregular")
     assert float(ours[0][41].abs().max()) == 0.0 and float(ours[1][41].abs().max()) == 0.0
     assert total == 69
@@ -195,8 +180,8 @@ def _gpu_case(lengths, h, G, d, block, topk, dtype, seed, q_scale=1.0):
     """Ours vs the reference in fp32 on the GPU, rel L2 <= 1e-2."""
     q, k, v, do, cu = make_inputs(lengths, h, G, d, dtype, seed, q_scale=q_scale)
     idx = random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(seed))
-    ref = run_ref(q, k, v, do, idx, cu, block, dtype=torch.float32)
-    ours = run_ours(q, k, v, do, idx, cu, block)
+    ref = run_selected_reference(q, k, v, do, idx, cu, block, dtype=torch.float32)
+    ours = run_selected(q, k, v, do, idx, cu, block)
     assert ours[0].dtype == dtype
     check(ours, ref, 1e-2, f"{len(lengths)}x{lengths[0]} G={G} {dtype}")
 
@@ -228,10 +213,10 @@ def test_gpu_half_partials_stay_near_fp32_partials():
     fp32 partials (plus bf16's output rounding)."""
     q, k, v, do, cu = make_inputs([8192, 8000], 2, 4, 128, torch.bfloat16, 7)
     idx = random_selection(cu, 2, 16, 64, torch.Generator(device=DEV).manual_seed(7))
-    ref = run_ref(q, k, v, do, idx, cu, 64, dtype=torch.float32)
+    ref = run_selected_reference(q, k, v, do, idx, cu, 64, dtype=torch.float32)
     errors = {}
     for partials in ("fp32", "half"):
-        ours = run_ours(q, k, v, do, idx, cu, 64, partials=partials)
+        ours = run_selected(q, k, v, do, idx, cu, 64, partials=partials)
         errors[partials] = [rel_error(a, b) for a, b in zip(ours, ref, strict=True)]
     for name, e32, e16 in zip(("o", "dq", "dk", "dv"), errors["fp32"], errors["half"],
                               strict=True):
@@ -242,8 +227,8 @@ def test_gpu_half_partials_stay_near_fp32_partials():
 def test_gpu_deterministic_and_cuda_graph():
     q, k, v, do, cu = make_inputs([4096] * 8, 4, 4, 128, torch.bfloat16, 3)
     idx = random_selection(cu, 4, 16, 64, torch.Generator(device=DEV).manual_seed(3))
-    first = run_ours(q, k, v, do, idx, cu, 64)
-    second = run_ours(q, k, v, do, idx, cu, 64)
+    first = run_selected(q, k, v, do, idx, cu, 64)
+    second = run_selected(q, k, v, do, idx, cu, 64)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -273,7 +258,7 @@ def test_gpu_deterministic_and_cuda_graph():
         qg.copy_(q2), kg.copy_(k2), vg.copy_(v2), static_do.copy_(do2)
     graph.replay()
     torch.cuda.synchronize()
-    expect = run_ours(q2, k2, v2, do2, idx, cu, 64)
+    expect = run_selected(q2, k2, v2, do2, idx, cu, 64)
     for a, b in zip((o_static, qg.grad, kg.grad, vg.grad), expect, strict=True):
         assert torch.equal(a, b)
 

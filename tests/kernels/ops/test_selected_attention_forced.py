@@ -9,15 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 from fsa_testing import DEVICE as DEV
-from fsa_testing import assert_close
+from fsa_testing import assert_close, run_selected, run_selected_reference
 from fsa_testing import packed_qkv as make_inputs
 
-from fsa_train.kernels import reference
 from fsa_train.kernels.ops.selected_attention import forced
 from fsa_train.kernels.ops.selected_attention import triton as sa
 from fsa_train.kernels.ops.selected_attention.sampling import random_selection
 from fsa_train.kernels.settings import default_settings
-from fsa_train.kernels.varlen import token_block_rows
+from fsa_train.kernels.varlen import document_positions, token_block_rows
 
 DENSE = replace(default_settings(), selected_forced="dense")
 LENGTHS = [37, 70, 1, 53, 16, 130]  # odd lengths, a 1-token document, one exactly a block
@@ -38,8 +37,6 @@ def test_forced_rows_and_free_slots_partition_the_selection(init, local):
     rows = forced.forced_rows(cu, total, block, h, init, local)
     free = forced.free_selection(idx, cu, block, init, local)
     assert free.shape == (h, total, topk - init - local) and free.dtype == torch.int32
-    from fsa_train.kernels.varlen import document_positions
-
     own = document_positions(cu, total) // block
     token_rows = token_block_rows(cu, total, block)
     want = selected_sets(idx, own)
@@ -52,20 +49,6 @@ def test_forced_rows_and_free_slots_partition_the_selection(init, local):
             assert set(row) | set(rest) == want[hh][t], (t, row, rest, want[hh][t])
 
 
-def run(q, k, v, do, idx, cu, block, **options):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    o = sa.selected_attention(q, k, v, idx, cu, block, **options)
-    o.backward(do)
-    return o.detach(), q.grad, k.grad, v.grad
-
-
-def run_reference(q, k, v, do, idx, cu, block, dtype=torch.float64):
-    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    o = reference.selected_attention(q, k, v, idx, cu, block)
-    o.backward(do.to(dtype))
-    return o.detach(), q.grad, k.grad, v.grad
-
-
 @pytest.mark.parametrize("G,init,local,topk", [(3, 1, 2, 5), (2, 1, 2, 3), (4, 2, 1, 6)])
 def test_forced_split_matches_reference_fp32(G, init, local, topk):
     """topk = init + local leaves no free slot (the block-sparse kernels alone)."""
@@ -74,8 +57,8 @@ def test_forced_split_matches_reference_fp32(G, init, local, topk):
     q, k, v, do, cu = make_inputs(LENGTHS, h, G, 16, torch.float32, seed=G)
     idx = random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(G),
                            (init, local))
-    ours = run(q, k, v, do, idx, cu, block, forced_blocks=(init, local), settings=DENSE)
-    want = run_reference(q, k, v, do, idx, cu, block)
+    ours = run_selected(q, k, v, do, idx, cu, block, forced_blocks=(init, local), settings=DENSE)
+    want = run_selected_reference(q, k, v, do, idx, cu, block)
     for name, a, b in zip(("o", "dq", "dk", "dv"), ours, want, strict=True):
         assert_close(a, b, 2e-5, f"G={G} forced=({init}, {local}) T={topk} {name}")
 
@@ -87,8 +70,8 @@ def test_forced_split_is_off_by_default_and_needs_the_promise():
     q, k, v, do, cu = make_inputs([40], 1, 2, 16, torch.float32, seed=0)
     idx = torch.full((1, 40, 3), -1, dtype=torch.int32)
     idx[..., 0] = 0  # only block 0: no token holds its local blocks
-    plain = run(q, k, v, do, idx, cu, 16, settings=DENSE)
-    assert_close(plain[0], run_reference(q, k, v, do, idx, cu, 16)[0], 2e-5, "o")
+    plain = run_selected(q, k, v, do, idx, cu, 16, settings=DENSE)
+    assert_close(plain[0], run_selected_reference(q, k, v, do, idx, cu, 16)[0], 2e-5, "o")
     with pytest.raises(ValueError, match=r"forced_blocks must be \(init, local\)"):
         sa.selected_attention(q, k, v, idx, cu, 16, forced_blocks=(1,))
 
@@ -102,9 +85,9 @@ def test_gpu_forced_split_real_sizes(dtype, G):
     lengths, h, d, block, topk = [8192, 3001, 5191], 2 if G > 4 else 4, 128, 64, 16
     q, k, v, do, cu = make_inputs(lengths, h, G, d, dtype, seed=G)
     idx = random_selection(cu, h, topk, block, torch.Generator(device=DEV).manual_seed(G))
-    ours = run(q, k, v, do, idx, cu, block, forced_blocks=(1, 2), settings=DENSE)
-    tokens = run(q, k, v, do, idx, cu, block)
-    want = run_reference(q, k, v, do, idx, cu, block, dtype=torch.float32)
+    ours = run_selected(q, k, v, do, idx, cu, block, forced_blocks=(1, 2), settings=DENSE)
+    tokens = run_selected(q, k, v, do, idx, cu, block)
+    want = run_selected_reference(q, k, v, do, idx, cu, block, dtype=torch.float32)
     for name, a, b, c in zip(("o", "dq", "dk", "dv"), ours, want, tokens, strict=True):
         assert a.dtype == dtype
         assert_close(a, b, 1e-2, f"G={G} {dtype} {name} vs reference")
