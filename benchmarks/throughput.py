@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,9 +43,7 @@ from benchmarks import REGISTRY, register
 from benchmarks.common import Record, StepTimer, add_output_arguments, require_cuda, run_meta
 from fsa_train.config import GPTConfig, NSAConfig
 from fsa_train.flops import batch_flops, device_peak_flops
-from fsa_train.kernels.nsa import nsa_varlen
 from fsa_train.kernels.tuning import autotune_choices, choices_markdown
-from fsa_train.kernels.varlen import document_positions
 from fsa_train.model import GPT
 from fsa_train.model.attention import Attention
 
@@ -148,12 +147,9 @@ class BlockStack(nn.Module):
 
     def __init__(self, model: GPT, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
         super().__init__()
-        total = int(cu_seqlens[-1])
         self.blocks = model.blocks
         self.cu_seqlens, self.max_seqlen = cu_seqlens, max_seqlen
-        self.positions = document_positions(cu_seqlens, total)
-        self.varlen = (nsa_varlen(cu_seqlens, total, model.cfg.nsa, self.positions)
-                       if model.cfg.attention == "nsa" else None)
+        self.positions, self.varlen = model.batch_layout(cu_seqlens, int(cu_seqlens[-1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -211,8 +207,6 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    import time
 
     first_start = time.perf_counter()
     step()  # the first step: compilation and autotuning (the tuning cache may skip the latter)

@@ -140,6 +140,15 @@ class GPT(nn.Module):
             count -= self.embed.weight.numel()
         return count
 
+    def batch_layout(self, cu_seqlens: torch.Tensor,
+                     total: int) -> tuple[torch.Tensor, NSAVarlen | None]:
+        """Each token's position in its document and, for NSA, the compressed-token indices:
+        they depend on the batch only, so every layer shares them."""
+        positions = document_positions(cu_seqlens, total)
+        varlen = (nsa_varlen(cu_seqlens, total, self.cfg.nsa, positions)
+                  if self.cfg.attention == "nsa" else None)
+        return positions, varlen
+
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int | None = None,
                 shard: SequenceShard | None = None) -> torch.Tensor:
@@ -152,11 +161,7 @@ class GPT(nn.Module):
         states returned are that slice's."""
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be packed 1-D [total], got {tuple(input_ids.shape)}")
-        total = full_total(input_ids.shape[0], shard)
-        positions = document_positions(cu_seqlens, total)
-        # NSA's compressed-token indices depend on the batch only: once for all layers.
-        varlen = (nsa_varlen(cu_seqlens, total, self.cfg.nsa, positions)
-                  if self.cfg.attention == "nsa" else None)
+        positions, varlen = self.batch_layout(cu_seqlens, full_total(input_ids.shape[0], shard))
         x = self.embed(input_ids)
         # whole blocks; a checkpointed sub-layer ("attention", "mlp") is the block's own
         recompute = self.cfg.activation_checkpointing is True and torch.is_grad_enabled()
