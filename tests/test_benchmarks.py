@@ -195,6 +195,10 @@ RENDERED = [
     ("throughput", "markdown", "throughput_h200_2026-12-04_first_step_cached"),
     ("throughput", "markdown", "throughput_h200_2026-12-04_first_step_350m_cold"),
     ("throughput", "markdown", "throughput_h200_2026-12-04_first_step_350m_cached"),
+    ("throughput", "markdown", "throughput_h200_2026-12-04_one_seq_cuda_graph_16k"),
+    ("loss_parity", "markdown", "loss_parity_h200_2026-12-04_block_s0_rerun"),
+    ("loss_parity", "markdown", "loss_parity_h200_2026-12-04_8k_two_seeds_current"),
+    ("selected", "markdown", "selected_h200_2026-12-04_forced_split"),
     ("trainer_check", "markdown", "trainer_check_h200x2_2026-11-22"),
 ]
 """The committed tables the current code writes (older runs' tables have older layouts)."""
