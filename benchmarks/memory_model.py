@@ -11,9 +11,12 @@ under ``bf16``, DeepSpeed's bf16 of ``configs/strategy/ulysses.yaml``, which cas
 and so every activation to bf16):
 
 * the block's input (r·D) and the second norm's input with both norms' 1/rms (r·D + 8);
-* the projections' inputs: under autocast each linear keeps its own bf16 copy of the normed
-  input (q, k, v, NSA's gate, w1, w3: 2·D each), under bf16 the two norms' outputs are shared
-  (2·D each); w2's input (2·F) and the output projection's (2·H·d, dense only);
+* the projections' inputs: the two norms' bf16 outputs, each shared by the linears reading it
+  (2·D each: the block casts each norm's output once, ``fsa_train.model.fused.to_autocast_dtype``;
+  the code before 2026-12-04, which the H200 counts of 2026-12-03 measured, let autocast cast,
+  and keep, a copy per linear: q, k, v, NSA's gate, w1, w3, 2·D each; precision
+  ``"autocast_per_linear"`` predicts that code); w2's input (2·F) and the output projection's
+  (2·H·d, dense only);
 * SwiGLU: 6·F with torch's ``silu(a) * b``, 4·F with liger's SiLU-mul (``fused_ops``);
 * RoPE's cos/sin and the positions (4·d + 8);
 * the attention core: q, k, v after RoPE and the log-sum-exp (2·(H + 2h)·d + 4·H); NSA adds
@@ -83,16 +86,25 @@ def _mode(cfg: GPTConfig) -> str:
     return "nsa_block" if cfg.nsa.selection == "block" else "nsa"
 
 
+PRECISIONS = ("autocast", "bf16", "autocast_per_linear")
+"""``precision`` values: bf16-mixed on fp32 weights (Lightning's, one GPU or DDP), DeepSpeed's
+bf16 weights, and bf16-mixed as the code before 2026-12-04 ran it (a cast per linear)."""
+
+
+def residual_bytes(precision: str) -> int:
+    """Bytes of one residual-stream element: 4 on fp32 weights (autocast), 2 under bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return 2 if precision == "bf16" else 4
+
+
 def layer_bytes(cfg: GPTConfig, precision: str = "autocast") -> dict[str, float]:
     """Bytes per token one block keeps for its backward on the GPU path, by part (the module
-    docstring gives each term). ``precision``: ``"autocast"`` (bf16-mixed on fp32 weights) or
-    ``"bf16"`` (DeepSpeed's bf16 weights)."""
-    if precision not in ("autocast", "bf16"):
-        raise ValueError(f"precision must be 'autocast' or 'bf16', got {precision!r}")
+    docstring gives each term). ``precision``: one of :data:`PRECISIONS`."""
     D, H, h, d, F = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.ffn_hidden
-    r = 4 if precision == "autocast" else 2
+    r = residual_bytes(precision)
     nsa = cfg.attention == "nsa"
-    if precision == "autocast":
+    if precision == "autocast_per_linear":
         normed = 2 * D * (3 + nsa + 2)  # q, k, v (, gate), w1, w3 each cast their input
     else:
         normed = 2 * D * 2  # the two norms' bf16 outputs, shared by the linears reading them
@@ -119,11 +131,11 @@ least."""
 
 def mlp_bytes(cfg: GPTConfig, precision: str = "autocast") -> float:
     """The part of :func:`layer_bytes` that the MLP sub-layer keeps: its norm's input and 1/rms,
-    the inputs of w1 and w3 (their bf16 copies under autocast, the norm's one bf16 output under
-    bf16) and of w2, and SwiGLU's."""
+    the inputs of w1 and w3 (the norm's one bf16 output; a copy per linear under
+    ``"autocast_per_linear"``) and of w2, and SwiGLU's."""
     D, F = cfg.d_model, cfg.ffn_hidden
-    r = 4 if precision == "autocast" else 2
-    casts = 2 if precision == "autocast" else 1
+    r = residual_bytes(precision)
+    casts = 2 if precision == "autocast_per_linear" else 1
     return r * D + 4 + 2 * D * casts + 2 * F + layer_bytes(cfg, precision)["SwiGLU"]
 
 
@@ -136,7 +148,7 @@ def kept_bytes(cfg: GPTConfig, precision: str = "autocast",
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
     layer = sum(layer_bytes(cfg, precision).values())
-    r = 4 if precision == "autocast" else 2
+    r = residual_bytes(precision)
     if checkpointing is True:
         return r * cfg.d_model
     if checkpointing == "attention":
@@ -169,7 +181,7 @@ def token_bytes(cfg: GPTConfig, precision: str, checkpointing: bool | str,
     """Activation bytes per token held on a rank at the step's peak (see :func:`peak_bytes`);
     ``checkpointing``: one of :data:`CHECKPOINTING`."""
     a = sum(layer_bytes(cfg, precision).values())
-    r = 4 if precision == "autocast" else 2
+    r = residual_bytes(precision)
     D, H, h, d = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
     transient = TRANSIENT[_mode(cfg)] + (4 * (H + 2 * h) * d if degree > 1 else 0)
     kept = cfg.n_layer * kept_bytes(cfg, precision, checkpointing)

@@ -157,6 +157,20 @@ class RMSNorm(nn.RMSNorm):
         return super().forward(x)
 
 
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in autocast's dtype where autocast is on for its device, else ``x`` itself.
+
+    For a block's normed input (the norms compute in fp32): cast once here, the sub-layer's
+    projections (q, k, v and NSA's gates; SwiGLU's two inputs) share one half-precision copy
+    and keep it once for their backward, where autocast would cast, and keep, a copy per
+    projection. The forward is unchanged (each projection saw the same cast); the backward sums
+    the projections' input gradients in that dtype, as a model whose weights are in it does."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def silu_mul(a: torch.Tensor, b: torch.Tensor, mode: str = "torch") -> torch.Tensor:
     """SwiGLU's activation ``silu(a) * b``: liger's one kernel where ``mode`` says, else torch's
     two ops (which keep ``a``, ``silu(a)`` and ``b`` for the backward; liger keeps ``a`` and

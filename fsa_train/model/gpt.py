@@ -24,6 +24,7 @@ from fsa_train.model.fused import (
     RMSNorm,
     check_mode,
     silu_mul,
+    to_autocast_dtype,
     use_liger,
 )
 from fsa_train.parallel.sequence import SequenceShard, full_total
@@ -80,10 +81,11 @@ class Block(nn.Module):
     def _attention(self, x: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
                    varlen: NSAVarlen | None, max_seqlen: int | None,
                    shard: SequenceShard | None) -> torch.Tensor:
-        return self.attn(self.attn_norm(x), cu_seqlens, positions, varlen, max_seqlen, shard)
+        normed = to_autocast_dtype(self.attn_norm(x))
+        return self.attn(normed, cu_seqlens, positions, varlen, max_seqlen, shard)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.mlp_norm(x))
+        return self.mlp(to_autocast_dtype(self.mlp_norm(x)))
 
 
 class GPT(nn.Module):

@@ -233,6 +233,29 @@ def test_checkpointed_sublayers_keep_less_than_the_block_and_more_than_its_check
     assert kept["nsa", "mlp"] - kept["dense", "mlp"] >= branches  # the attention's are kept
 
 
+@pytest.mark.parametrize("attention", ["dense", "nsa"])
+def test_autocast_keeps_one_half_copy_of_each_normed_input(attention):
+    """Under autocast a block casts each norm's output once: the attention's projections (q, k,
+    v, NSA's gates) and the MLP's two share one bf16 copy for their backward, where autocast
+    alone casts and keeps one per projection (5 for dense, 6 for NSA)."""
+    torch.manual_seed(0)
+    cfg = small_config(attention, kernel_backend="reference", n_layer=1)
+    model = GPT(cfg)
+    ids, cu = packed_batch([37, 11], cfg.vocab_size)
+    block = model.blocks[0]
+    normed = []
+    for norm in (block.attn_norm, block.mlp_norm):
+        norm.register_forward_hook(lambda module, args, out: normed.append(out.detach()))
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(ids, cu)
+    copies = {t.untyped_storage().data_ptr() for t in saved for n in normed
+              if t.dtype == torch.bfloat16 and t.shape == n.shape
+              and torch.equal(t, n.to(torch.bfloat16))}
+    assert len(copies) == 2, len(copies)  # the attention norm's and the MLP norm's
+
+
 def test_dense_and_nsa_start_from_the_same_shared_weights():
     """Name-keyed initialisation: after the same seed, every parameter both models have is equal
     (the loss-parity experiment compares them from one starting point); NSA's own are extra."""
