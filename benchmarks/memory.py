@@ -20,7 +20,8 @@ autocast on one sequence of ``--context`` tokens. Then:
 
 ``--checkpointing`` measures the block with activation checkpointing too (a row per mode and
 choice): ``attention`` or ``mlp`` recomputes that sub-layer in backward
-(``GPTConfig.activation_checkpointing``), ``block`` the whole block (what ``true`` does in the
+(``GPTConfig.activation_checkpointing``; ``sparse_branches``: NSA's compressed and selected
+branches, NSA rows only), ``block`` the whole block (what ``true`` does in the
 GPT). What a checkpoint keeps to recompute from (its tensor inputs: the sub-layer's or block's
 input, the positions) is packed but held by the checkpoint rather than a node: it is listed
 under the block input, under the recomputed node that saves it again (the walk's unpacking
@@ -54,7 +55,8 @@ from fsa_train.model.gpt import Block
 BLOCK_INPUT = "block input"
 WEIGHT_CASTS = "weight casts"
 CHECKPOINT_INPUTS = "checkpoint inputs"
-CHECKPOINTING = {"none": False, "attention": "attention", "mlp": "mlp", "block": True}
+CHECKPOINTING = {"none": False, "attention": "attention", "mlp": "mlp", "block": True,
+                 "sparse_branches": "sparse_branches"}
 """``--checkpointing`` choices → ``GPTConfig.activation_checkpointing`` (``block``: the
 benchmark wraps the block in a checkpoint, as the GPT does for ``true``)."""
 
@@ -320,7 +322,8 @@ def main(args: argparse.Namespace) -> dict:
     record = Record("memory", env, args.out, args.tag)
     rows = []
     runs = [(mode, checkpointing) for mode in args.modes for checkpointing in args.checkpointing
-            if mode != "sdpa" or device.type == "cuda"]  # the SDPA baseline is a CUDA measurement
+            if (mode != "sdpa" or device.type == "cuda")  # SDPA: a CUDA measurement
+            and (checkpointing != "sparse_branches" or mode.startswith("nsa"))]
     for mode, checkpointing in runs:
         rows.append(measure(args, mode, device, checkpointing))
         print(row_label(rows[-1]), {k: v for k, v in rows[-1].items() if k != "saved_by_node"},

@@ -117,16 +117,27 @@ def layer_bytes(cfg: GPTConfig, precision: str = "autocast") -> dict[str, float]
         "attention core": 2 * (H + 2 * h) * d + 4 * H,
     }
     if nsa:
-        s, B, T = cfg.nsa.cmp_stride, cfg.nsa.sel_block, cfg.nsa.sel_topk
-        indices = 8 * h * T / (B if cfg.nsa.selection == "block" else 1)
-        parts["NSA branches"] = (6 * H * d + 6 * H + 2 * h * d + 4 * h * d / s + 4 * H
-                                 + 4 * H + indices)
+        s = cfg.nsa.cmp_stride
+        # the window output and the gates, the pre-RoPE keys, the compressed keys and values,
+        # and what recomputing the sparse branches drops
+        parts["NSA branches"] = (2 * H * d + 6 * H + 2 * h * d + 4 * h * d / s
+                                 + sparse_branch_bytes(cfg))
     return parts
 
 
-CHECKPOINTING = (False, "attention", "mlp", True)
+def sparse_branch_bytes(cfg: GPTConfig) -> float:
+    """What NSA's compressed and selected branches alone keep per token: their outputs, their
+    log-sum-exps and the selection (all that ``activation_checkpointing: sparse_branches``
+    recomputes instead)."""
+    H, h, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    B, T = cfg.nsa.sel_block, cfg.nsa.sel_topk
+    indices = 8 * h * T / (B if cfg.nsa.selection == "block" else 1)
+    return 4 * H * d + 4 * H + 4 * H + indices
+
+
+CHECKPOINTING = (False, "sparse_branches", "attention", "mlp", True)
 """The values of ``GPTConfig.activation_checkpointing``, from keeping everything to keeping the
-least."""
+least (``sparse_branches``: NSA only)."""
 
 
 def mlp_bytes(cfg: GPTConfig, precision: str = "autocast") -> float:
@@ -144,7 +155,8 @@ def kept_bytes(cfg: GPTConfig, precision: str = "autocast",
     """Bytes per token one block keeps from its forward to its backward under
     ``activation_checkpointing`` ``checkpointing`` (:data:`CHECKPOINTING`): all of
     :func:`layer_bytes`; the input alone (whole block, ``True``); or, with one sub-layer
-    recomputed, its input and the other sub-layer's tensors (a prediction: not measured)."""
+    recomputed, its input and the other sub-layer's tensors; with NSA's sparse branches
+    recomputed, all but :func:`sparse_branch_bytes` (predictions: not measured)."""
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
     layer = sum(layer_bytes(cfg, precision).values())
@@ -155,6 +167,10 @@ def kept_bytes(cfg: GPTConfig, precision: str = "autocast",
         return r * cfg.d_model + mlp_bytes(cfg, precision)
     if checkpointing == "mlp":
         return layer - mlp_bytes(cfg, precision) + r * cfg.d_model
+    if checkpointing == "sparse_branches":
+        if cfg.attention != "nsa":
+            raise ValueError("sparse_branches checkpointing is NSA's; the model is dense")
+        return layer - sparse_branch_bytes(cfg)
     return layer
 
 
@@ -237,6 +253,8 @@ def markdown(name: str, cfg: GPTConfig, degrees: tuple[int, ...] = (1, 2, 4, 8))
         model = dataclasses.replace(cfg, attention=attention)
         n_params = parameters(model)
         for checkpointing in CHECKPOINTING:
+            if checkpointing == "sparse_branches" and attention != "nsa":
+                continue
             a = {p: kept_bytes(model, p, checkpointing) for p in ("autocast", "bf16")}
             plain = longest_sequence(model, 1, checkpointing=checkpointing, precision="autocast",
                                      strategy="single", n_params=n_params)

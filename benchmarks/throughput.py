@@ -240,7 +240,9 @@ def run_row(args: argparse.Namespace, mode: str, context: int, device: torch.dev
     sequences = sequences_per_step(args, context)
     row: dict = {"mode": mode, "context": context, "sequences": sequences}
     plans = {"off": [False], "on": [True], "auto": [False, True], "attention": ["attention"],
-             "mlp": ["mlp"]}[args.activation_checkpointing]
+             "mlp": ["mlp"], "sparse_branches": ["sparse_branches"]}[args.activation_checkpointing]
+    if plans == ["sparse_branches"] and not mode.startswith("nsa"):
+        plans = [False]  # NSA's branches only: dense rows run without checkpointing
     if args.cuda_graph:
         plans = [False]  # the graphs hold every block's activations (no checkpointing)
     for checkpointing in plans:
@@ -424,9 +426,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--activation_checkpointing", default="auto",
-                   choices=["off", "on", "auto", "attention", "mlp"],
-                   help="on: whole blocks; attention / mlp: that sub-layer of each block; auto: "
-                        "off, and on for a row that runs out of memory")
+                   choices=["off", "on", "auto", "attention", "mlp", "sparse_branches"],
+                   help="on: whole blocks; attention / mlp: that sub-layer of each block; "
+                        "sparse_branches: NSA's compressed and selected branches (dense rows: "
+                        "off); auto: off, and on for a row that runs out of memory")
     p.add_argument("--kernel_backend", choices=["auto", "reference", "triton"], default="auto")
     add_fused_ops_argument(p)
     p.add_argument("--compile", action="store_true",

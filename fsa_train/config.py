@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 CHECKPOINTED_SUBLAYERS = ("attention", "mlp")
-"""The string values of ``GPTConfig.activation_checkpointing``: the sub-layer of each block that
-is recomputed in backward."""
+"""The string values of ``GPTConfig.activation_checkpointing`` that name the sub-layer of each
+block recomputed in backward."""
+
+SPARSE_BRANCHES = "sparse_branches"
+"""``GPTConfig.activation_checkpointing`` for NSA's compressed and selected branches alone."""
 
 
 class ConfigError(ValueError):
@@ -126,7 +129,11 @@ class GPTConfig:
             ``true`` each whole block (it keeps only its input; about a third more compute),
             ``"attention"`` each block's attention sub-layer (its norm to the output
             projection; the MLP's activations are kept), ``"mlp"`` each block's MLP sub-layer
-            (its norm to ``w2``), ``false`` nothing.
+            (its norm to ``w2``), ``"sparse_branches"`` (NSA only) the compressed and selected
+            branches with the block selection between them and the gated output projection,
+            so that the step keeps neither branch's output, log-sum-exp nor the selection
+            (the cheap part of a block's recomputation: the window branch, the projections and
+            the MLP keep theirs), ``false`` nothing.
         fused_ops: who computes RMSNorm, SwiGLU's activation and the head + cross-entropy:
             ``"torch"`` (default: ``nn.RMSNorm``, ``silu(a) * b``, our chunked checkpointed
             cross-entropy), ``"liger"`` (liger-kernel's fused Triton ops; needs CUDA and
@@ -154,7 +161,7 @@ class GPTConfig:
     init_std: float = 0.02
     loss_chunk: int = 4096
     kernel_backend: Literal["auto", "reference", "triton"] = "auto"
-    activation_checkpointing: bool | Literal["attention", "mlp"] = False
+    activation_checkpointing: bool | Literal["attention", "mlp", "sparse_branches"] = False
     fused_ops: Literal["auto", "liger", "torch"] = "torch"
 
     def __post_init__(self) -> None:
@@ -217,9 +224,14 @@ class GPTConfig:
         )
         _require(
             isinstance(self.activation_checkpointing, bool)
-            or self.activation_checkpointing in CHECKPOINTED_SUBLAYERS,
-            f"model.config.activation_checkpointing must be false, true, 'attention' or 'mlp', "
-            f"got {self.activation_checkpointing!r}",
+            or self.activation_checkpointing in (*CHECKPOINTED_SUBLAYERS, SPARSE_BRANCHES),
+            f"model.config.activation_checkpointing must be false, true, 'attention', 'mlp' or "
+            f"'sparse_branches', got {self.activation_checkpointing!r}",
+        )
+        _require(
+            self.activation_checkpointing != SPARSE_BRANCHES or self.attention == "nsa",
+            "model.config.activation_checkpointing='sparse_branches' recomputes NSA's branches; "
+            "model.config.attention is 'dense' (use 'attention' or 'mlp')",
         )
         _require(
             self.fused_ops in ("auto", "liger", "torch"),

@@ -199,6 +199,7 @@ RENDERED = [
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-04_block_s0_rerun"),
     ("loss_parity", "markdown", "loss_parity_h200_2026-12-04_8k_two_seeds_current"),
     ("selected", "markdown", "selected_h200_2026-12-04_forced_split"),
+    ("memory", "markdown", "memory_cpu_2026-12-04_sparse_branches_interpreter"),
     ("trainer_check", "markdown", "trainer_check_h200x2_2026-11-22"),
 ]
 """The committed tables the current code writes (older runs' tables have older layouts)."""

@@ -20,7 +20,16 @@ from fsa_train.kernels.api import (
     selected_attention,
     window_attention,
 )
-from fsa_train.kernels.nsa import CompressionParams, NSAVarlen, nsa_attention, nsa_varlen
+from fsa_train.kernels.nsa import (
+    CompressionParams,
+    NSABranchInputs,
+    NSAVarlen,
+    nsa_attention,
+    nsa_branch_inputs,
+    nsa_sparse_branches,
+    nsa_varlen,
+    nsa_window_branch,
+)
 from fsa_train.kernels.registry import Backend, triton_impl
 from fsa_train.kernels.settings import KernelSettings, default_settings
 
@@ -29,6 +38,7 @@ __all__ = [
     "Backend",
     "CompressionParams",
     "KernelSettings",
+    "NSABranchInputs",
     "NSAVarlen",
     "compress",
     "compressed_attention",
@@ -36,7 +46,10 @@ __all__ = [
     "gate_mix",
     "gated_projection",
     "nsa_attention",
+    "nsa_branch_inputs",
+    "nsa_sparse_branches",
     "nsa_varlen",
+    "nsa_window_branch",
     "select_blocks",
     "selected_attention",
     "triton_impl",

@@ -109,39 +109,84 @@ def nsa_attention(
         max_seqlen: the longest document as a host integer, if known (library kernels size
             their grid with it).
     """
-    total = q.shape[0]
     if varlen is None:
-        varlen = nsa_varlen(cu_seqlens, total, cfg)
-    cu_seqlens_c = varlen.cu_seqlens_c
+        varlen = nsa_varlen(cu_seqlens, q.shape[0], cfg)
     run = {"backend": backend, "settings": settings}
-    k_c, _ = ops.compress(
-        k, params.w_k, params.pe, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride,
-        cu_seqlens_c=cu_seqlens_c, **run,
-    )
-    v_c, _ = ops.compress(
-        v, params.w_v, None, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride,
-        cu_seqlens_c=cu_seqlens_c, **run,
-    )
-    positions = varlen.positions
-    positions_c = varlen.positions_c[: k_c.shape[0]]  # the reference's output has fewer rows
-    q = rope(q, positions)
-    k = rope(k, positions)
-    k_c = rope(k_c, positions_c, max_position=total)
-
-    o_cmp, lse = ops.compressed_attention(
-        q, k_c, v_c, cu_seqlens, cu_seqlens_c, cfg.cmp_kernel, cfg.cmp_stride, scale, max_seqlen,
-        **run,
-    )
-    with torch.no_grad():
-        idx = ops.select_blocks(
-            q.detach(), k_c.detach(), lse.detach(), cu_seqlens, cu_seqlens_c,
-            cfg.cmp_kernel, cfg.cmp_stride, cfg.sel_block, cfg.sel_topk,
-            cfg.init_blocks, cfg.local_blocks, scale, selection=cfg.selection, **run,
-        )
-    o_sel = ops.selected_attention(q, k, v, idx, cu_seqlens, cfg.sel_block, scale,
-                                   partials=cfg.selected_partials, selection=cfg.selection,
-                                   forced_blocks=(cfg.init_blocks, cfg.local_blocks), **run)
-    o_win = ops.window_attention(q, k, v, cu_seqlens, cfg.window, scale, max_seqlen, **run)
+    x = nsa_branch_inputs(q, k, v, params, cu_seqlens, cfg, rope, varlen, **run)
+    o_cmp, o_sel = nsa_sparse_branches(x, cu_seqlens, varlen.cu_seqlens_c, cfg, scale,
+                                       max_seqlen, **run)
+    o_win = nsa_window_branch(x, cu_seqlens, cfg, scale, max_seqlen, **run)
     if not mix:
         return o_cmp, o_sel, o_win
     return ops.gate_mix(o_cmp, o_sel, o_win, gates, **run)
+
+
+@dataclass
+class NSABranchInputs:
+    """What the three branches read: queries, keys and compressed keys after RoPE, values and
+    compressed values.
+
+    Attributes:
+        q: ``[total, H, d]``; k, v: ``[total, h, d]``; k_c, v_c: ``[total_c, h, d]``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_c: torch.Tensor
+    v_c: torch.Tensor
+
+
+def nsa_branch_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: CompressionParams,
+    cu_seqlens: torch.Tensor, cfg: NSAConfig, rope: Rope, varlen: NSAVarlen,
+    backend: str = "auto", settings: KernelSettings | None = None,
+) -> NSABranchInputs:
+    """Compression (of the un-rotated keys, docs/nsa.md step 2) and RoPE: tokens at their
+    document positions, compressed keys at ``i·stride``."""
+    run = {"backend": backend, "settings": settings}
+    k_c, _ = ops.compress(
+        k, params.w_k, params.pe, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride,
+        cu_seqlens_c=varlen.cu_seqlens_c, **run,
+    )
+    v_c, _ = ops.compress(
+        v, params.w_v, None, cu_seqlens, cfg.cmp_kernel, cfg.cmp_stride,
+        cu_seqlens_c=varlen.cu_seqlens_c, **run,
+    )
+    positions_c = varlen.positions_c[: k_c.shape[0]]  # the reference's output has fewer rows
+    return NSABranchInputs(rope(q, varlen.positions), rope(k, varlen.positions), v,
+                           rope(k_c, positions_c, max_position=q.shape[0]), v_c)
+
+
+def nsa_sparse_branches(
+    x: NSABranchInputs, cu_seqlens: torch.Tensor, cu_seqlens_c: torch.Tensor, cfg: NSAConfig,
+    scale: float | None = None, max_seqlen: int | None = None, backend: str = "auto",
+    settings: KernelSettings | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compressed and the selected branch ``(o_cmp, o_sel)``, with the block selection
+    between them (it reads the compressed branch's log-sum-exp)."""
+    run = {"backend": backend, "settings": settings}
+    o_cmp, lse = ops.compressed_attention(
+        x.q, x.k_c, x.v_c, cu_seqlens, cu_seqlens_c, cfg.cmp_kernel, cfg.cmp_stride, scale,
+        max_seqlen, **run,
+    )
+    with torch.no_grad():
+        idx = ops.select_blocks(
+            x.q.detach(), x.k_c.detach(), lse.detach(), cu_seqlens, cu_seqlens_c,
+            cfg.cmp_kernel, cfg.cmp_stride, cfg.sel_block, cfg.sel_topk,
+            cfg.init_blocks, cfg.local_blocks, scale, selection=cfg.selection, **run,
+        )
+    o_sel = ops.selected_attention(x.q, x.k, x.v, idx, cu_seqlens, cfg.sel_block, scale,
+                                   partials=cfg.selected_partials, selection=cfg.selection,
+                                   forced_blocks=(cfg.init_blocks, cfg.local_blocks), **run)
+    return o_cmp, o_sel
+
+
+def nsa_window_branch(
+    x: NSABranchInputs, cu_seqlens: torch.Tensor, cfg: NSAConfig, scale: float | None = None,
+    max_seqlen: int | None = None, backend: str = "auto",
+    settings: KernelSettings | None = None,
+) -> torch.Tensor:
+    """The sliding-window branch ``o_win [total, H, d]``."""
+    return ops.window_attention(x.q, x.k, x.v, cu_seqlens, cfg.window, scale, max_seqlen,
+                                backend=backend, settings=settings)

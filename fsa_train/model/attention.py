@@ -7,14 +7,19 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from fsa_train.config import GPTConfig
+from fsa_train.config import SPARSE_BRANCHES, ConfigError, GPTConfig
 from fsa_train.kernels import (
     CompressionParams,
+    NSABranchInputs,
     NSAVarlen,
     gated_projection,
     nsa_attention,
+    nsa_branch_inputs,
+    nsa_sparse_branches,
     nsa_varlen,
+    nsa_window_branch,
     window_attention,
 )
 from fsa_train.model.rope import Rotary
@@ -61,6 +66,9 @@ class Attention(nn.Module):
         self.o_proj = OutputProjection(H * d, cfg.d_model, cfg.kernel_backend)
         self.rope = Rotary(d, cfg.rope_base)
         self.sparse = cfg.attention == "nsa"
+        self.recompute_sparse = cfg.activation_checkpointing == SPARSE_BRANCHES
+        """Recompute the compressed and selected branches and the output projection in
+        backward (:meth:`_recomputed_sparse_branches`)."""
         if self.sparse:
             l = cfg.nsa.cmp_kernel
             self.w_ck = nn.Parameter(torch.empty(h, l * d, d))
@@ -110,6 +118,13 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(total, h, d)
         v = self.v_proj(x).view(total, h, d)
         gates = torch.sigmoid(self.gate(x)).view(total, H, 3) if self.sparse else None
+        if shard is not None and self.recompute_sparse:
+            raise ConfigError(
+                "model.config.activation_checkpointing='sparse_branches' does not run under "
+                "sequence parallelism (model.sequence_parallel > 1); use 'attention' or true")
+        if shard is None and self.recompute_sparse and torch.is_grad_enabled():
+            return self._recomputed_sparse_branches(q, k, v, gates, cu_seqlens, positions,
+                                                    varlen, max_seqlen)
         if shard is None and self.sparse:
             branches = self.core(q, k, v, gates, cu_seqlens, positions, varlen, max_seqlen,
                                  mix=False)
@@ -142,6 +157,33 @@ class Attention(nn.Module):
         k = self.rope(k, positions)
         return window_attention(q, k, v, cu_seqlens, self.cfg.window, None, max_seqlen,
                                 backend=backend)
+
+    def _recomputed_sparse_branches(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+        cu_seqlens: torch.Tensor, positions: torch.Tensor, varlen: NSAVarlen | None,
+        max_seqlen: int | None,
+    ) -> torch.Tensor:
+        """The NSA sub-layer's output with the compressed and selected branches (and the block
+        selection between them) and the gated output projection in a checkpoint: backward
+        recomputes them from the rotated q, k, v, the compressed keys and values, the window
+        output and the gates, which the window branch keeps anyway or which are small, so the
+        step keeps neither sparse branch's output, log-sum-exp nor the selection."""
+        cfg, backend = self.cfg.nsa, self.cfg.kernel_backend
+        if varlen is None:
+            varlen = nsa_varlen(cu_seqlens, q.shape[0], cfg, positions)
+        params = CompressionParams(self.w_ck, self.w_cv, self.pe)
+        x = nsa_branch_inputs(q, k, v, params, cu_seqlens, cfg, self.rope, varlen,
+                              backend=backend)
+        o_win = nsa_window_branch(x, cu_seqlens, cfg, max_seqlen=max_seqlen, backend=backend)
+
+        def sparse_and_projection(q, k, v, k_c, v_c, o_win, gates):
+            o_cmp, o_sel = nsa_sparse_branches(
+                NSABranchInputs(q, k, v, k_c, v_c), cu_seqlens, varlen.cu_seqlens_c, cfg,
+                max_seqlen=max_seqlen, backend=backend)
+            return self.o_proj((o_cmp, o_sel, o_win), gates)
+
+        return checkpoint(sparse_and_projection, x.q, x.k, x.v, x.k_c, x.v_c, o_win, gates,
+                          use_reentrant=False)
 
     def _sequence_parallel_core(self, q, k, v, gates, cu_seqlens, positions, varlen,
                                 max_seqlen, shard: SequenceShard) -> torch.Tensor:

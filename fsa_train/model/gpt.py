@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fsa_train.config import GPTConfig
+from fsa_train.config import CHECKPOINTED_SUBLAYERS, GPTConfig
 from fsa_train.kernels.nsa import NSAVarlen, nsa_varlen
 from fsa_train.kernels.varlen import document_positions
 from fsa_train.model.attention import Attention
@@ -60,7 +60,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.fused_ops)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.fused_ops)
         mode = cfg.activation_checkpointing
-        self.recompute = mode if isinstance(mode, str) else None
+        self.recompute = mode if mode in CHECKPOINTED_SUBLAYERS else None
         """The sub-layer recomputed in backward: ``"attention"``, ``"mlp"`` or None."""
 
     def forward(

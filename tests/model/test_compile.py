@@ -125,6 +125,18 @@ def test_block_with_a_checkpointed_sublayer_compiles_whole():
     assert packed_bytes(block, inputs) < 0.8 * keeps_all
 
 
+def test_block_with_recomputed_sparse_branches_compiles_whole():
+    """``activation_checkpointing: sparse_branches`` (a checkpoint inside NSA's attention):
+    traced without graph breaks, eager's output and gradients, less kept than without."""
+    block, inputs = make_block("nsa", "token", "reference", [37, 20, 7], 64, 4, 2, 16,
+                               checkpointing="sparse_branches")
+    block.attn.recompute_sparse = False
+    keeps_all = packed_bytes(block, inputs)
+    block.attn.recompute_sparse = True
+    check_compiled(block, inputs, "aot_eager", 1e-5)
+    assert packed_bytes(block, inputs) < 0.95 * keeps_all
+
+
 @pytest.mark.skipif(not interpreting(), reason="the CPU run of the Triton path")
 # block mode's custom ops compile the same way and run on the GPU test; on the CPU the
 # interpreter makes each case 12 s

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsa_train.config import GPTConfig, NSAConfig
+from fsa_train.config import ConfigError, GPTConfig, NSAConfig
 from fsa_train.model import GPT
 
 SMALL_NSA = NSAConfig(
@@ -176,8 +176,10 @@ CHECKPOINTING = [True, "attention", "mlp"]
 """``activation_checkpointing``: whole blocks, or one sub-layer of each."""
 
 
-@pytest.mark.parametrize("checkpointing", CHECKPOINTING)
-@pytest.mark.parametrize("attention", ["dense", "nsa"])
+@pytest.mark.parametrize(("attention", "checkpointing"), [
+    *((attention, mode) for attention in ("dense", "nsa") for mode in CHECKPOINTING),
+    ("nsa", "sparse_branches"),
+])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(attention, checkpointing):
     torch.manual_seed(0)
     plain = GPT(small_config(attention, kernel_backend="reference")).double()
@@ -231,6 +233,25 @@ def test_checkpointed_sublayers_keep_less_than_the_block_and_more_than_its_check
     assert kept["nsa", False] - kept["nsa", "attention"] >= branches
     assert kept["nsa", "attention"] == kept["dense", "attention"]
     assert kept["nsa", "mlp"] - kept["dense", "mlp"] >= branches  # the attention's are kept
+
+
+def test_recomputed_sparse_branches_keep_neither_sparse_output():
+    """``sparse_branches``: an NSA block keeps at least the compressed and selected outputs
+    less than without checkpointing (and their log-sum-exps and the selection), and more than
+    with its whole attention recomputed (the window branch and the projections keep theirs)."""
+    lengths = [29, 3, 19]
+    kept = {mode: packed_bytes(small_config("nsa", kernel_backend="reference",
+                                            activation_checkpointing=mode), lengths)
+            for mode in (False, "sparse_branches", "attention")}
+    cfg = small_config("nsa")
+    two_outputs = 2 * sum(lengths) * cfg.n_head * cfg.head_dim * 8  # fp64
+    assert kept[False] - kept["sparse_branches"] >= two_outputs, kept
+    assert kept["sparse_branches"] > kept["attention"], kept
+
+
+def test_sparse_branches_checkpointing_needs_nsa():
+    with pytest.raises(ConfigError, match="activation_checkpointing='sparse_branches'.*dense"):
+        small_config("dense", activation_checkpointing="sparse_branches")
 
 
 @pytest.mark.parametrize("attention", ["dense", "nsa"])

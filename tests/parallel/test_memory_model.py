@@ -124,7 +124,8 @@ def test_checkpointed_blocks_keep_nothing_but_their_input_on_the_cpu(attention):
     sub-layers' inputs: what the model's split of the layer bytes predicts too."""
     nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=8, sel_topk=4, window=16)
     per_layer = {}
-    for checkpointing in mm.CHECKPOINTING:
+    modes = [c for c in mm.CHECKPOINTING if c != "sparse_branches" or attention == "nsa"]
+    for checkpointing in modes:
         sizes = [_packed_per_token(GPTConfig(vocab_size=64, n_layer=n, n_head=4, n_kv_head=2,
                                              d_model=64, attention=attention, nsa=nsa,
                                              activation_checkpointing=checkpointing), 192)
@@ -137,8 +138,16 @@ def test_checkpointed_blocks_keep_nothing_but_their_input_on_the_cpu(attention):
     assert per_layer["attention"] + per_layer["mlp"] == per_layer[False] + 2 * 4 * 64
     cfg = _variant(mm.preset("gpt-350m-nsa"), "nsa" if attention == "nsa" else "dense")
     for precision, r in (("autocast", 4), ("bf16", 2)):
-        kept = {c: mm.kept_bytes(cfg, precision, c) for c in mm.CHECKPOINTING}
+        kept = {c: mm.kept_bytes(cfg, precision, c) for c in modes}
         assert kept["attention"] + kept["mlp"] == kept[False] + 2 * r * cfg.d_model
         assert kept[False] > max(kept["attention"], kept["mlp"]) > kept[True] == r * cfg.d_model
+        if attention == "nsa":  # two branch outputs fewer, more than the attention recomputed
+            H, d = cfg.n_head, cfg.head_dim
+            assert kept[False] - kept["sparse_branches"] > 4 * H * d
+            assert per_layer[False] - per_layer["sparse_branches"] >= 2 * 64 * 4  # fp32, H·d 64
+            assert kept["sparse_branches"] > kept["attention"]
+    if attention == "dense":
+        with pytest.raises(ValueError, match="sparse_branches"):
+            mm.kept_bytes(cfg, "autocast", "sparse_branches")
     with pytest.raises(ValueError, match="checkpointing"):
         mm.kept_bytes(cfg, "autocast", "block")
