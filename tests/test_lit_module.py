@@ -46,6 +46,28 @@ def test_nonfinite_loss_can_skip_steps():
     assert torch.isfinite(module.model.head.weight[1:]).all()
 
 
+def fitted_optimizer(accelerator: str) -> torch.optim.Optimizer:
+    config = GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_kv_head=1, d_model=16,
+                       attention="dense")
+    module = LitGPT(config, warmup_steps=0)
+    batch = {"input_ids": torch.randint(0, 32, (24,)), "targets": torch.randint(0, 32, (24,)),
+             "cu_seqlens": torch.tensor([0, 10, 24], dtype=torch.int32)}
+    trainer = L.Trainer(max_steps=1, accelerator=accelerator, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    return trainer.optimizers[0]
+
+
+def test_adamw_is_fused_only_on_cuda():
+    assert not fitted_optimizer("cpu").defaults["fused"]
+
+
+@pytest.mark.gpu
+def test_gpu_adamw_is_fused():
+    assert fitted_optimizer("gpu").defaults["fused"]
+
+
 def test_bad_schedule_values_are_rejected():
     config = GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_kv_head=1, d_model=16)
     with pytest.raises(ValueError, match="model.min_lr_ratio"):
