@@ -162,12 +162,14 @@ LIBRARY_VARIANTS = {
     "cudnn": {"window_kernel": "cudnn"},
     "cudnn_any_order": {"window_kernel": "cudnn", "window_bwd": "atomic"},
     "flash": {"window_kernel": "flash"},
+    "fa4": {"window_kernel": "fa4"},
 }
 """``window_attention`` on the library kernels: the settings of each row variant."""
 
 LIBRARY_NAMES = {"cudnn": "cuDNN frontend (packed)",
                  "cudnn_any_order": "cuDNN frontend (packed, any-order bwd)",
-                 "flash": "FA2 (torch varlen)"}
+                 "flash": "FA2 (torch varlen)",
+                 "fa4": "FA4 (flash-attn-4, packed)"}
 """Row names of the variants (any-order: cuDNN's non-deterministic backward)."""
 
 

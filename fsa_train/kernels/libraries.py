@@ -12,6 +12,9 @@ this process, and if not, what one line tells the user how to get it.
 * ``cudnn_sdpa``: cuDNN's fused attention on packed documents through ``nvidia-cudnn-frontend``
   (its ``torch.ops.cudnn.sdpa_fwd`` / ``sdpa_bwd`` custom ops: ragged layout, causal and
   sliding-window bands, GQA). The optional extra ``pip install fsa-train[gpu]``.
+* ``flash_attn_4``: FlashAttention-4 (``flash-attn-4``, CuTe DSL kernels for Hopper and
+  Blackwell): its packed-sequence forward and backward entry points. The optional extra
+  ``pip install fsa-train[fa4]``.
 """
 
 from __future__ import annotations
@@ -106,6 +109,60 @@ def _load_cudnn_sdpa() -> CudnnSdpa | None:
 CUDNN_SDPA_MISSING = ("window_kernel='cudnn' needs nvidia-cudnn-frontend >= 1.32 and a CUDA GPU "
                       "(pip install 'fsa-train[gpu]')")
 """The one-line error when the cuDNN path is asked for and cannot load."""
+
+
+@dataclass(frozen=True)
+class FlashAttn4:
+    """flash-attn-4's forward ``fwd(q, k, v, ...) -> (o, lse, ...)`` and backward
+    ``bwd(q, k, v, o, do, lse, scale, causal, softcap, ...) -> (dq, dk, dv, ...)`` entry points
+    (its internal ``_flash_attn_fwd`` / ``_flash_attn_bwd``, read in 4.0.0b40)."""
+
+    fwd: Callable
+    bwd: Callable
+    version: str
+
+
+FLASH_ATTN_4_KEYWORDS = {
+    "fwd": {"cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
+            "causal", "window_size_left", "window_size_right", "return_lse"},
+    "bwd": {"cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "window_size_left",
+            "window_size_right", "deterministic"},
+}
+"""The keywords our FA4 path passes to each entry point: a release whose entry points lack one
+is treated as missing (its internal API changed) rather than called wrongly."""
+
+
+def flash_attn_4() -> FlashAttn4 | None:
+    """FlashAttention-4's entry points, or None when flash-attn-4 is missing, cannot load here
+    (no CUDA) or has entry points other than the ones read (:data:`FLASH_ATTN_4_KEYWORDS`)."""
+    return _once("fa4", _load_flash_attn_4)
+
+
+def _load_flash_attn_4() -> FlashAttn4 | None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        from flash_attn.cute import interface
+    except Exception:  # noqa: BLE001 - ImportError, or the CuTe DSL runtime failing to load
+        return None
+    fwd, bwd = getattr(interface, "_flash_attn_fwd", None), getattr(interface, "_flash_attn_bwd", None)
+    for name, fn in (("fwd", fwd), ("bwd", bwd)):
+        if fn is None or not FLASH_ATTN_4_KEYWORDS[name] <= set(inspect.signature(fn).parameters):
+            return None
+    try:
+        from importlib.metadata import version
+
+        found = version("flash-attn-4")
+    except Exception:  # noqa: BLE001 - installed without metadata
+        found = "?"
+    return FlashAttn4(fwd, bwd, found)
+
+
+FLASH_ATTN_4_MISSING = ("window_kernel='fa4' needs flash-attn-4 (4.0.0b40's packed-sequence entry "
+                        "points) and a CUDA GPU (pip install 'fsa-train[fa4]')")
+"""The one-line error when the FlashAttention-4 path is asked for and cannot load."""
 
 
 def unsupported_inputs(kernel: str, q, k, max_head_dim: int) -> str | None:

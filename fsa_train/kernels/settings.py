@@ -22,7 +22,7 @@ from pathlib import Path
 _MERGES = ("bitonic", "sort")
 _TOPK_CONFIGS = ("tuned", "safe")
 _WINDOW_BWD = ("fused", "split", "atomic")
-WINDOW_KERNELS = ("auto", "triton", "cudnn", "flash")
+WINDOW_KERNELS = ("auto", "triton", "cudnn", "flash", "fa4")
 COMPRESSED_KERNELS = ("auto", "triton", "flex", "cudnn")
 SELECTED_FORCED = ("sparse", "dense")
 _CACHE_OFF = ("", "0", "off")
@@ -51,7 +51,8 @@ class KernelSettings:
         window_kernel: which GPU kernel runs ``window_attention`` (dense and sliding-window
             attention on packed documents; ``FSA_WINDOW_KERNEL``): "triton" (ours), "cudnn"
             (cuDNN through nvidia-cudnn-frontend, the ``gpu`` extra), "flash" (FlashAttention
-            through ``torch.nn.attention.varlen.varlen_attn``), both fp16/bf16 only, or "auto"
+            through ``torch.nn.attention.varlen.varlen_attn``), "fa4" (FlashAttention-4, the
+            ``fa4`` extra; Hopper or newer), the libraries fp16/bf16 only, or "auto"
             (the kernel measured fastest for the shape class, never one that is missing or
             refuses the inputs).
         compressed_kernel: which kernel runs ``compressed_attention`` (``FSA_COMPRESSED_KERNEL``):

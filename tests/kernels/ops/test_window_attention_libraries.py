@@ -17,11 +17,11 @@ import torch
 from fsa_testing import DEVICE, packed_qkv, rel_error
 
 from fsa_train.kernels import reference
-from fsa_train.kernels.libraries import CUDNN_SDPA_MISSING
-from fsa_train.kernels.ops.window_attention import backends, cudnn, flash
+from fsa_train.kernels.libraries import CUDNN_SDPA_MISSING, FLASH_ATTN_4_MISSING
+from fsa_train.kernels.ops.window_attention import backends, cudnn, fa4, flash
 from fsa_train.kernels.settings import KernelSettings, default_settings
 
-LIBRARIES = ("cudnn", "flash")
+LIBRARIES = ("cudnn", "flash", "fa4")
 
 
 def _settings(kernel: str, **changes) -> KernelSettings:
@@ -41,11 +41,11 @@ def _triton_op():
 
 
 def test_settings_name_the_kernels():
-    for kernel in ("auto", "triton", "cudnn", "flash"):
+    for kernel in ("auto", "triton", "cudnn", "flash", "fa4"):
         assert KernelSettings(window_kernel=kernel).window_kernel == kernel
     assert KernelSettings.from_env({"FSA_WINDOW_KERNEL": "cudnn"}).window_kernel == "cudnn"
     with pytest.raises(ValueError, match="FSA_WINDOW_KERNEL must be one of"):
-        KernelSettings(window_kernel="fa4")
+        KernelSettings(window_kernel="fa3")
 
 
 def test_every_shape_class_ends_with_our_kernel():
@@ -74,7 +74,9 @@ def test_library_paths_refuse_cpu_inputs_in_one_line():
     assert "pip install 'fsa-train[gpu]'" in CUDNN_SDPA_MISSING
     reason = flash.unsupported(q, k, None)
     assert reason is not None and reason.startswith("window_kernel='flash' needs")
-    for module in (cudnn, flash):
+    assert fa4.unsupported(q, k, None) == FLASH_ATTN_4_MISSING
+    assert "pip install 'fsa-train[fa4]'" in FLASH_ATTN_4_MISSING
+    for module in (cudnn, flash, fa4):
         with pytest.raises(ValueError) as error:
             module.window_attention(q, k, v, cu)
         assert "\n" not in str(error.value)
@@ -91,8 +93,24 @@ def test_explicit_library_on_the_interpreter_is_a_one_line_error(monkeypatch):
         wa.window_attention(q, k, v, cu, settings=_settings("cudnn"))
     with pytest.raises(ValueError, match=r"^window_kernel='flash' needs"):
         wa.window_attention(q, k, v, cu, settings=_settings("flash"))
+    with pytest.raises(ValueError, match=r"^window_kernel='fa4' needs flash-attn-4"):
+        wa.window_attention(q, k, v, cu, settings=_settings("fa4"))
     with pytest.raises(ValueError, match="window must be a positive integer"):
         wa.window_attention(q, k, v, cu, 0, settings=_settings("cudnn"))
+
+
+def test_fa4_window_size_is_flash_attentions_left_right():
+    """A window of W keys is FlashAttention's ``(W - 1, 0)``; dense (or a window covering the
+    longest document) is no window, which FA4 reads as plain causal."""
+    assert fa4.window_size(512, 4096) == (511, 0)
+    assert fa4.window_size(1, 4096) == (0, 0)  # the query's own key only
+    assert fa4.window_size(None, 4096) == (None, None)
+    assert fa4.window_size(4096, 4096) == (None, None)
+
+
+def test_fa4_is_named_but_never_chosen_by_auto_until_measured():
+    assert "fa4" in backends.LIBRARY_KERNELS
+    assert all("fa4" not in order for order in backends.AUTO_ORDER.values())
 
 
 def test_longest_document_from_the_caller_or_the_boundaries():

@@ -1,6 +1,6 @@
 """Which GPU kernel runs ``window_attention``: ours (Triton) or a maintained library's.
 
-``KernelSettings.window_kernel`` names one ("triton", "cudnn", "flash") or leaves the choice to
+``KernelSettings.window_kernel`` names one ("triton", "cudnn", "flash", "fa4") or leaves the choice to
 "auto", which takes, per shape class, the first kernel of :data:`AUTO_ORDER` that is installed
 and accepts the inputs (:data:`DETERMINISTIC_ORDER` when PyTorch is asked for deterministic
 algorithms). The order is a measurement, not a guess: each entry cites the benchmark
@@ -15,11 +15,13 @@ from types import ModuleType
 
 import torch
 
-from fsa_train.kernels.ops.window_attention import cudnn, flash
+from fsa_train.kernels.ops.window_attention import cudnn, fa4, flash
 from fsa_train.kernels.settings import KernelSettings
 
-LIBRARY_KERNELS: dict[str, ModuleType] = {"cudnn": cudnn, "flash": flash}
-"""The library paths; each module has ``unsupported(q, k, window)`` and ``window_attention``."""
+LIBRARY_KERNELS: dict[str, ModuleType] = {"cudnn": cudnn, "flash": flash, "fa4": fa4}
+"""The library paths; each module has ``unsupported(q, k, window)`` and ``window_attention``.
+FlashAttention-4 (``fa4``) is in no :data:`AUTO_ORDER` list until a benchmark has ranked it:
+it runs when named (``FSA_WINDOW_KERNEL=fa4``) and in ``python -m benchmarks run window``."""
 
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "dense": ("cudnn", "triton"),

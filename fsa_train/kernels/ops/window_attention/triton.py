@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fsa_train.kernels.ops.window_attention import cudnn, flash
+from fsa_train.kernels.ops.window_attention import cudnn, fa4, flash
 from fsa_train.kernels.ops.window_attention.backends import kernel_for
 from fsa_train.kernels.registry import kernel_op
 from fsa_train.kernels.settings import KernelSettings, resolve_settings, settings_from_token
@@ -642,7 +642,7 @@ def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: floa
                      settings: KernelSettings | None = None) -> torch.Tensor:
     """The naive op's contract (:mod:`.naive`) on the GPU: fp16, bf16 or fp32 inputs with any
     token/head strides, int32 or int64 ``cu_seqlens``. ``settings``: which kernel
-    (:func:`~.backends.kernel_for`: ours, cuDNN or FlashAttention), autotuning and our
+    (:func:`~.backends.kernel_for`: ours, cuDNN, FlashAttention-2 or -4), autotuning and our
     backward schedule; ``max_seqlen`` sizes the libraries' grids (ours needs no bound)."""
     _check(q, k, v, cu_seqlens, window)
     settings = resolve_settings(settings)
@@ -651,4 +651,6 @@ def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: floa
         return cudnn.window_attention(q, k, v, cu_seqlens, window, scale, max_seqlen)
     if kernel == "flash":
         return flash.window_attention(q, k, v, cu_seqlens, window, scale, max_seqlen)
+    if kernel == "fa4":
+        return fa4.window_attention(q, k, v, cu_seqlens, window, scale, max_seqlen)
     return _ours(q, k, v, cu_seqlens, window, scale, settings)[0]
