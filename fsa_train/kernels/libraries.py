@@ -147,7 +147,8 @@ def _load_flash_attn_4() -> FlashAttn4 | None:
         from flash_attn.cute import interface
     except Exception:  # noqa: BLE001 - ImportError, or the CuTe DSL runtime failing to load
         return None
-    fwd, bwd = getattr(interface, "_flash_attn_fwd", None), getattr(interface, "_flash_attn_bwd", None)
+    fwd = getattr(interface, "_flash_attn_fwd", None)
+    bwd = getattr(interface, "_flash_attn_bwd", None)
     for name, fn in (("fwd", fwd), ("bwd", bwd)):
         if fn is None or not FLASH_ATTN_4_KEYWORDS[name] <= set(inspect.signature(fn).parameters):
             return None

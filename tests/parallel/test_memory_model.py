@@ -55,8 +55,9 @@ def test_layer_bytes_are_the_h200_block_counts(mode):
     assert sum(parts.values()) == pytest.approx(row["saved_per_token"], rel=2e-3)
 
 
-# (file, mode, context): peaks that the code of 2026-12-03 (a cast per linear) measured on one H200 (bf16 autocast, no
-# checkpointing); sequences of `context` tokens, 65,536 tokens per step unless one per step
+# (file, mode, context): peaks that the code of 2026-12-03 (a cast per linear) measured on one
+# H200 (bf16 autocast, no checkpointing); sequences of `context` tokens, 65,536 tokens per step
+# unless one per step
 PEAKS = [
     ("throughput_h200_2026-12-03_cudnn_window_long.json", "dense", 65536),
     ("throughput_h200_2026-12-03_gated_projection.json", "nsa", 8192),

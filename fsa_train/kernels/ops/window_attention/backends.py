@@ -1,9 +1,9 @@
 """Which GPU kernel runs ``window_attention``: ours (Triton) or a maintained library's.
 
-``KernelSettings.window_kernel`` names one ("triton", "cudnn", "flash", "fa4") or leaves the choice to
-"auto", which takes, per shape class, the first kernel of :data:`AUTO_ORDER` that is installed
-and accepts the inputs (:data:`DETERMINISTIC_ORDER` when PyTorch is asked for deterministic
-algorithms). The order is a measurement, not a guess: each entry cites the benchmark
+``KernelSettings.window_kernel`` names one ("triton", "cudnn", "flash", "fa4") or leaves the
+choice to "auto", which takes, per shape class, the first kernel of :data:`AUTO_ORDER` that
+is installed and accepts the inputs (:data:`DETERMINISTIC_ORDER` when PyTorch is asked for
+deterministic algorithms). The order is a measurement, not a guess: each entry cites the benchmark
 that ranked it (``python -m benchmarks run window``; ``docs/notes/window.md``). Our Triton
 kernel ends every list, so "auto" never fails because a library is missing; an explicit
 library that cannot run the inputs is a one-line error from its module.

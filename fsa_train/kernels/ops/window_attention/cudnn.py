@@ -22,15 +22,14 @@ needs a workspace of B·H·S² elements (measured: 129 GiB for one 64K document 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fsa_train.kernels.libraries import (
-    CUDNN_SDPA_MISSING,
-    cudnn_sdpa,
-    device_capability,
-    unsupported_inputs,
+from fsa_train.kernels.libraries import CUDNN_SDPA_MISSING, cudnn_sdpa
+from fsa_train.kernels.ops.window_attention.library import (
+    checked_scale,
+    gradients_fake,
+    library_attention,
+    unsupported_library,
 )
 from fsa_train.kernels.registry import kernel_op
 from fsa_train.kernels.utils import as_int32, longest_document, rowmajor
@@ -38,12 +37,8 @@ from fsa_train.kernels.utils import as_int32, longest_document, rowmajor
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, window: int | None) -> str | None:
     """Why the cuDNN path cannot run these inputs (None when it can)."""
-    if cudnn_sdpa() is None:
-        return CUDNN_SDPA_MISSING
-    reason = unsupported_inputs("cudnn", q, k, max_head_dim=128)
-    if reason is None and device_capability(q.device) < (8, 0):
-        reason = "window_kernel='cudnn' needs an Ampere or newer GPU (fused attention)"
-    return reason
+    return unsupported_library("cudnn", cudnn_sdpa(), CUDNN_SDPA_MISSING, q, k, (8, 0),
+                               "an Ampere or newer GPU (fused attention)")
 
 
 def power_of_two_at_least(n: int) -> int:
@@ -82,11 +77,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: tor
     return o.contiguous(), lse.contiguous()  # the layouts the fake implementation declares
 
 
-def _backward_fake(do, q, k, v, o, lse, cu, scale, window_left, longest, deterministic):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-
-
-@kernel_op("cudnn_window_bwd", _backward_fake)
+@kernel_op("cudnn_window_bwd", gradients_fake)
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        o: torch.Tensor, lse: torch.Tensor, cu: torch.Tensor, scale: float,
                        window_left: int, longest: int, deterministic: bool,
@@ -101,22 +92,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return tuple(g.contiguous() for g in grads)
 
 
-class _CudnnWindowAttention(torch.autograd.Function):
-    """cuDNN's forward and backward on the padded plan shape (:func:`plan_shape`)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, scale: float, window_left: int, longest: int,
-                deterministic: bool):
-        o, lse = attention_forward(q, k, v, cu, scale, window_left, longest)
-        ctx.save_for_backward(q, k, v, o, lse, cu)
-        ctx.options = (scale, window_left, longest, deterministic)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, cu, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+_CudnnWindowAttention = library_attention(attention_forward, attention_backward)
+"""cuDNN's forward and backward on the padded plan shape (:func:`plan_shape`)."""
 
 
 def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: float | None = None,
@@ -125,11 +102,8 @@ def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: floa
     """``o [total, H, d]`` from cuDNN; a ValueError naming the reason when it cannot run these
     inputs (:func:`unsupported`). ``deterministic``: the backward's order (None: PyTorch's
     switch)."""
-    reason = unsupported(q, k, window)
-    if reason is not None:
-        raise ValueError(reason)
+    scale = checked_scale(unsupported(q, k, window), q, scale)
     total = q.shape[0]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     cu, longest = plan_shape(cu_seqlens, total, max_seqlen)

@@ -22,15 +22,14 @@ algorithms, otherwise FA4's default.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fsa_train.kernels.libraries import (
-    FLASH_ATTN_4_MISSING,
-    device_capability,
-    flash_attn_4,
-    unsupported_inputs,
+from fsa_train.kernels.libraries import FLASH_ATTN_4_MISSING, flash_attn_4
+from fsa_train.kernels.ops.window_attention.library import (
+    checked_scale,
+    gradients_fake,
+    library_attention,
+    unsupported_library,
 )
 from fsa_train.kernels.registry import kernel_op
 from fsa_train.kernels.utils import as_int32, longest_document
@@ -38,14 +37,8 @@ from fsa_train.kernels.utils import as_int32, longest_document
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, window: int | None) -> str | None:
     """Why FlashAttention-4 cannot run these inputs (None when it can)."""
-    if flash_attn_4() is None:
-        return FLASH_ATTN_4_MISSING
-    reason = unsupported_inputs("fa4", q, k, max_head_dim=128)
-    if reason is None and device_capability(q.device) < (9, 0):
-        major, minor = device_capability(q.device)
-        reason = (f"window_kernel='fa4' needs a Hopper or Blackwell GPU (compute capability 9.0 "
-                  f"or newer), got {major}.{minor}")
-    return reason
+    return unsupported_library("fa4", flash_attn_4(), FLASH_ATTN_4_MISSING, q, k, (9, 0),
+                               "a Hopper or Blackwell GPU")
 
 
 def window_size(window: int | None, longest: int) -> tuple[int | None, int | None]:
@@ -75,11 +68,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: tor
     return o.contiguous(), lse.contiguous()  # the layouts the fake implementation declares
 
 
-def _backward_fake(do, q, k, v, o, lse, cu, scale, left, longest, deterministic):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-
-
-@kernel_op("fa4_window_bwd", _backward_fake)
+@kernel_op("fa4_window_bwd", gradients_fake)
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        o: torch.Tensor, lse: torch.Tensor, cu: torch.Tensor, scale: float,
                        left: int, longest: int, deterministic: bool,
@@ -93,32 +82,16 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-class _FA4WindowAttention(torch.autograd.Function):
-    """FA4's forward and backward as our custom ops."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, scale: float, left: int, longest: int, deterministic: bool):
-        o, lse = attention_forward(q, k, v, cu, scale, left, longest)
-        ctx.save_for_backward(q, k, v, o, lse, cu)
-        ctx.options = (scale, left, longest, deterministic)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, cu, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+_FA4WindowAttention = library_attention(attention_forward, attention_backward)
+"""FA4's forward and backward as our custom ops."""
 
 
 def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: float | None = None,
                      max_seqlen: int | None = None) -> torch.Tensor:
     """``o [total, H, d]`` from FlashAttention-4; a ValueError naming the reason when it cannot
     run these inputs (:func:`unsupported`)."""
-    reason = unsupported(q, k, window)
-    if reason is not None:
-        raise ValueError(reason)
+    scale = checked_scale(unsupported(q, k, window), q, scale)
     total = q.shape[0]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     cu = as_int32(cu_seqlens)
     longest = max(1, longest_document(cu, total, max_seqlen))
     left, _ = window_size(window, longest)

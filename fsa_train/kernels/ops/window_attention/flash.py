@@ -15,11 +15,10 @@ Gradients come from torch's own backward of the op.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fsa_train.kernels.libraries import FLASH_VARLEN_MISSING, flash_varlen, unsupported_inputs
+from fsa_train.kernels.ops.window_attention.library import checked_scale
 from fsa_train.kernels.utils import as_int32, longest_document, rowmajor
 
 
@@ -35,12 +34,9 @@ def window_attention(q, k, v, cu_seqlens, window: int | None = None, scale: floa
                      max_seqlen: int | None = None) -> torch.Tensor:
     """``o [total, H, d]`` from FlashAttention; a ValueError naming the reason when it cannot
     run these inputs (:func:`unsupported`)."""
-    reason = unsupported(q, k, window)
-    if reason is not None:
-        raise ValueError(reason)
+    scale = checked_scale(unsupported(q, k, window), q, scale)
     library = flash_varlen()
     total = q.shape[0]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     cu = as_int32(cu_seqlens)
     longest = longest_document(cu, total, max_seqlen)
     left = -1 if window is None or window >= total else int(window) - 1
