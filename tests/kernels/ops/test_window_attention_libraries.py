@@ -113,6 +113,32 @@ def test_fa4_is_named_but_never_chosen_by_auto_until_measured():
     assert all("fa4" not in order for order in backends.AUTO_ORDER.values())
 
 
+def test_library_attention_routes_options_and_gradients():
+    """The autograd function the library paths share: the forward op gets the options but the
+    last (the backward's order), the backward op all of them, the gradients reach q, k, v, and
+    the backward node carries the path's name (the memory benchmark's rows)."""
+    from fsa_train.kernels.ops.window_attention.library import library_attention
+
+    calls = []
+
+    def forward(q, k, v, cu, scale):
+        calls.append(("fwd", scale))
+        return q * scale, q.sum(-1)
+
+    def backward(do, q, k, v, o, lse, cu, scale, deterministic):
+        calls.append(("bwd", scale, deterministic))
+        return do * scale, torch.ones_like(k), torch.full_like(v, 3.0)
+
+    attention = library_attention("_ProbeWindowAttention", forward, backward)
+    q, k, v = (torch.randn(5, h, 4, requires_grad=True) for h in (2, 1, 1))
+    o = attention.apply(q, k, v, torch.tensor([0, 5]), 2.0, True)
+    assert type(o.grad_fn).__name__ == "_ProbeWindowAttentionBackward"
+    o.sum().backward()
+    assert calls == [("fwd", 2.0), ("bwd", 2.0, True)]
+    assert torch.equal(q.grad, torch.full_like(q, 2.0))
+    assert torch.equal(k.grad, torch.ones_like(k)) and torch.equal(v.grad, torch.full_like(v, 3.0))
+
+
 def test_longest_document_from_the_caller_or_the_boundaries():
     from fsa_train.kernels.utils import longest_document
 

@@ -92,7 +92,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return tuple(g.contiguous() for g in grads)
 
 
-_CudnnWindowAttention = library_attention(attention_forward, attention_backward)
+_CudnnWindowAttention = library_attention("_CudnnWindowAttention", attention_forward,
+                                          attention_backward)
 """cuDNN's forward and backward on the padded plan shape (:func:`plan_shape`)."""
 
 

@@ -82,7 +82,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-_FA4WindowAttention = library_attention(attention_forward, attention_backward)
+_FA4WindowAttention = library_attention("_FA4WindowAttention", attention_forward,
+                                        attention_backward)
 """FA4's forward and backward as our custom ops."""
 
 

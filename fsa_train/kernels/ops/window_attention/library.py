@@ -41,26 +41,26 @@ def gradients_fake(do, q, k, v, *options):
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
-def library_attention(forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
-    """An autograd function over a library's custom ops: ``forward(q, k, v, cu, *options) ->
+def library_attention(name: str, forward: Callable,
+                      backward: Callable) -> type[torch.autograd.Function]:
+    """An autograd function named ``name`` (its backward node ``<name>Backward``, which the
+    memory benchmark reports) over a library's custom ops: ``forward(q, k, v, cu, *options) ->
     (o, lse)`` and ``backward(do, q, k, v, o, lse, cu, *options, deterministic) -> (dq, dk,
     dv)``. ``apply(q, k, v, cu, *options, deterministic)`` returns ``o``."""
 
-    class LibraryAttention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, cu, *options):
-            *forward_options, _ = options
-            o, lse = forward(q, k, v, cu, *forward_options)
-            ctx.save_for_backward(q, k, v, o, lse, cu)
-            ctx.options = options
-            return o
+    def forward_(ctx, q, k, v, cu, *options):
+        *forward_options, _ = options
+        o, lse = forward(q, k, v, cu, *forward_options)
+        ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.options = options
+        return o
 
-        @staticmethod
-        def backward(ctx, do):
-            q, k, v, o, lse, cu = ctx.saved_tensors
-            dq, dk, dv = backward(do, q, k, v, o, lse, cu, *ctx.options)
-            return dq, dk, dv, None, *(None for _ in ctx.options)
+    def backward_(ctx, do):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        dq, dk, dv = backward(do, q, k, v, o, lse, cu, *ctx.options)
+        return dq, dk, dv, None, *(None for _ in ctx.options)
 
-    LibraryAttention.__name__ = LibraryAttention.__qualname__ = \
-        f"_{forward.__module__.rsplit('.', 1)[-1].capitalize()}WindowAttention"
-    return LibraryAttention
+    # built with its name: autograd names the backward node when the class is created
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward_), "backward": staticmethod(backward_),
+        "__module__": forward.__module__})
