@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fsa_train.config import ConfigError, GPTConfig, NSAConfig
+from fsa_train.kernels.utils import interpreting
 from fsa_train.model import GPT
 
 SMALL_NSA = NSAConfig(
@@ -247,6 +248,30 @@ def test_recomputed_sparse_branches_keep_neither_sparse_output():
     two_outputs = 2 * sum(lengths) * cfg.n_head * cfg.head_dim * 8  # fp64
     assert kept[False] - kept["sparse_branches"] >= two_outputs, kept
     assert kept["sparse_branches"] > kept["attention"], kept
+
+
+@pytest.mark.skipif(not interpreting(), reason="the CPU run of the Triton path")
+def test_recomputed_sparse_branches_on_the_triton_path():
+    """``sparse_branches`` on the kernels (Triton's interpreter, fp32): the recomputed
+    compressed and selected branches and gated projection give no checkpointing's loss and
+    gradients (the selection is recomputed too, so it must come out the same)."""
+    nsa = NSAConfig(cmp_kernel=8, cmp_stride=4, sel_block=16, sel_topk=3, init_blocks=1,
+                    local_blocks=1, window=8)
+    cfg = small_config("nsa", kernel_backend="triton", n_layer=1, d_model=64, nsa=nsa)
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    recomputed = GPT(dataclasses.replace(cfg, activation_checkpointing="sparse_branches"))
+    recomputed.load_state_dict(plain.state_dict())
+    for model in (plain, recomputed):
+        model.blocks[0].attn.rope.interpret = True
+    ids, cu = packed_batch([29, 3, 19], 64)
+    targets = torch.randint(0, 64, (51,))
+    losses = [model.loss(model(ids, cu), targets) for model in (plain, recomputed)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_sparse_branches_checkpointing_needs_nsa():
