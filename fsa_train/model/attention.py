@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fsa_train.config import SPARSE_BRANCHES, ConfigError, GPTConfig
+from fsa_train.config import SPARSE_BRANCHES, GPTConfig
 from fsa_train.kernels import (
     CompressionParams,
     NSABranchInputs,
     NSAVarlen,
+    gate_mix,
     gated_projection,
     nsa_attention,
     nsa_branch_inputs,
@@ -67,8 +69,8 @@ class Attention(nn.Module):
         self.rope = Rotary(d, cfg.rope_base)
         self.sparse = cfg.attention == "nsa"
         self.recompute_sparse = cfg.activation_checkpointing == SPARSE_BRANCHES
-        """Recompute the compressed and selected branches and the output projection in
-        backward (:meth:`_recomputed_sparse_branches`)."""
+        """Recompute the compressed and selected branches and the output projection (the gate
+        mix under sequence parallelism) in backward (:meth:`_recomputed_sparse`)."""
         if self.sparse:
             l = cfg.nsa.cmp_kernel
             self.w_ck = nn.Parameter(torch.empty(h, l * d, d))
@@ -118,13 +120,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(total, h, d)
         v = self.v_proj(x).view(total, h, d)
         gates = torch.sigmoid(self.gate(x)).view(total, H, 3) if self.sparse else None
-        if shard is not None and self.recompute_sparse:
-            raise ConfigError(
-                "model.config.activation_checkpointing='sparse_branches' does not run under "
-                "sequence parallelism (model.sequence_parallel > 1); use 'attention' or true")
         if shard is None and self.recompute_sparse and torch.is_grad_enabled():
-            return self._recomputed_sparse_branches(q, k, v, gates, cu_seqlens, positions,
-                                                    varlen, max_seqlen)
+            # the gated projection inside the checkpoint: it would keep both branch outputs
+            return self._recomputed_sparse(
+                q, k, v, gates, self._compression(), cu_seqlens, positions, varlen, max_seqlen,
+                lambda o_cmp, o_sel, o_win, gates: self.o_proj((o_cmp, o_sel, o_win), gates))
         if shard is None and self.sparse:
             branches = self.core(q, k, v, gates, cu_seqlens, positions, varlen, max_seqlen,
                                  mix=False)
@@ -145,10 +145,15 @@ class Attention(nn.Module):
         three branch outputs, for :class:`OutputProjection` to mix."""
         backend = self.cfg.kernel_backend
         if self.sparse:
-            params = CompressionParams(self.w_ck[kv_heads], self.w_cv[kv_heads],
-                                       self.pe[kv_heads])
+            params = self._compression(kv_heads)
             if varlen is None:
                 varlen = nsa_varlen(cu_seqlens, q.shape[0], self.cfg.nsa, positions)
+            if mix and self.recompute_sparse and torch.is_grad_enabled():
+                # sequence parallelism: the gate mix inside the checkpoint (the output
+                # projection keeps the mixed output, which it would keep anyway)
+                return self._recomputed_sparse(q, k, v, gates, params, cu_seqlens, positions,
+                                               varlen, max_seqlen,
+                                               partial(gate_mix, backend=backend))
             return nsa_attention(
                 q, k, v, gates, params, cu_seqlens, self.cfg.nsa, self.rope, backend=backend,
                 varlen=varlen, max_seqlen=max_seqlen, mix=mix,
@@ -158,31 +163,36 @@ class Attention(nn.Module):
         return window_attention(q, k, v, cu_seqlens, self.cfg.window, None, max_seqlen,
                                 backend=backend)
 
-    def _recomputed_sparse_branches(
+    def _compression(self, kv_heads: slice = slice(None)) -> CompressionParams:
+        """The compression weights and position embedding of ``kv_heads``."""
+        return CompressionParams(self.w_ck[kv_heads], self.w_cv[kv_heads], self.pe[kv_heads])
+
+    def _recomputed_sparse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
-        cu_seqlens: torch.Tensor, positions: torch.Tensor, varlen: NSAVarlen | None,
-        max_seqlen: int | None,
+        params: CompressionParams, cu_seqlens: torch.Tensor, positions: torch.Tensor,
+        varlen: NSAVarlen | None, max_seqlen: int | None, combine: Callable[..., torch.Tensor],
     ) -> torch.Tensor:
-        """The NSA sub-layer's output with the compressed and selected branches (and the block
-        selection between them) and the gated output projection in a checkpoint: backward
-        recomputes them from the rotated q, k, v, the compressed keys and values, the window
-        output and the gates, which the window branch keeps anyway or which are small, so the
-        step keeps neither sparse branch's output, log-sum-exp nor the selection."""
+        """``combine(o_cmp, o_sel, o_win, gates)`` with the compressed and selected branches
+        (and the block selection between them) and ``combine`` itself in a checkpoint
+        (``activation_checkpointing: sparse_branches``): backward recomputes them from the
+        rotated q, k, v, the compressed keys and values, the window output and the gates, which
+        the window branch keeps anyway or which are small, so the step keeps neither sparse
+        branch's output, log-sum-exp nor the selection. ``combine``: the gated output
+        projection, or under sequence parallelism the gate mix."""
         cfg, backend = self.cfg.nsa, self.cfg.kernel_backend
         if varlen is None:
             varlen = nsa_varlen(cu_seqlens, q.shape[0], cfg, positions)
-        params = CompressionParams(self.w_ck, self.w_cv, self.pe)
         x = nsa_branch_inputs(q, k, v, params, cu_seqlens, cfg, self.rope, varlen,
                               backend=backend)
         o_win = nsa_window_branch(x, cu_seqlens, cfg, max_seqlen=max_seqlen, backend=backend)
 
-        def sparse_and_projection(q, k, v, k_c, v_c, o_win, gates):
+        def sparse_and_combine(q, k, v, k_c, v_c, o_win, gates):
             o_cmp, o_sel = nsa_sparse_branches(
                 NSABranchInputs(q, k, v, k_c, v_c), cu_seqlens, varlen.cu_seqlens_c, cfg,
                 max_seqlen=max_seqlen, backend=backend)
-            return self.o_proj((o_cmp, o_sel, o_win), gates)
+            return combine(o_cmp, o_sel, o_win, gates)
 
-        return checkpoint(sparse_and_projection, x.q, x.k, x.v, x.k_c, x.v_c, o_win, gates,
+        return checkpoint(sparse_and_combine, x.q, x.k, x.v, x.k_c, x.v_c, o_win, gates,
                           use_reentrant=False)
 
     def _sequence_parallel_core(self, q, k, v, gates, cu_seqlens, positions, varlen,

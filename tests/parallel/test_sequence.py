@@ -1,7 +1,7 @@
 """Sequence parallelism on CPU processes (gloo): P ranks holding 1/P of a packed sequence each
 compute exactly what one process computes on the whole of it, outputs, loss and every parameter
 gradient, through DeepSpeed's all-to-all attention: P = 2 for dense, sliding-window and NSA
-attention, P = 4 for dense and NSA (four KV heads, one per rank)."""
+attention (NSA also with ``activation_checkpointing: sparse_branches``), P = 4 for dense and NSA (four KV heads, one per rank)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,14 @@ D_MODEL = 32
 
 
 def _config(kind: str, world: int) -> GPTConfig:
-    attention = "nsa" if kind == "nsa" else "dense"
+    """``kind``: dense, window, nsa, or nsa_sparse_branches (NSA with its sparse branches
+    recomputed in backward: the checkpoint runs inside the all-to-all attention)."""
+    attention = "nsa" if kind.startswith("nsa") else "dense"
     heads = {k: v for k, v in LAYOUTS[world].items() if k != "lengths"}
+    checkpointing = "sparse_branches" if kind == "nsa_sparse_branches" else False
     return GPTConfig(vocab_size=64, n_layer=2, d_model=D_MODEL, attention=attention, nsa=NSA,
-                     loss_chunk=32, window=12 if kind == "window" else None, **heads)
+                     loss_chunk=32, window=12 if kind == "window" else None,
+                     activation_checkpointing=checkpointing, **heads)
 
 
 def _worker(rank: int, world: int, port: int, kinds: tuple[str, ...]) -> None:
@@ -115,9 +119,11 @@ def _free_port() -> int:
 
 
 def test_two_ranks_equal_one_process():
-    """P = 2: dense, sliding-window and NSA attention, one launch (most of a launch's time is
-    the processes' imports; a failure names the kind)."""
-    mp.spawn(_worker, args=(2, _free_port(), ("dense", "window", "nsa")), nprocs=2, join=True)
+    """P = 2: dense, sliding-window and NSA attention (and NSA with its sparse branches
+    recomputed), one launch (most of a launch's time is the processes' imports; a failure names
+    the kind)."""
+    mp.spawn(_worker, args=(2, _free_port(), ("dense", "window", "nsa", "nsa_sparse_branches")),
+             nprocs=2, join=True)
 
 
 def test_four_ranks_equal_one_process():
