@@ -176,6 +176,36 @@ def graph_blocks(model: GPT, ids: torch.Tensor, cu_seqlens: torch.Tensor, max_se
     return loss
 
 
+def graph_step(model: GPT, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
+               targets: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               autocast) -> Callable[[], None]:
+    """The whole training step (forward, loss, backward, AdamW) captured as one CUDA graph;
+    returns its replay. Three eager steps on a side stream first (they autotune, allocate the
+    optimizer's state and the gradients' pool) and then the capture, as PyTorch's whole-network
+    recipe does; gradients set to None before the capture are written, not accumulated, on
+    every replay. ``ids`` and ``targets`` are the graph's static inputs: copy new batches into
+    them. The optimizer must be ``capturable``."""
+    def eager_step() -> torch.Tensor:
+        with autocast:
+            loss = model.loss(model(ids, cu_seqlens, max_seqlen), targets)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            eager_step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        eager_step()
+    return graph.replay
+
+
 def time_training(args: argparse.Namespace, mode: str, context: int, checkpointing: bool | str,
                   device: torch.device) -> dict:
     """Seconds per training step and peak memory of one (mode, context, checkpointing)."""
@@ -184,7 +214,8 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
     model = build_model(cfg, mode, device, sequences)
     if args.compile:
         compile_blocks(model, args.compile_mode)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda",
+                                  capturable=args.cuda_graph == "step")
     generator = torch.Generator().manual_seed(context)
     total = sequences * context
     tokens = torch.randint(0, cfg.vocab_size, (total + 1,), generator=generator).to(device)
@@ -193,14 +224,21 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
     # CUDA graphs need autocast's weight-cast cache off (a cached cast would outlive capture)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16,
                               cache_enabled=False if args.cuda_graph else None)
-    if args.cuda_graph:
+    if args.cuda_graph == "blocks":
         graphed_loss = graph_blocks(model, ids, cu_seqlens, context, autocast)
+    replay = []  # --cuda_graph step: the captured step, made by the first call
 
     def step() -> None:
+        if args.cuda_graph == "step":
+            if not replay:
+                replay.append(graph_step(model, optimizer, ids, targets, cu_seqlens, context,
+                                         autocast))
+            replay[0]()
+            return
         if args.compile and args.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration of Inductor's graphs
         with autocast:
-            if args.cuda_graph:
+            if args.cuda_graph == "blocks":
                 loss = graphed_loss(ids, targets)
             else:
                 loss = model.loss(model(ids, cu_seqlens, context), targets)
@@ -330,7 +368,7 @@ def markdown(report: dict) -> str:
         f"{cfg['n_kv_head']} KV heads, d = {cfg['head_dim']}, vocab {cfg['vocab_size']}; "
         f"{'bf16 autocast' if report['bf16'] else 'fp32'}"
         f"{compiled(report)}"
-        f"{', blocks replayed from CUDA graphs' if report.get('cuda_graph') else ''}; "
+        f"{graph_sentence(report.get('cuda_graph'))}; "
         f"one document per sequence, "
         f"{_per_step(report)}; "
         f"{report['steps']} timed steps after {report['warmup']} warm-up (fwd + bwd + AdamW"
@@ -438,9 +476,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile's mode with --compile (reduce-overhead: Inductor's CUDA "
                         "graphs per block)")
-    p.add_argument("--cuda_graph", action="store_true",
-                   help="replay every block's forward and backward from CUDA graphs "
-                        "(torch.cuda.make_graphed_callables; CUDA only, no checkpointing)")
+    p.add_argument("--cuda_graph", nargs="?", const="blocks", choices=["blocks", "step"],
+                   default=None,
+                   help="blocks (the flag alone): replay every block's forward and backward "
+                        "from CUDA graphs (torch.cuda.make_graphed_callables); step: the whole "
+                        "step (embedding, blocks, loss, backward, AdamW) as one graph (needs "
+                        "--fused_ops torch); CUDA only, no checkpointing, no --compile")
     p.add_argument("--device", default="cuda", help="cpu: the smoke mode (wall-clock timing)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for CUDA, off on the CPU)")
@@ -474,13 +515,11 @@ def run(args: argparse.Namespace) -> dict:
     """Run every (mode, context) row, write JSON, Markdown and the plot; returns the report."""
     args = with_defaults(args)
     device = torch.device(args.device)
+    check_cuda_graph_flags(args)
     if device.type == "cuda":
         require_cuda("throughput")
     elif args.cuda_graph:
         raise ValueError("--cuda_graph needs --device cuda (CUDA graphs)")
-    if args.cuda_graph and args.activation_checkpointing not in ("off", "auto"):
-        raise ValueError("--cuda_graph captures the blocks without activation checkpointing: "
-                         "use --activation_checkpointing off")
     env = environment(device)
     record = Record("throughput", env, args.out, args.tag)
     peak = device_peak_flops(env["device"], "bf16-mixed" if args.bf16 else "32-true")
@@ -495,9 +534,32 @@ def run(args: argparse.Namespace) -> dict:
     return write_report(record, args, env, peak, rows, final=True)
 
 
+def check_cuda_graph_flags(args: argparse.Namespace) -> None:
+    """The flags ``--cuda_graph`` cannot run with, each a one-line error."""
+    if args.cuda_graph and args.activation_checkpointing not in ("off", "auto"):
+        raise ValueError("--cuda_graph captures the blocks without activation checkpointing: "
+                         "use --activation_checkpointing off")
+    if args.cuda_graph and args.compile:
+        raise ValueError("--cuda_graph does not combine with --compile (Inductor's own graphs: "
+                         "--compile --compile_mode reduce-overhead)")
+    if args.cuda_graph == "step" and (args.fused_ops or GPTConfig.fused_ops) != "torch":
+        raise ValueError("--cuda_graph step captures the loss too, and liger's fused loss reads "
+                         "a count on the host: use --fused_ops torch")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """``run`` on the command-line flags ``argv``."""
     return run(parse_args(argv))
+
+
+def graph_sentence(cuda_graph: bool | str | None) -> str:
+    """The header's words for ``--cuda_graph`` (older reports stored True for ``blocks``)."""
+    if cuda_graph in (True, "blocks"):
+        return ", blocks replayed from CUDA graphs"
+    if cuda_graph == "step":
+        return (", the whole step (forward, loss, backward, AdamW) replayed from one CUDA graph "
+                "(the first step: three eager steps and the capture)")
+    return ""
 
 
 def write_report(record: Record, args: argparse.Namespace, env: dict, peak: float | None,

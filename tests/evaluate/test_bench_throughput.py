@@ -129,6 +129,61 @@ def test_cuda_graph_needs_cuda(bench, tmp_path):
     with pytest.raises(ValueError, match=r"--cuda_graph needs --device cuda") as info:
         bench.main([*TINY, "--contexts", "64", "--cuda_graph", "--out", str(tmp_path)])
     assert "\n" not in str(info.value)
+    assert bench.parse_args([*TINY, "--cuda_graph"]).cuda_graph == "blocks"  # the flag alone
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cuda_graph", "step", "--fused_ops", "auto"], "use --fused_ops torch"),
+    (["--cuda_graph", "step", "--compile"], "does not combine with --compile"),
+    (["--cuda_graph", "--activation_checkpointing", "on"], "use --activation_checkpointing off"),
+])
+def test_cuda_graph_flag_conflicts_are_one_line(bench, tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message) as info:
+        bench.main([*TINY, "--contexts", "64", *flags, "--out", str(tmp_path)])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["dense", "nsa"])
+def test_gpu_whole_step_graph_trains_like_eager(bench, mode):
+    """``--cuda_graph step``: the captured step (three eager warm-up steps, then replays) moves
+    the weights as the same eager steps do, also after a new batch is copied into the graph's
+    static inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    args = bench.parse_args(["--n_layer", "2", "--d_model", "256", "--head_dim", "64",
+                             "--vocab", "512", "--contexts", "2048", "--fused_ops", "torch"])
+    cfg = bench.model_config(args, mode, False)
+    cuda = torch.device("cuda")
+    eager, graphed = bench.build_model(cfg, mode, cuda), bench.build_model(cfg, mode, cuda)
+    graphed.load_state_dict(eager.state_dict())
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True, capturable=True)
+                  for m in (eager, graphed)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    cu = torch.tensor([0, 700, 2048], dtype=torch.int32, device=cuda)
+    tokens = torch.randint(0, cfg.vocab_size, (2049,), device=cuda,
+                           generator=torch.Generator(cuda).manual_seed(0))
+    ids, targets = tokens[:-1].clone(), tokens[1:].clone()
+    replay = bench.graph_step(graphed, optimizers[1], ids, targets, cu, 1348, autocast)
+
+    def eager_step():
+        optimizers[0].zero_grad(set_to_none=True)
+        with autocast:
+            loss = eager.loss(eager(ids, cu, 1348), targets)
+        loss.backward()
+        optimizers[0].step()
+
+    for _ in range(3):  # graph_step's warm-up steps
+        eager_step()
+    for batch in range(3):
+        if batch == 2:  # a new batch into the static inputs
+            ids.copy_(torch.roll(ids, 5))
+            targets.copy_(torch.roll(targets, 5))
+        eager_step()
+        replay()
+    torch.cuda.synchronize()
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=2e-2, atol=2e-3, msg=name)
 
 
 @pytest.mark.gpu

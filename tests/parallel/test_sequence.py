@@ -1,7 +1,8 @@
 """Sequence parallelism on CPU processes (gloo): P ranks holding 1/P of a packed sequence each
 compute exactly what one process computes on the whole of it, outputs, loss and every parameter
 gradient, through DeepSpeed's all-to-all attention: P = 2 for dense, sliding-window and NSA
-attention (NSA also with ``activation_checkpointing: sparse_branches``), P = 4 for dense and NSA (four KV heads, one per rank)."""
+attention (NSA also with ``activation_checkpointing: sparse_branches``), P = 4 for dense and NSA
+(four KV heads, one per rank)."""
 
 from __future__ import annotations
 
