@@ -155,3 +155,13 @@ def test_gpu_block_compiles_whole_with_inductor(attention, selection):
     block, inputs = make_block(attention, selection, "auto", [2500, 1596], 1024, 8, 2, 128,
                                device="cuda", nsa={})
     check_compiled(block, inputs, "inductor", 2e-2, autocast=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("selection", ["token", "block"])
+def test_gpu_block_with_recomputed_sparse_branches_compiles_with_inductor(selection):
+    """``activation_checkpointing: sparse_branches`` on the GPU kernels, compiled with Inductor
+    (fullgraph, bf16 autocast): zero graph breaks, eager's output and gradients."""
+    block, inputs = make_block("nsa", selection, "auto", [2500, 1596], 1024, 8, 2, 128,
+                               device="cuda", nsa={}, checkpointing="sparse_branches")
+    check_compiled(block, inputs, "inductor", 2e-2, autocast=torch.bfloat16)
