@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         first_line = str(error).splitlines()[0] if str(error) else "out of memory"
         print(
             f"fsa-train: error: out of GPU memory ({first_line}). Lower data.batch_size or "
-            f"data.seq_len, set model.config.activation_checkpointing: true, or shard with a "
+            f"data.seq_len, set model.config.activation_checkpointing (sparse_branches, "
+            f"attention or mlp recompute part of each block, true all of it), or shard with a "
             f"ZeRO preset (configs/strategy/zero2.yaml, zero3.yaml)",
             file=sys.stderr,
         )

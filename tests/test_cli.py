@@ -115,6 +115,28 @@ def test_print_config_runs_the_checks_before_work(override, message, capsys, mon
     assert len(err) == 1 and message in err[0], err
 
 
+def test_out_of_gpu_memory_is_one_line_with_what_to_lower(capsys, monkeypatch):
+    """A run that runs out of GPU memory ends with exit status 3 and one line naming the
+    settings that lower memory (the traceback only with FSA_TRAIN_TRACEBACK=1)."""
+    import fsa_train.cli as cli
+
+    def out_of_memory(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(cli, "build_cli", out_of_memory)
+    monkeypatch.delenv("FSA_TRAIN_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/demo.yaml"])
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Tried to allocate 2.00 GiB" in err[0], err
+    for advice in ("data.batch_size", "sparse_branches", "activation_checkpointing", "zero3"):
+        assert advice in err[0], advice
+    monkeypatch.setenv("FSA_TRAIN_TRACEBACK", "1")
+    with pytest.raises(torch.OutOfMemoryError):
+        main(["fit", "--config", "configs/demo.yaml"])
+
+
 def test_print_config_warns_of_a_topk_that_covers_every_block(capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     with pytest.raises(SystemExit) as exit_info:
