@@ -201,7 +201,9 @@ def token_bytes(cfg: GPTConfig, precision: str, checkpointing: bool | str,
     D, H, h, d = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim
     transient = TRANSIENT[_mode(cfg)] + (4 * (H + 2 * h) * d if degree > 1 else 0)
     kept = cfg.n_layer * kept_bytes(cfg, precision, checkpointing)
-    if checkpointing is not False:
+    if checkpointing == "sparse_branches":
+        kept += sparse_branch_bytes(cfg)  # the branches of the block whose backward runs
+    elif checkpointing is not False:
         kept += a  # the block whose backward runs, recomputed
     return kept + transient + 2 * r * D
 
