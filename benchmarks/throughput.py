@@ -176,33 +176,25 @@ def graph_blocks(model: GPT, ids: torch.Tensor, cu_seqlens: torch.Tensor, max_se
     return loss
 
 
-def graph_step(model: GPT, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
-               targets: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-               autocast) -> Callable[[], None]:
-    """The whole training step (forward, loss, backward, AdamW) captured as one CUDA graph;
-    returns its replay. Three eager steps on a side stream first (they autotune, allocate the
-    optimizer's state and the gradients' pool) and then the capture, as PyTorch's whole-network
-    recipe does; gradients set to None before the capture are written, not accumulated, on
-    every replay. ``ids`` and ``targets`` are the graph's static inputs: copy new batches into
-    them. The optimizer must be ``capturable``."""
-    def eager_step() -> torch.Tensor:
-        with autocast:
-            loss = model.loss(model(ids, cu_seqlens, max_seqlen), targets)
-        loss.backward()
-        optimizer.step()
-        return loss
-
+def graph_step(update: Callable[[], None],
+               optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """``update`` (forward, loss, backward and ``optimizer``'s step on fixed input tensors)
+    captured as one CUDA graph; returns its replay. Three eager updates on a side stream first
+    (they autotune, allocate the optimizer's state and the gradients' pool) and then the
+    capture, as PyTorch's whole-network recipe does; gradients set to None before the capture
+    are written, not accumulated, on every replay. The tensors ``update`` reads are the graph's
+    static inputs: copy new batches into them. The optimizer must be ``capturable``."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
             optimizer.zero_grad(set_to_none=True)
-            eager_step()
+            update()
     torch.cuda.current_stream().wait_stream(side)
     optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        eager_step()
+        update()
     return graph.replay
 
 
@@ -224,26 +216,29 @@ def time_training(args: argparse.Namespace, mode: str, context: int, checkpointi
     # CUDA graphs need autocast's weight-cast cache off (a cached cast would outlive capture)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16,
                               cache_enabled=False if args.cuda_graph else None)
-    if args.cuda_graph == "blocks":
-        graphed_loss = graph_blocks(model, ids, cu_seqlens, context, autocast)
-    replay = []  # --cuda_graph step: the captured step, made by the first call
+    graphed_loss = (graph_blocks(model, ids, cu_seqlens, context, autocast)
+                    if args.cuda_graph == "blocks" else None)
 
-    def step() -> None:
-        if args.cuda_graph == "step":
-            if not replay:
-                replay.append(graph_step(model, optimizer, ids, targets, cu_seqlens, context,
-                                         autocast))
-            replay[0]()
-            return
-        if args.compile and args.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # a new iteration of Inductor's graphs
+    def update() -> None:  # forward, loss, backward and AdamW on this step's batch
         with autocast:
-            if args.cuda_graph == "blocks":
+            if graphed_loss is not None:
                 loss = graphed_loss(ids, targets)
             else:
                 loss = model.loss(model(ids, cu_seqlens, context), targets)
         loss.backward()
         optimizer.step()
+
+    replay = []  # --cuda_graph step: the captured update, made by the first call
+
+    def step() -> None:
+        if args.cuda_graph == "step":
+            if not replay:
+                replay.append(graph_step(update, optimizer))
+            replay[0]()
+            return
+        if args.compile and args.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration of Inductor's graphs
+        update()
         optimizer.zero_grad(set_to_none=True)
 
     first_start = time.perf_counter()

@@ -164,14 +164,18 @@ def test_gpu_whole_step_graph_trains_like_eager(bench, mode):
     tokens = torch.randint(0, cfg.vocab_size, (2049,), device=cuda,
                            generator=torch.Generator(cuda).manual_seed(0))
     ids, targets = tokens[:-1].clone(), tokens[1:].clone()
-    replay = bench.graph_step(graphed, optimizers[1], ids, targets, cu, 1348, autocast)
+
+    def update(model, optimizer):
+        with autocast:
+            loss = model.loss(model(ids, cu, 1348), targets)
+        loss.backward()
+        optimizer.step()
+
+    replay = bench.graph_step(lambda: update(graphed, optimizers[1]), optimizers[1])
 
     def eager_step():
         optimizers[0].zero_grad(set_to_none=True)
-        with autocast:
-            loss = eager.loss(eager(ids, cu, 1348), targets)
-        loss.backward()
-        optimizers[0].step()
+        update(eager, optimizers[0])
 
     for _ in range(3):  # graph_step's warm-up steps
         eager_step()

@@ -186,15 +186,21 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(attention, c
     plain = GPT(small_config(attention, kernel_backend="reference")).double()
     recomputed = GPT(small_config(attention, kernel_backend="reference",
                                   activation_checkpointing=checkpointing)).double()
-    recomputed.load_state_dict(plain.state_dict())
+    assert_trains_alike(plain, recomputed, rtol=1e-10, atol=1e-12)
+
+
+def assert_trains_alike(plain: GPT, other: GPT, rtol: float, atol: float) -> None:
+    """``other``, given ``plain``'s weights, has its loss and every gradient on one packed
+    batch of odd-length documents (the loss to ``rtol * 1e-2``)."""
+    other.load_state_dict(plain.state_dict())
     ids, cu = packed_batch([29, 3, 19], 64)
     targets = torch.randint(0, 64, (51,))
-    losses = [model.loss(model(ids, cu), targets) for model in (plain, recomputed)]
+    losses = [model.loss(model(ids, cu), targets) for model in (plain, other)]
     for loss in losses:
         loss.backward()
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
-    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(losses[1], losses[0], rtol=rtol * 1e-2, atol=0)
+    for (name, a), b in zip(plain.named_parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol, msg=name)
 
 
 def packed_bytes(cfg: GPTConfig, lengths: list[int]) -> int:
@@ -261,17 +267,9 @@ def test_recomputed_sparse_branches_on_the_triton_path():
     torch.manual_seed(0)
     plain = GPT(cfg)
     recomputed = GPT(dataclasses.replace(cfg, activation_checkpointing="sparse_branches"))
-    recomputed.load_state_dict(plain.state_dict())
     for model in (plain, recomputed):
         model.blocks[0].attn.rope.interpret = True
-    ids, cu = packed_batch([29, 3, 19], 64)
-    targets = torch.randint(0, 64, (51,))
-    losses = [model.loss(model(ids, cu), targets) for model in (plain, recomputed)]
-    for loss in losses:
-        loss.backward()
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
-    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert_trains_alike(plain, recomputed, rtol=1e-5, atol=1e-7)
 
 
 def test_sparse_branches_checkpointing_needs_nsa():
