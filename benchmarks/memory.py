@@ -143,7 +143,19 @@ def _saved_bytes(output: torch.Tensor, block_input: torch.Tensor,
                  parameters: list[torch.Tensor],
                  packed: PackedStorages | None) -> dict[str, int]:
     params = {_storage(p) for p in parameters}
-    param_shapes = {tuple(p.shape) for p in parameters}
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for p in parameters:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+
+    def weight_cast(tensor: torch.Tensor) -> bool:
+        """A half-precision copy of a parameter (autocast's, kept as is or transposed by the
+        matmul that saved it), not an activation that happens to have a parameter's shape
+        (e.g. ``[tokens, d_model]`` with tokens = d_model)."""
+        if tensor.dtype == torch.float32:
+            return False
+        views = [tensor] + ([tensor.t()] if tensor.dim() == 2 else [])
+        return any(torch.equal(view, p.detach().to(view.dtype))
+                   for view in views for p in by_shape.get(tuple(view.shape), ()))
     seen: set[int] = set()
     skip_input = _storage(block_input)
     by_node: Counter[str] = Counter()
@@ -166,7 +178,7 @@ def _saved_bytes(output: torch.Tensor, block_input: torch.Tensor,
             seen.add(key[0])
             if key == skip_input:
                 label = BLOCK_INPUT
-            elif tuple(tensor.shape) in param_shapes and tensor.dtype != torch.float32:
+            elif weight_cast(tensor):
                 label = WEIGHT_CASTS
             else:
                 label = type(node).__name__

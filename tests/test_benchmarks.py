@@ -339,6 +339,20 @@ def test_memory_benchmark_smoke(tmp_path):
     assert "| block input |" in table and "| nsa, attention ckpt |" in table
 
 
+def test_memory_walk_tells_weight_copies_from_activations_of_the_same_shape():
+    """Autocast's bf16 copy of a square weight is a weight cast; the bf16 activation of the same
+    shape that the matmul also keeps (tokens = d_model) is not."""
+    from benchmarks.memory import WEIGHT_CASTS, saved_bytes
+
+    linear = torch.nn.Linear(64, 64, bias=False)
+    x = torch.randn(64, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(torch.sigmoid(x).to(torch.bfloat16))
+    by_node = saved_bytes(out, x, list(linear.parameters()))
+    assert by_node[WEIGHT_CASTS] == 64 * 64 * 2
+    assert sum(by_node.values()) - by_node[WEIGHT_CASTS] >= 64 * 64 * 2  # the activation
+
+
 def test_nsa_layouts():
     from benchmarks.nsa import shape_layouts
 
