@@ -118,9 +118,15 @@ class Op:
         as :attr:`fake` shapes them."""
         values = self.bound(args, kwargs)
         tensor_names = tuple(k for k, v in values.items() if isinstance(v, torch.Tensor))
-        static = tuple((k, v) for k, v in values.items() if k not in tensor_names)
+        # integers travel as SymInt[]: a value that changes between calls (a batch's longest
+        # document) becomes symbolic under Dynamo, and a symbol has no repr to put in `static`
+        int_names = tuple(k for k, v in values.items()
+                          if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool))
+        static = tuple((k, v) for k, v in values.items()
+                       if k not in tensor_names and k not in int_names)
         outs = _reference_op(self.name, [values[k] for k in tensor_names],
-                             repr((tensor_names, static)))
+                             repr((tensor_names, int_names, static)),
+                             [values[k] for k in int_names])
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
@@ -209,12 +215,13 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     return register
 
 
-def _naive_call(name: str, tensors: list, static: str) -> tuple[Op, dict]:
+def _naive_call(name: str, tensors: list, static: str, ints: list[int]) -> tuple[Op, dict]:
     """The op and the arguments of an opaque naive call."""
     op = REGISTRY[name]
-    tensor_names, pairs = ast.literal_eval(static)
+    tensor_names, int_names, pairs = ast.literal_eval(static)
     values = dict(pairs)
     values.update(zip(tensor_names, tensors, strict=True))
+    values.update(zip(int_names, ints, strict=True))
     return op, values
 
 
@@ -234,17 +241,18 @@ def _fit(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("fsa::reference", mutates_args=())
 def _reference_op(name: str, tensors: list[torch.Tensor | None], static: str,
-                  ) -> list[torch.Tensor]:
-    """Naive op ``name`` on ``tensors`` and the JSON ``static`` arguments, opaque to Dynamo."""
-    op, values = _naive_call(name, tensors, static)
+                  ints: list[int]) -> list[torch.Tensor]:
+    """Naive op ``name`` on ``tensors``, the ``repr``'d ``static`` arguments and the integer
+    arguments ``ints``, opaque to Dynamo."""
+    op, values = _naive_call(name, tensors, static, ints)
     with torch.no_grad():
         outs = _as_tuple(op.naive(**values))
     return [_fit(x, like) for x, like in zip(outs, _as_tuple(op.fake(**values)), strict=True)]
 
 
 @_reference_op.register_fake
-def _(name, tensors, static):
-    op, values = _naive_call(name, tensors, static)
+def _(name, tensors, static, ints):
+    op, values = _naive_call(name, tensors, static, ints)
     return list(_as_tuple(op.fake(**values)))
 
 
@@ -260,13 +268,14 @@ def _autograd_inside_op() -> torch._C._ForceDispatchKeyGuard:
 
 @torch.library.custom_op("fsa::reference_backward", mutates_args=())
 def _reference_backward_op(name: str, tensors: list[torch.Tensor | None], static: str,
-                           grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+                           ints: list[int], grads: list[torch.Tensor | None],
+                           ) -> list[torch.Tensor]:
     """The gradients of the floating-point ``tensors`` of an opaque naive call (zeros where
     none flows): the naive op recomputed under autograd, padding rows' gradients dropped."""
     leaves = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t
               for t in tensors]
     wanted = [t for t in leaves if t is not None and t.is_floating_point()]
-    op, values = _naive_call(name, leaves, static)
+    op, values = _naive_call(name, leaves, static, ints)
     with _autograd_inside_op(), torch.enable_grad(), kept_activations():
         outs = _as_tuple(op.naive(**values))
     pairs = [(y, g[: y.shape[0]]) for y, g in zip(outs, grads, strict=True)
@@ -279,21 +288,21 @@ def _reference_backward_op(name: str, tensors: list[torch.Tensor | None], static
 
 
 @_reference_backward_op.register_fake
-def _(name, tensors, static, grads):
+def _(name, tensors, static, ints, grads):
     return [torch.empty_like(t) for t in tensors if t is not None and t.is_floating_point()]
 
 
 def _reference_setup(ctx, inputs, output) -> None:
-    name, tensors, static = inputs
-    ctx.name, ctx.static = name, static
+    name, tensors, static, ints = inputs
+    ctx.name, ctx.static, ctx.ints = name, static, ints
     ctx.save_for_backward(*tensors)
 
 
 def _reference_backward(ctx, grads):
     tensors = list(ctx.saved_tensors)
-    found = iter(_reference_backward_op(ctx.name, tensors, ctx.static, list(grads)))
+    found = iter(_reference_backward_op(ctx.name, tensors, ctx.static, ctx.ints, list(grads)))
     return None, [next(found) if t is not None and t.is_floating_point() else None
-                  for t in tensors], None
+                  for t in tensors], None, None
 
 
 _reference_op.register_autograd(_reference_backward, setup_context=_reference_setup)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
 from fsa_testing import assert_close
 
 from benchmarks.memory import PackedStorages
@@ -101,6 +102,49 @@ def test_block_compiles_whole_on_the_reference_path(attention, selection):
     check_compiled(block, inputs, "aot_eager", 1e-5)
 
 
+LAYOUTS = ([37, 20, 7], [64], [5, 30, 12, 17])
+"""Document lengths of successive batches of one total (64): the count of documents and the
+longest one change from batch to batch, as they do in a packed training stream."""
+
+
+def check_layouts_compile_once(attention: str, selection: str, backend: str, compiler: str,
+                               device: str, size: tuple, layouts, tol: float,
+                               autocast: torch.dtype | None = None,
+                               nsa: dict | None = None) -> None:
+    """A block compiled once runs batches of every layout in ``layouts`` with eager's outputs
+    and gradients and at most one recompilation (Dynamo's automatic dynamic shapes, after the
+    first change of the document count and the longest document)."""
+    preload_triton_modules()
+    block, _ = make_block(attention, selection, backend, layouts[0], *size, device=device,
+                          nsa=nsa)
+    counter = CompileCounterWithBackend(compiler)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    for lengths in layouts:
+        _, inputs = make_block(attention, selection, backend, lengths, *size, device=device,
+                               nsa=nsa)
+        do = torch.randn_like(inputs[0])
+        want, want_grads = run_block(block, inputs, do, autocast)
+        got, got_grads = run_block(compiled, inputs, do, autocast)
+        got_grads = {k.removeprefix("_orig_mod."): g for k, g in got_grads.items()}
+        assert_close(got, want, tol, f"output, documents {lengths}")
+        for name, grad in want_grads.items():
+            assert_close(got_grads[name], grad, tol, f"{name}, documents {lengths}",
+                         rms_floor=True)
+    assert counter.frame_count <= 2, (
+        f"{counter.frame_count} compilations for {len(layouts)} batches")
+
+
+@pytest.mark.parametrize(("attention", "selection"), [("dense", "token"), ("nsa", "block")])
+def test_compiled_block_takes_batches_of_any_document_layout(attention, selection):
+    """``model.compile`` on packed data: each batch has its own document count and longest
+    document (``max_seqlen``, a host integer). The second layout makes them symbolic; the
+    opaque naive ops take integers as ``SymInt[]`` (a symbol cannot be written into their
+    static arguments), and no later layout compiles again."""
+    check_layouts_compile_once(attention, selection, "reference", "aot_eager", "cpu",
+                               (64, 4, 2, 16), LAYOUTS, 1e-5)
+
+
 def packed_bytes(block, inputs) -> int:
     """Bytes autograd packs for the backward in one forward of ``block`` (parameters left
     out)."""
@@ -155,6 +199,17 @@ def test_gpu_block_compiles_whole_with_inductor(attention, selection):
     block, inputs = make_block(attention, selection, "auto", [2500, 1596], 1024, 8, 2, 128,
                                device="cuda", nsa={})
     check_compiled(block, inputs, "inductor", 2e-2, autocast=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("attention", "selection"), CASES)
+def test_gpu_compiled_block_takes_batches_of_any_document_layout(attention, selection):
+    """The same on the GPU kernels with Inductor (bf16 autocast): packed batches of 4,096
+    tokens with changing document counts and longest documents, one recompilation at most."""
+    layouts = ([2500, 1596], [4096], [700, 1300, 96, 2000])
+    check_layouts_compile_once(attention, selection, "auto", "inductor", "cuda",
+                               (1024, 8, 2, 128), layouts, 2e-2, autocast=torch.bfloat16,
+                               nsa={})
 
 
 @pytest.mark.gpu
