@@ -21,7 +21,7 @@ train: $(STAMP)
 	$(VENV)/bin/fsa-train fit --config configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests  # the slowest tests: CI has 10 minutes
 
 lint: $(STAMP)
 	$(PY) -m ruff check fsa_train tests benchmarks

@@ -284,7 +284,17 @@ def _reference_backward_op(name: str, tensors: list[torch.Tensor | None], static
     if pairs:
         found = torch.autograd.grad([y for y, _ in pairs], wanted, [g for _, g in pairs],
                                     allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(found, wanted, strict=True)]
+    return [_like(g, t) for g, t in zip(found, wanted, strict=True)]
+
+
+def _like(grad: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """``grad`` (zeros when None) in ``t``'s strides, as the fake declares them: Inductor checks
+    the strides of an op's outputs, and autograd may return a permuted layout."""
+    if grad is None:
+        return torch.zeros_like(t)
+    if grad.stride() == t.stride():
+        return grad
+    return torch.empty_like(t).copy_(grad)
 
 
 @_reference_backward_op.register_fake
