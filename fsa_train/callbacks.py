@@ -59,9 +59,12 @@ class TrainingSummary(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         generator = torch.Generator().manual_seed(0)
-        new_tokens = pl_module.model.generate(
-            prompt, hparams.sample_tokens, stop_token=tokenizer.eos_id, generator=generator
-        )
+        # eager, also where model.compile compiled the blocks: every sampled length would be a
+        # new shape to compile (minutes with Inductor on a GPU, for a few dozen tokens)
+        with torch.compiler.set_stance("force_eager"):
+            new_tokens = pl_module.model.generate(
+                prompt, hparams.sample_tokens, stop_token=tokenizer.eos_id, generator=generator
+            )
         pl_module.train(was_training)
         return tokenizer.decode(prompt[1:] + new_tokens)
 
