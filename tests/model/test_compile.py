@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from torch._dynamo.testing import CompileCounterWithBackend
 from fsa_testing import assert_close
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from benchmarks.memory import PackedStorages
 from fsa_train.config import GPTConfig, NSAConfig
