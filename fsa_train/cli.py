@@ -91,9 +91,18 @@ class FSATrainCLI(LightningCLI):
 
     # ---- before anything is built: where the run's outputs go ------------------------------
 
+    def parse_arguments(self, parser, args) -> None:
+        self.command_words = [str(w) for w in (sys.argv[1:] if args is None else args)]
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         resume = config.get("resume")
+        if resume is not None and self.subcommand != "fit" and not resume_on_command_line(
+                getattr(self, "command_words", [])):
+            # from a fit run's saved config.yaml (`validate --config <run>/config.yaml`):
+            # how that run was launched, not a request to this command
+            config.resume = resume = None
         if resume is not None and self.subcommand != "fit":
             raise ConfigError(f"--resume is for fit; {self.subcommand} takes --ckpt_path")
         if resume is not None and config.get("ckpt_path"):
@@ -221,6 +230,11 @@ def _entries(value) -> list:
         return []
     items = value if isinstance(value, list) else [value]
     return [item for item in items if hasattr(item, "get")]
+
+
+def resume_on_command_line(words: list[str]) -> bool:
+    """Whether ``--resume`` is among the command's own words (not only in a config file)."""
+    return any(w == "--resume" or w.startswith("--resume=") for w in words)
 
 
 def run_dir_of_checkpoint(path: str | os.PathLike) -> str | None:

@@ -543,6 +543,14 @@ def test_wandb_id_survives_fast_dev_run_and_validate(trained, small_corpus, cach
     assert resumed.trainer.global_step == 6
     assert str(resumed.trainer.logger.version) == trained.wandb_id
 
+    # the resumed run's own config (which says how it was launched: resume auto) validates
+    saved = run_dir / "config.yaml"
+    assert "resume: auto" in saved.read_text()
+    again = fit(["validate", "--config", str(saved),
+                 "--ckpt_path", str(checkpoints / "last.ckpt")])
+    assert Path(again.trainer.default_root_dir).resolve() == run_dir
+    assert "val/loss" in again.trainer.callback_metrics
+
 
 def test_fast_dev_run_leaves_no_checkpoint_to_resume(small_corpus, cache_dir, tmp_path,
                                                      monkeypatch):
