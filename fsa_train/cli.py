@@ -69,8 +69,10 @@ class FSATrainCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """``--print_config`` prints and exits inside the parser, before any hook: the same
         arguments without it are parsed first and given the checks a run makes before work, so
-        a config that could not train is refused there too (one line)."""
+        a config that could not train is refused there too (one line). The words are kept
+        (:attr:`command_words`): ``validate`` asks which options came from the command line."""
         words = list(sys.argv[1:] if args is None else args)
+        self.command_words = [str(w) for w in words]
         if any(_is_print_config(word) for word in words):
             config = parser.parse_args([w for w in words if not _is_print_config(w)])
             sub = config.get("subcommand")
@@ -90,10 +92,6 @@ class FSATrainCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     # ---- before anything is built: where the run's outputs go ------------------------------
-
-    def parse_arguments(self, parser, args) -> None:
-        self.command_words = [str(w) for w in (sys.argv[1:] if args is None else args)]
-        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
