@@ -25,6 +25,7 @@ from fsa_train.loggers import AutoWandbLogger
 from fsa_train.runs import (
     RUN_DIR_ENV,
     check_before_work,
+    check_kernel_device,
     check_resumable,
     default_run_name,
     inherited_run_dir,
@@ -158,6 +159,7 @@ class FSATrainCLI(LightningCLI):
             raise
 
     def _check_before_work(self) -> None:
+        check_kernel_device(self.model.config, self.trainer.strategy.root_device)
         for warning in check_before_work(self.model.config, self.datamodule):
             print(f"fsa-train: warning: {warning}", file=sys.stderr)
 

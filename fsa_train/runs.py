@@ -182,6 +182,19 @@ def check_before_work(model_config: Any, datamodule: Any) -> list[str]:
     return warnings
 
 
+def check_kernel_device(model_config: Any, device: Any) -> None:
+    """``kernel_backend: triton`` on a machine the Triton kernels cannot run on is a one-line
+    :class:`ConfigError` before any work (not a traceback at the first forward)."""
+    from fsa_train.kernels.utils import interpreting
+
+    if getattr(model_config, "kernel_backend", "auto") != "triton":
+        return
+    if getattr(device, "type", str(device)) != "cuda" and not interpreting():
+        raise ConfigError(
+            f"model.config.kernel_backend='triton' needs a CUDA GPU, and this run is on {device} "
+            "('auto' takes the reference ops there)")
+
+
 def _show(value: Any) -> str:
     if isinstance(value, str) and len(value) == 64 and re.fullmatch(r"[0-9a-f]+", value):
         return value[:12] + "…"  # a checksum

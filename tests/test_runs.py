@@ -634,3 +634,19 @@ def test_ranks_of_one_launch_share_a_run_directory(tmp_path):
     stamped.mkdir(parents=True)
     (stamped / "last.ckpt").write_bytes(b"x")
     assert latest_run_dir("demo", tmp_path) == tmp_path / "demo-job4242"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only machine's error")
+def test_triton_backend_without_a_gpu_is_one_line_before_work(small_corpus, cache_dir, tmp_path,
+                                                              monkeypatch, capsys):
+    """``kernel_backend: triton`` on a machine without CUDA (and not the interpreter the CPU
+    tests use) stops before training with one line, and leaves no run directory behind."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    overlay = write_overlay(tmp_path / "cfg")
+    code, err = fails(run_args("fit", overlay, small_corpus, cache_dir,
+                               "--model.config.attention", "nsa",
+                               "--model.config.kernel_backend", "triton"), capsys)
+    assert code == 2
+    assert_one_line_error(err, "model.config.kernel_backend='triton' needs a CUDA GPU")
+    assert not list(tmp_path.glob("runs/*"))  # the run directory made for it is gone
